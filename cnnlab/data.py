@@ -1,0 +1,331 @@
+"""Images in, uint8 tensors out: folders and CIFAR-10 decoded once, cached, split, batched.
+
+Training never touches a JPEG: every image is decoded once into a uint8 tensor that is
+cached on disk (keyed by the file list and image size), batches are sliced from memory,
+and augmentation runs on whole batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import CnnlabError
+from .runs import atomic_write_bytes
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+CACHE_VERSION = 1
+# Per-channel statistics of the CIFAR-10 training set, on the [0, 1] scale.
+NORMALIZATIONS = {
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # scale to [0, 1] only (the seed study)
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class ImageSet:
+    """Images as one uint8 tensor (N, 3, H, W) with integer labels."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    files: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        files = [self.files[i] for i in index.tolist()] if self.files else []
+        return ImageSet(self.images[index], self.labels[index], files)
+
+
+@dataclass
+class Splits:
+    """Train/val/test sets sharing one list of class names, and where they came from."""
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    class_names: list[str]
+    info: dict = field(default_factory=dict)
+
+
+def default_cache_dir() -> Path:
+    """``$CNNLAB_CACHE``, else ``~/.cache/cnnlab``."""
+    return Path(os.environ.get("CNNLAB_CACHE") or Path.home() / ".cache" / "cnnlab")
+
+
+# ---------------------------------------------------------------- folders
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def check_folder(root: Path) -> None:
+    """Raises a one-line error unless ``root`` is an existing directory."""
+    if not root.exists():
+        raise CnnlabError(f"data folder {root} does not exist; pass --data with a folder "
+                          "holding one subfolder of images per class")
+    if not root.is_dir():
+        raise CnnlabError(f"--data {root} is a file; pass the folder holding one subfolder per class")
+
+
+def scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted subfolder names) and (path, label) for every image file."""
+    check_folder(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise CnnlabError(f"{root} has no class subfolders; put each class's images in "
+                          f"{root}/<class name>/")
+    files = []
+    for label, name in enumerate(classes):
+        found = sorted(str(p) for p in (root / name).rglob("*") if p.is_file() and _is_image(p))
+        if not found:
+            raise CnnlabError(f"class folder {root / name} has no images "
+                              f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove the folder")
+        files += [(f, label) for f in found]
+    if len(classes) < 2:
+        raise CnnlabError(f"{root} has only one class ({classes[0]}); a classifier needs at least two "
+                          "class subfolders")
+    return classes, files
+
+
+def _decode(args: tuple[str, int]) -> bytes | None:
+    path, size = args
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = _to_rgb(im)
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).tobytes()
+    except Exception:
+        return None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGB", im.size, (255, 255, 255))
+        background.paste(im, mask=im.getchannel("A"))
+        return background
+    return im.convert("RGB")
+
+
+def decode_images(paths: list[str], size: int, workers: int | None = None) -> tuple[np.ndarray, list[int]]:
+    """Decodes and resizes images to (N, 3, size, size) uint8; returns the array and the
+    indices of files that could not be read."""
+    workers = workers or min(os.cpu_count() or 1, 8)
+    jobs = [(p, size) for p in paths]
+    if workers > 1 and len(paths) > 2000:
+        with ProcessPoolExecutor(workers) as pool:
+            decoded = list(pool.map(_decode, jobs, chunksize=512))
+    else:
+        decoded = [_decode(j) for j in jobs]
+    bad = [i for i, d in enumerate(decoded) if d is None]
+    good = [d for d in decoded if d is not None]
+    array = np.frombuffer(b"".join(good), dtype=np.uint8).reshape(len(good), size, size, 3)
+    return np.ascontiguousarray(array.transpose(0, 3, 1, 2)), bad
+
+
+def _cache_key(files: list[tuple[str, int]], size: int) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{size}".encode())
+    for path, label in files:
+        st = os.stat(path)
+        digest.update(f"|{path}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:24]
+
+
+def load_folder(root: str | Path, size: int, cache_dir: Path | None = None,
+                class_names: list[str] | None = None) -> tuple[ImageSet, list[str], dict]:
+    """All images under ``root`` (one subfolder per class) as an ``ImageSet``, through the cache.
+
+    Returns the set, the class names and info (file count, skipped files, cache hit).
+    """
+    root = Path(root).resolve()
+    classes, files = scan_folder(root)
+    if class_names is not None and classes != class_names:
+        raise CnnlabError(f"class folders in {root} ({', '.join(classes)}) differ from the expected "
+                          f"classes ({', '.join(class_names)}); use a folder with the same class names")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = _cache_key(files, size)
+    array_path, meta_path = cache_dir / f"images-{key}.npy", cache_dir / f"images-{key}.json"
+    if array_path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        array = np.load(array_path)
+        hit = True
+    else:
+        array, bad = decode_images([f for f, _ in files], size)
+        kept = [item for i, item in enumerate(files) if i not in set(bad)]
+        meta = {"root": str(root), "size": size, "classes": classes,
+                "labels": [label for _, label in kept], "files": [path for path, _ in kept],
+                "skipped": [files[i][0] for i in bad]}
+        _write_cache(cache_dir, array_path, meta_path, array, meta)
+        hit = False
+    if meta["skipped"]:
+        shown = ", ".join(meta["skipped"][:5]) + (" ..." if len(meta["skipped"]) > 5 else "")
+        warnings.warn(f"skipped {len(meta['skipped'])} unreadable image file(s): {shown}")
+    if not len(meta["labels"]):
+        raise CnnlabError(f"no readable images in {root}; check the files are images")
+    images = ImageSet(torch.from_numpy(array), torch.tensor(meta["labels"], dtype=torch.int64), meta["files"])
+    info = {"root": str(root), "files": len(files), "skipped": meta["skipped"], "cache_hit": hit}
+    return images, classes, info
+
+
+def _write_cache(cache_dir: Path, array_path: Path, meta_path: Path, array: np.ndarray, meta: dict) -> None:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        buf = _npy_bytes(array)
+        atomic_write_bytes(array_path, buf)
+        atomic_write_bytes(meta_path, json.dumps(meta).encode())
+    except OSError as exc:
+        warnings.warn(f"could not write the image cache in {cache_dir} ({exc.strerror}); "
+                      "set CNNLAB_CACHE to a writable folder to start faster next time")
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- splits
+
+def stratified_split(labels: torch.Tensor, val_fraction: float, test_fraction: float,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices of train, val and test, each class split in the same proportions, fixed by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    parts: tuple[list, list, list] = ([], [], [])
+    for label in torch.unique(labels).tolist():
+        index = torch.nonzero(labels == label).flatten()
+        index = index[torch.randperm(len(index), generator=generator)]
+        n_test = round(len(index) * test_fraction)
+        n_val = round(len(index) * val_fraction)
+        parts[2].append(index[:n_test])
+        parts[1].append(index[n_test:n_test + n_val])
+        parts[0].append(index[n_test + n_val:])
+    return tuple(torch.sort(torch.cat(p)).values for p in parts)
+
+
+def load_splits(data: str, size: int = 32, val_split: float = 0.1, test_split: float = 0.1,
+                seed: int = 0, cache_dir: Path | None = None) -> Splits:
+    """Train/val/test from ``data``: ``cifar10`` (torchvision's format, downloaded when
+    missing), a folder with ``train/`` (and optionally ``val/``, ``test/``) subfolders, or a
+    folder of class subfolders. Splits that are not given are carved from train, stratified."""
+    if data == "cifar10":
+        return _cifar10_splits(size, val_split, test_split, seed, cache_dir)
+    root = Path(data)
+    check_folder(root)
+    given = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
+    if "train" not in given:
+        return _carve(*load_folder(root, size, cache_dir), val_split, test_split, seed)
+    train, classes, info = load_folder(given["train"], size, cache_dir)
+    sets = {"train": train}
+    for name in ("val", "test"):
+        if name in given:
+            sets[name], _, extra = load_folder(given[name], size, cache_dir, class_names=classes)
+            info["skipped"] += extra["skipped"]
+    return _fill_missing(sets, classes, info, val_split, test_split, seed)
+
+
+def _fill_missing(sets: dict, classes, info, val_split, test_split, seed) -> Splits:
+    given = sorted(sets)
+    train = sets["train"]
+    want_val = 0.0 if "val" in sets else val_split
+    want_test = 0.0 if "test" in sets else test_split
+    tr, va, te = stratified_split(train.labels, want_val, want_test, seed)
+    sets.setdefault("val", train.subset(va))
+    sets.setdefault("test", train.subset(te))
+    sets["train"] = train.subset(tr)
+    info["given_splits"] = given
+    return _checked(Splits(sets["train"], sets["val"], sets["test"], classes, info))
+
+
+def _carve(images: ImageSet, classes, info, val_split, test_split, seed) -> Splits:
+    return _fill_missing({"train": images}, classes, info, val_split, test_split, seed)
+
+
+def _checked(splits: Splits) -> Splits:
+    for name in SPLIT_NAMES:
+        if len(getattr(splits, name)) == 0:
+            raise CnnlabError(f"the {name} split is empty; use more images or a larger "
+                              f"--{'val' if name == 'val' else 'test'}-split" if name != "train" else
+                              "the train split is empty; lower --val-split and --test-split")
+    splits.info.update({f"{n}_size": len(getattr(splits, n)) for n in SPLIT_NAMES})
+    return splits
+
+
+def _cifar10_splits(size, val_split, test_split, seed, cache_dir) -> Splits:
+    env = os.environ.get("CNNLAB_DATA")
+    if env and (Path(env) / "cifar10").is_dir():
+        return load_splits(str(Path(env) / "cifar10"), size, val_split, test_split, seed, cache_dir)
+    root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "cifar10"
+    try:
+        import torchvision
+        train = torchvision.datasets.CIFAR10(root, train=True, download=True)
+        test = torchvision.datasets.CIFAR10(root, train=False, download=True)
+    except Exception as exc:
+        raise CnnlabError(f"CIFAR-10 is not in {root} and could not be downloaded "
+                          f"({type(exc).__name__}); pass --data FOLDER with the images, or set "
+                          "CNNLAB_DATA to a folder holding cifar10/") from None
+
+    def as_set(ds) -> ImageSet:
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        if size != images.shape[-1]:
+            images = F.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                   antialias=True).round().clamp(0, 255).to(torch.uint8)
+        return ImageSet(images, torch.tensor(ds.targets, dtype=torch.int64))
+
+    sets = {"train": as_set(train), "test": as_set(test)}
+    info = {"root": str(root), "source": "torchvision CIFAR10", "skipped": [], "cache_hit": True}
+    return _fill_missing(sets, list(train.classes), info, val_split, test_split, seed)
+
+
+# ---------------------------------------------------------------- batches
+
+def normalizer(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) per channel so that ``x_uint8 * scale + shift`` is the normalized image."""
+    if name not in NORMALIZATIONS:
+        raise CnnlabError(f"unknown normalization '{name}'; choose one of: {', '.join(NORMALIZATIONS)}")
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATIONS[name])
+    return 1.0 / (255.0 * std), -mean / std
+
+
+def preprocess(images: torch.Tensor, normalization: str, device: torch.device | str = "cpu",
+               channels_last: bool = True) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> normalized float32 on ``device``: the one preprocessing for every split."""
+    scale, shift = normalizer(normalization)
+    x = images.to(device, non_blocking=True).float()
+    x = x.mul_(scale.to(device)).add_(shift.to(device))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random horizontal flip and random crop after reflect-padding by ``pad``, on a whole
+    float batch at once (the random draws come from ``generator``, on the CPU)."""
+    n, c, h, w = x.shape
+    if flip:
+        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
+    if pad:
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+        rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+        cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+        batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        x = padded[batch, chan, rows, cols]
+    return x.contiguous(memory_format=torch.channels_last)

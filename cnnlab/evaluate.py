@@ -1,0 +1,66 @@
+"""Scores a finished run on a labelled image folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .data import check_folder, load_folder
+from .presets import build_model
+from .runs import load_run, load_torch
+from .train import pick_device, score
+from .errors import CnnlabError
+
+
+def load_model(run_dir: str | Path, device: torch.device | None = None):
+    """(model in eval mode with the run's best weights, its config)."""
+    run_dir = Path(run_dir)
+    config, _ = load_run(run_dir)
+    model = build_model(config["layers"], len(config["class_names"]), tuple(config["input_shape"]))
+    state = load_torch(run_dir / "model.pt")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        missing, unexpected = _key_diff(model.state_dict(), state)
+        raise CnnlabError(f"{run_dir / 'model.pt'} does not fit the run's layers (missing keys: {missing}; "
+                          f"unexpected keys: {unexpected}); retrain the run") from None
+    device = device or pick_device()
+    return model.to(device, memory_format=torch.channels_last).eval(), config
+
+
+def _key_diff(expected: dict, got) -> tuple[list, list]:
+    got_keys = set(got) if isinstance(got, dict) else set()
+    return sorted(set(expected) - got_keys)[:5], sorted(got_keys - set(expected))[:5]
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path) -> dict:
+    """Test loss, accuracy, macro and per-class precision/recall/F1 and the confusion matrix of
+    a run on every image in ``data`` (its ``test/`` subfolder when there is one)."""
+    root = Path(data)
+    check_folder(root)
+    if (root / "test").is_dir():
+        root = root / "test"
+    model, config = load_model(run_dir)
+    size = config["input_shape"][-1]
+    images, _, info = load_folder(root, size, class_names=config["class_names"],
+                                  cache_dir=Path(config["cache_dir"]) if config.get("cache_dir") else None)
+    device = next(model.parameters()).device
+    result = score(model, images, config["class_names"], config["normalize"], device, tta=config.get("tta", False))
+    return {"run": str(run_dir), "data": str(root), "images": len(images), "skipped": info["skipped"], **result}
+
+
+def format_report(result: dict, class_names: list[str]) -> str:
+    """The human-readable form of ``evaluate_run``'s result."""
+    lines = [f"{result['run']} on {result['data']} ({result['images']} images)",
+             f"test loss {result['loss']:.4f}   test accuracy {result['accuracy']:.4f}   "
+             f"macro precision {result['precision']:.4f}  recall {result['recall']:.4f}  f1 {result['f1']:.4f}", "",
+             f"{'class':<14}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
+    for name in class_names:
+        row = result["per_class"][name]
+        lines.append(f"{name:<14}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}{row['support']:>9}")
+    width = max(6, max(len(n) for n in class_names[:20]) if class_names else 6)
+    lines += ["", "confusion matrix (rows true, columns predicted):",
+              " " * (width + 1) + " ".join(f"{n[:6]:>6}" for n in class_names)]
+    for name, row in zip(class_names, result["confusion_matrix"]):
+        lines.append(f"{name:<{width}} " + " ".join(f"{v:>6}" for v in row))
+    return "\n".join(lines)

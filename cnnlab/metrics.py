@@ -1,0 +1,41 @@
+"""Accuracy, confusion matrix, and per-class precision, recall and F1."""
+from __future__ import annotations
+
+import torch
+
+
+def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts (true class i, predicted class j) at row i, column j."""
+    index = y_true.long() * num_classes + y_pred.long()
+    return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(b > 0, a / b.clamp_min(1), torch.zeros_like(a))
+
+
+def precision_recall_f1(cm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-class precision, recall, F1 and support; 0 where a ratio is undefined
+    (no predictions or no examples of the class), as scikit-learn's zero_division=0."""
+    cm = cm.double()
+    tp = cm.diag()
+    predicted, actual = cm.sum(0), cm.sum(1)
+    precision, recall = _safe_div(tp, predicted), _safe_div(tp, actual)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+
+
+def summarize(cm: torch.Tensor, class_names: list[str]) -> dict:
+    """Accuracy, macro precision/recall/F1 and a per-class table from a confusion matrix."""
+    prf = precision_recall_f1(cm)
+    total = int(cm.sum())
+    return {
+        "accuracy": float(cm.diag().sum()) / total if total else 0.0,
+        "precision": float(prf["precision"].mean()),
+        "recall": float(prf["recall"].mean()),
+        "f1": float(prf["f1"].mean()),
+        "per_class": {name: {"precision": float(prf["precision"][i]), "recall": float(prf["recall"][i]),
+                             "f1": float(prf["f1"][i]), "support": int(prf["support"][i])}
+                      for i, name in enumerate(class_names)},
+        "confusion_matrix": cm.tolist(),
+    }

@@ -1,0 +1,189 @@
+"""The CIFAR-10 models as data: a preset is a layer list plus default settings.
+
+A layer is a short string:
+
+    conv32        3x3 conv, 32 filters, 'same' padding (``conv32:valid`` for none)
+    bn            batch norm over channels
+    relu, gelu    activations
+    pool2         2x2 max-pooling (``pool3`` etc.)
+    drop0.25      dropout
+    flatten       flatten to a vector
+    dense128      fully connected layer with 128 units
+    dense         the output layer: one unit per class
+    whiten        frozen 2x2 conv initialised from the data's patch statistics (airbench)
+    scale0.111    multiply by a constant (logit temperature)
+
+Adding a preset is one entry in ``PRESETS``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import CnnlabError
+
+SEED_BLOCKS = ["conv32", "bn", "relu", "pool2", "conv64", "bn", "relu", "pool2"]
+DROPOUT_LAYERS = ["conv32", "bn", "relu", "pool2", "drop0.25",
+                  "conv64", "bn", "relu", "pool2", "drop0.25",
+                  "flatten", "dense128", "relu", "drop0.5", "dense"]
+
+
+def _airbench_group(width: int) -> list[str]:
+    return [f"conv{width}:nobias", "pool2", "bn", "gelu", f"conv{width}:nobias", "bn", "gelu"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model: its layers, what it adds, and its default training settings."""
+    layers: tuple[str, ...]
+    description: str
+    settings: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "conv": Preset(
+        ("conv32:valid", "relu", "conv64:valid", "relu", "flatten", "dense128", "relu", "dense"),
+        "convolutions only (seed study)",
+        {"epochs": 20}),
+    "pool-bn": Preset(
+        tuple(SEED_BLOCKS + ["flatten", "dense128", "relu", "dense"]),
+        "+ max-pooling and batch norm (seed study)",
+        {"epochs": 20}),
+    "dropout": Preset(
+        tuple(DROPOUT_LAYERS),
+        "+ dropout 0.25 after each block, 0.5 before the output (seed study)",
+        {"epochs": 60}),
+    "early-stop": Preset(
+        tuple(DROPOUT_LAYERS),
+        "dropout + early stopping on val_loss, patience 5, best weights restored (seed study)",
+        {"epochs": 20, "monitor": "val_loss", "patience": 5}),
+    "fast": Preset(
+        tuple(["whiten", "gelu"] + _airbench_group(48) + _airbench_group(96) + _airbench_group(192)
+              + ["pool3", "flatten", "dense:nobias", "scale0.111"]),
+        "airbench-style net for time-to-accuracy on CPU: whitening, SGD-Nesterov one-cycle, "
+        "label smoothing, flip/translate, flip test-time augmentation",
+        {"epochs": 16, "batch_size": 256, "optimizer": "sgd", "lr": 0.2, "momentum": 0.85,
+         "nesterov": True, "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.2,
+         "augment": True, "tta": True, "normalize": "cifar10"}),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``, or a one-line error listing the known ones."""
+    if name not in PRESETS:
+        raise CnnlabError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)} "
+                          "(see `cnnlab presets`)")
+    return PRESETS[name]
+
+
+class Scale(nn.Module):
+    """Multiplies its input by a constant."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+class Whiten(nn.Conv2d):
+    """A frozen 2x2 conv whose filters whiten image patches (set by ``init_whitening``)."""
+
+    def __init__(self, in_channels: int):
+        super().__init__(in_channels, 2 * in_channels * 4, kernel_size=2, padding=0, bias=True)
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+
+
+def _parse(spec: str) -> tuple[str, str, list[str]]:
+    name, *options = spec.split(":")
+    head = name.rstrip("0123456789.")
+    return head, name[len(head):], options
+
+
+def build_model(layers: tuple[str, ...] | list[str], num_classes: int,
+                in_shape: tuple[int, int, int] = (3, 32, 32)) -> nn.Sequential:
+    """Builds an ``nn.Sequential`` from a layer list, tracking shapes to size each layer."""
+    c, h, w = in_shape
+    flat = None
+    modules: list[nn.Module] = []
+    for spec in layers:
+        head, arg, options = _parse(spec)
+        if head == "conv":
+            pad = 0 if "valid" in options else 1
+            modules.append(nn.Conv2d(c, int(arg), 3, padding=pad, bias="nobias" not in options))
+            c, h, w = int(arg), h + 2 * pad - 2, w + 2 * pad - 2
+        elif head == "whiten":
+            modules.append(Whiten(c))
+            c, h, w = 8 * c, h - 1, w - 1
+        elif head == "bn":
+            modules.append(nn.BatchNorm2d(c) if flat is None else nn.BatchNorm1d(flat))
+        elif head == "relu":
+            modules.append(nn.ReLU(inplace=True))
+        elif head == "gelu":
+            modules.append(nn.GELU())
+        elif head == "pool":
+            k = int(arg or 2)
+            modules.append(nn.MaxPool2d(k))
+            h, w = h // k, w // k
+        elif head == "drop":
+            modules.append(nn.Dropout(float(arg)))
+        elif head == "flatten":
+            modules.append(nn.Flatten())
+            flat = c * h * w
+        elif head == "dense":
+            if flat is None:
+                raise CnnlabError(f"layer '{spec}' needs a 'flatten' before it")
+            units = int(arg) if arg else num_classes
+            modules.append(nn.Linear(flat, units, bias="nobias" not in options))
+            flat = units
+        elif head == "scale":
+            modules.append(Scale(float(arg)))
+        else:
+            raise CnnlabError(f"unknown layer '{spec}' in preset; see `cnnlab presets` for the layer names")
+        if h <= 0 or w <= 0:
+            raise CnnlabError(f"layer '{spec}' shrinks a {in_shape[1]}x{in_shape[2]} image to nothing; "
+                              "use larger images or fewer poolings")
+    return nn.Sequential(*modules)
+
+
+@torch.no_grad()
+def init_whitening(model: nn.Module, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Sets every ``Whiten`` layer from the eigenvectors of 2x2 patches of ``images``
+    (normalized float NCHW), as airbench does: filters +/- each eigenvector, scaled by
+    1/sqrt(eigenvalue)."""
+    for layer in model.modules():
+        if isinstance(layer, Whiten):
+            c = layer.in_channels
+            patches = images.unfold(2, 2, 1).unfold(3, 2, 1)
+            patches = patches.transpose(1, 3).reshape(-1, c, 2, 2).float()
+            flat = patches.reshape(len(patches), -1)
+            flat = flat - flat.mean(0, keepdim=True)
+            cov = (flat.T @ flat) / len(flat)
+            eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+            filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None])
+            filters = filters.reshape(-1, c, 2, 2)
+            layer.weight.copy_(torch.cat([filters, -filters]))
+            layer.bias.zero_()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, trainable or not (as Keras's 'Total params')."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def summary_rows(model: nn.Sequential, in_shape=(3, 32, 32)) -> list[tuple[str, str, int]]:
+    """(layer, output shape, parameters) for each layer, like Keras's ``model.summary()``."""
+    rows = []
+    x = torch.zeros(1, *in_shape)
+    model.eval()
+    with torch.no_grad():
+        for i, layer in enumerate(model):
+            x = layer(x)
+            name = f"{type(layer).__name__.lower()}_{i}"
+            shape = "(None, " + ", ".join(str(d) for d in x.shape[1:]) + ")"
+            rows.append((name, shape, sum(p.numel() for p in layer.parameters())))
+    return rows

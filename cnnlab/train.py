@@ -1,0 +1,389 @@
+"""The one training loop: settings, optimizer, schedule, early stopping, history, run directory."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .data import ImageSet, Splits, augment_batch, load_splits, preprocess
+from .errors import CnnlabError
+from .metrics import confusion_matrix, summarize
+from .presets import build_model, count_parameters, get_preset, init_whitening
+from .runs import create_run_dir, save_torch, write_csv, write_history, write_json
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "onecycle", "cosine")
+MONITORS = ("loss", "accuracy", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1")
+
+
+@dataclass
+class TrainConfig:
+    """Everything needed to rerun a training run. Defaults are the seed study's (Adam 1e-3,
+    batch 128, inputs scaled to [0, 1]); a preset's settings override them, and explicit
+    values override the preset's."""
+    preset: str = "pool-bn"
+    data: str = ""
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "none"
+    label_smoothing: float = 0.0
+    val_split: float = 0.1
+    test_split: float = 0.1
+    seed: int = 0
+    monitor: str = "val_loss"
+    mode: str = "auto"
+    patience: int | None = None
+    min_delta: float = 0.0
+    restore_best_weights: bool = True
+    start_from_epoch: int = 0
+    augment: bool = False
+    tta: bool = False
+    normalize: str = "unit"
+    image_size: int = 32
+    threads: int | None = None
+    device: str = "auto"
+    out: str = "runs"
+    name: str | None = None
+    cache_dir: str | None = None
+
+
+def resolve_config(preset: str, **overrides) -> TrainConfig:
+    """The preset's settings on top of the defaults, then every non-None override; validated."""
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise TypeError(f"unknown settings: {sorted(unknown)}")
+    values = {**get_preset(preset).settings, **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = TrainConfig(preset=preset, **values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """One-line errors for settings out of range."""
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})"),
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
+        (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),
+        (0 < cfg.val_split < 1, f"--val-split must be between 0 and 1 (got {cfg.val_split})"),
+        (0 < cfg.test_split < 1, f"--test-split must be between 0 and 1 (got {cfg.test_split})"),
+        (cfg.val_split + cfg.test_split < 1,
+         f"--val-split + --test-split must be below 1 (got {cfg.val_split + cfg.test_split:g})"),
+        (cfg.optimizer in OPTIMIZERS, f"unknown optimizer '{cfg.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}"),
+        (cfg.schedule in SCHEDULES, f"unknown schedule '{cfg.schedule}'; choose one of: {', '.join(SCHEDULES)}"),
+        (cfg.monitor in MONITORS, f"unknown monitor metric '{cfg.monitor}'; choose one of: {', '.join(MONITORS)}"),
+        (cfg.mode in ("auto", "min", "max"), f"--mode must be auto, min or max (got {cfg.mode})"),
+        (cfg.patience is None or cfg.patience >= 0, f"--patience must be 0 or more (got {cfg.patience})"),
+        (cfg.min_delta >= 0, f"--min-delta must be 0 or more (got {cfg.min_delta})"),
+        (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {cfg.label_smoothing})"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be 0 or more (got {cfg.weight_decay})"),
+        (cfg.image_size >= 8, f"--image-size must be at least 8 (got {cfg.image_size})"),
+        (cfg.threads is None or cfg.threads >= 1, f"--threads must be at least 1 (got {cfg.threads})"),
+        (cfg.start_from_epoch >= 0, f"--start-from-epoch must be 0 or more (got {cfg.start_from_epoch})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CnnlabError(message)
+
+
+# ---------------------------------------------------------------- early stopping
+
+def infer_mode(monitor: str) -> str:
+    """'min' for losses, 'max' for accuracy, precision, recall and F1."""
+    return "min" if "loss" in monitor else "max"
+
+
+class EarlyStopping:
+    """Keras's ``EarlyStopping`` semantics, epoch numbers counted from 1.
+
+    * An epoch improves when ``value`` beats the best by more than ``min_delta``
+      (below it for ``min``, above it for ``max``; ``auto`` infers the mode from the name).
+    * Epochs before ``start_from_epoch`` are ignored entirely (no best, no patience).
+    * ``patience`` non-improving epochs in a row stop training; ``None`` never stops, but
+      the best epoch (and its weights) is still tracked.
+    * With a ``baseline``, patience also runs out while the best has not beaten it.
+    * ``restore`` puts the best epoch's weights back whether or not training stopped early
+      (Keras 2 restored them only on an early stop: a well-known surprise).
+    """
+
+    def __init__(self, monitor: str = "val_loss", patience: int | None = None, min_delta: float = 0.0,
+                 mode: str = "auto", restore_best_weights: bool = True, start_from_epoch: int = 0,
+                 baseline: float | None = None):
+        self.monitor, self.patience, self.min_delta = monitor, patience, abs(min_delta)
+        self.mode = infer_mode(monitor) if mode == "auto" else mode
+        self.restore_best_weights, self.start_from_epoch, self.baseline = restore_best_weights, start_from_epoch, baseline
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.best_weights: dict | None = None
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+
+    def improves(self, value: float, reference: float | None) -> bool:
+        if reference is None:
+            return True
+        if self.mode == "max":
+            return value - self.min_delta > reference
+        return value + self.min_delta < reference
+
+    def update(self, epoch: int, logs: dict, model: nn.Module | None = None) -> bool:
+        """Records epoch ``epoch`` (1-based); returns True when training should stop."""
+        value = logs[self.monitor]
+        if epoch <= self.start_from_epoch or value is None or math.isnan(value):
+            return False
+        self.wait += 1
+        if self.improves(value, self.best):
+            self.best, self.best_epoch = value, epoch
+            if model is not None and self.restore_best_weights:
+                self.best_weights = copy.deepcopy(model.state_dict())
+            if self.baseline is None or self.improves(value, self.baseline):
+                self.wait = 0
+            return False
+        if self.patience is not None and self.wait >= self.patience and epoch > 1:
+            self.stopped_epoch = epoch
+            return True
+        return False
+
+    def restore(self, model: nn.Module) -> bool:
+        """Loads the best epoch's weights into ``model``; True if it did."""
+        if self.restore_best_weights and self.best_weights is not None:
+            model.load_state_dict(self.best_weights)
+            return True
+        return False
+
+    def state(self) -> dict:
+        return {"monitor": self.monitor, "mode": self.mode, "best": self.best, "best_epoch": self.best_epoch,
+                "wait": self.wait, "stopped_epoch": self.stopped_epoch}
+
+
+# ---------------------------------------------------------------- pieces of the loop
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CnnlabError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The learning-rate multiplier at ``step`` of ``total`` steps."""
+    t = step / max(total, 1)
+    if schedule == "onecycle":  # airbench's triangle: 0.2 -> 1 over the first 20%, then down to 0
+        return 0.2 + 0.8 * t / 0.2 if t < 0.2 else max(0.0, (1 - t) / 0.8)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return 1.0
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, normalization: str, device: torch.device,
+                   batch_size: int = 500, tta: bool = False) -> torch.Tensor:
+    """Logits for uint8 images, in eval mode; ``tta`` averages with the mirrored images."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = preprocess(images[start:start + batch_size], normalization, device)
+        with _autocast(device):
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        out.append(logits.cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def score(model: nn.Module, data: ImageSet, class_names: list[str], normalization: str,
+          device: torch.device, tta: bool = False) -> dict:
+    """Loss (plain cross-entropy), accuracy, macro and per-class precision/recall/F1 and
+    the confusion matrix of ``model`` on ``data``."""
+    logits = predict_logits(model, data.images, normalization, device, tta=tta)
+    loss = float(F.cross_entropy(logits, data.labels)) if len(logits) else float("nan")
+    cm = confusion_matrix(data.labels, logits.argmax(1), len(class_names))
+    return {"loss": loss, **summarize(cm, class_names)}
+
+
+def _progress(total: int, epoch: int, epochs: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
+                disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def train_one_epoch(model, opt, sched, train: ImageSet, cfg: TrainConfig, device, generator,
+                    epoch: int) -> dict:
+    """One pass over ``train`` in a seeded random order; returns loss and accuracy."""
+    model.train()
+    n = len(train)
+    order = torch.randperm(n, generator=generator)
+    starts = [s for s in range(0, n, cfg.batch_size) if n - s >= 2 or s == 0]  # BN needs 2+ samples
+    images = train.images if device.type == "cpu" else train.images.to(device)
+    labels = train.labels.to(device)
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    bar = _progress(len(starts), epoch, cfg.epochs)
+    for i, start in enumerate(starts):
+        index = order[start:start + cfg.batch_size]
+        x = preprocess(images[index.to(images.device)], cfg.normalize, device)
+        if cfg.augment:
+            x = augment_batch(x, generator)
+        y = labels[index.to(device)]
+        with _autocast(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if bar is not None:
+            bar.update(1)
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}")
+    if bar is not None:
+        bar.close()
+    return {"loss": float(total_loss) / seen, "accuracy": float(correct) / seen, "images": seen}
+
+
+def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device,
+        on_epoch: Callable[[list[dict]], None] | None = None,
+        log: Callable[[str], None] = print) -> tuple[list[dict], EarlyStopping]:
+    """Trains ``model`` for up to ``cfg.epochs``; returns the history and the early-stopping
+    state (whose best weights are restored into ``model`` when asked)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    opt = make_optimizer(model, cfg)
+    steps = max(1, math.ceil(len(splits.train) / cfg.batch_size)) * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, steps))
+    stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta, cfg.mode, cfg.restore_best_weights,
+                            cfg.start_from_epoch)
+    history: list[dict] = []
+    for epoch in range(1, cfg.epochs + 1):
+        lr = opt.param_groups[0]["lr"]
+        start = time.perf_counter()
+        train_logs = train_one_epoch(model, opt, sched, splits.train, cfg, device, generator, epoch)
+        train_seconds = time.perf_counter() - start
+        val = score(model, splits.val, splits.class_names, cfg.normalize, device, tta=cfg.tta)
+        seconds = time.perf_counter() - start
+        row = {"epoch": epoch, "loss": train_logs["loss"], "accuracy": train_logs["accuracy"],
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_precision": val["precision"],
+               "val_recall": val["recall"], "val_f1": val["f1"], "lr": lr, "seconds": seconds,
+               "train_seconds": train_seconds, "images_per_s": train_logs["images"] / train_seconds}
+        history.append(row)
+        stop = stopper.update(epoch, row, model)
+        log(_epoch_line(row, cfg.epochs, stopper))
+        if on_epoch:
+            on_epoch(history)
+        if stop:
+            log(f"early stopping: {cfg.monitor} did not improve for {cfg.patience} epoch(s) after epoch "
+                f"{stopper.best_epoch}")
+            break
+    if stopper.restore(model):
+        log(f"restored the weights of epoch {stopper.best_epoch} (best {cfg.monitor} {stopper.best:.4f})")
+    return history, stopper
+
+
+def _epoch_line(row: dict, epochs: int, stopper: EarlyStopping) -> str:
+    mark = " *" if stopper.best_epoch == row["epoch"] else ""
+    return (f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
+            f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  "
+            f"{row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s{mark}")
+
+
+# ---------------------------------------------------------------- a whole run
+
+def environment(device: torch.device) -> dict:
+    return {"cnnlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "threads": torch.get_num_threads(), "platform": platform.platform(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: Splits | None = None) -> Path:
+    """Loads data, trains, tests once on the held-out split and writes the run directory."""
+    from .plots import plot_run  # matplotlib loads only when a run is written
+
+    preset = get_preset(cfg.preset)
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.perf_counter()
+    if splits is None:
+        splits = load_splits(cfg.data, cfg.image_size, cfg.val_split, cfg.test_split, cfg.seed,
+                             Path(cfg.cache_dir) if cfg.cache_dir else None)
+    if cfg.batch_size > len(splits.train):
+        raise CnnlabError(f"--batch-size {cfg.batch_size} is larger than the training set "
+                          f"({len(splits.train)} images); use a smaller batch")
+    torch.manual_seed(cfg.seed)
+    shape = tuple(splits.train.images.shape[1:])
+    model = build_model(preset.layers, len(splits.class_names), shape)
+    init_whitening(model, preprocess(splits.train.images[:5000], cfg.normalize, channels_last=False))
+    model = model.to(device, memory_format=torch.channels_last)
+    run_dir = create_run_dir(cfg.out, cfg.name or cfg.preset)
+    params = count_parameters(model)
+    config = {**asdict(cfg), "kind": "train", "layers": list(preset.layers), "class_names": splits.class_names,
+              "input_shape": list(shape), "parameters": params, "data_info": splits.info,
+              "environment": environment(device), "command": " ".join(sys.argv)}
+    write_json(run_dir / "config.json", config)
+    log(f"{cfg.preset}: {params:,} parameters, {len(splits.train)} train / {len(splits.val)} val / "
+        f"{len(splits.test)} test images, {device}; loaded in {time.perf_counter() - started:.1f}s")
+    log(f"run directory: {run_dir}")
+
+    fit_start = time.perf_counter()
+    history, stopper = fit(model, splits, cfg, device, lambda h: write_history(run_dir / "history.csv", h), log)
+    train_time = time.perf_counter() - fit_start
+    save_torch(run_dir / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+    test = score(model, splits.test, splits.class_names, cfg.normalize, device, tta=cfg.tta)
+    best = stopper.best_epoch or len(history)
+    metrics = {
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_precision": test["precision"],
+        "test_recall": test["recall"], "test_f1": test["f1"],
+        "train_time_s": train_time, "epochs_run": len(history), "best_epoch": best,
+        "stopped_early": stopper.stopped_epoch is not None, "monitor": cfg.monitor, "best_value": stopper.best,
+        "best_val_accuracy": history[best - 1]["val_accuracy"],
+        "train_accuracy_at_best": history[best - 1]["accuracy"],
+        "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
+        "parameters": params, "weights": "best" if stopper.best_weights is not None else "last",
+        "test_size": len(splits.test), "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    write_csv(run_dir / "confusion_matrix.csv",
+              [[name] + row for name, row in zip(splits.class_names, test["confusion_matrix"])],
+              ["true\\predicted"] + splits.class_names)
+    plot_run(run_dir, history, best, test["confusion_matrix"], splits.class_names, cfg.monitor)
+    log(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  "
+        f"({len(history)} epochs, best {best}, {train_time:.1f}s training)")
+    return run_dir
