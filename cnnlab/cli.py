@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs-scale", type=_number(float, "--epochs-scale", 0, True), default=1.0, metavar="F",
                    help="multiply every preset's epochs by F (e.g. 0.1 for a quick look)")
     p.add_argument("--presets", help="comma-separated subset of conv,pool-bn,dropout,early-stop")
+    p.add_argument("--batch-size", type=_number(int, "--batch-size", 1), metavar="B",
+                   help="batch size for every run (default: the seed's 128)")
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")
     p.add_argument("--out", metavar="DIR", default="runs")
     return parser
@@ -202,7 +204,8 @@ def cmd_study(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = run_cifar10_study(args.data, args.out, args.epochs_scale, args.seed or 0, presets, log=_log,
-                             val_split=args.val_split, test_split=args.test_split)
+                             val_split=args.val_split, test_split=args.test_split,
+                             batch_size=args.batch_size)
     table, path = write_study_table(runs, args.out)
     print("\n" + table)
     print(f"\ntable saved to {path}")

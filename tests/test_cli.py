@@ -1,0 +1,99 @@
+"""The command line as a user meets it: real subprocesses, exit codes, one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_folder
+
+
+def cnnlab(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cnnlab.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "--preset", "pool-bn", "--data", "{missing}"], "does not exist"),
+    (["train", "--preset", "pool-bn", "--data", "{file}"], "is a file"),
+    (["train", "--preset", "pool-bn", "--data", "{one}"], "only one class"),
+    (["train", "--preset", "nope", "--data", "{tiny}"], "unknown preset 'nope'"),
+    (["train", "--preset", "pool-bn", "--data", "{tiny}", "--epochs", "0"], "--epochs must be at least 1"),
+    (["train", "--preset", "pool-bn", "--data", "{tiny}", "--epochs", "two"], "--epochs must be an integer"),
+    (["train", "--preset", "pool-bn", "--data", "{tiny}", "--lr", "-0.1"], "--lr must be above 0"),
+    (["train", "--preset", "pool-bn", "--data", "{tiny}", "--batch-size", "-5"], "--batch-size must be at least 1"),
+    (["train", "--preset", "pool-bn", "--data", "{tiny}", "--val-split", "1.5"], "--val-split must be below 1"),
+    (["train", "--preset", "pool-bn", "--data", "{tiny}", "--val-split", "0.5", "--test-split", "0.5"],
+     "must be below 1"),
+    (["train", "--preset", "pool-bn", "--data", "{tiny}", "--monitor", "val_auc"], "unknown monitor metric"),
+    (["train", "--preset", "pool-bn", "--data", "{tiny}", "--batch-size", "500"], "larger than the training set"),
+    (["train", "--data", "{tiny}"], "--preset"),
+    (["evaluate", "{tiny}", "--data", "{tiny}"], "not a run directory"),
+    (["summary", "--preset", "nope"], "unknown preset"),
+    (["study", "cifar10", "--data", "{tiny}", "--presets", "fast"], "not in the seed study"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
+    paths = {"missing": tmp_path / "missing", "file": tmp_path / "file.txt", "tiny": tmp_path / "tiny",
+             "one": tmp_path / "one"}
+    paths["file"].write_text("x")
+    make_folder(paths["tiny"], per_class=6)
+    make_folder(paths["one"], classes=1, per_class=2)
+    result = cnnlab(*[a.format(**paths) for a in args], "--out", tmp_path / "runs") if args[0] == "train" \
+        else cnnlab(*[a.format(**paths) for a in args])
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_every_subcommand_has_help_with_examples():
+    for command in ("train", "evaluate", "presets", "summary", "study"):
+        result = cnnlab(command, "--help")
+        assert result.returncode == 0 and "examples:" in result.stdout, command
+
+
+def test_presets_and_summary_print_layers_and_parameters():
+    listing = cnnlab("presets").stdout
+    for name in ("conv", "pool-bn", "dropout", "early-stop", "fast"):
+        assert f"\n{name} " in "\n" + listing
+    assert "6,443,338 params" in listing
+    summary = cnnlab("summary", "--preset", "pool-bn").stdout
+    assert "(None, 64, 8, 8)" in summary and "Total params: 545,290" in summary
+
+
+def test_train_then_evaluate_from_the_command_line(tmp_path):
+    data = make_folder(tmp_path / "tiny", per_class=12)
+    result = cnnlab("train", "--preset", "pool-bn", "--data", data, "--epochs", "2", "--batch-size", "8",
+                    "--out", tmp_path / "runs", "--name", "demo")
+    assert result.returncode == 0, result.stderr
+    run_dir = result.stdout.strip().splitlines()[-1]
+    assert run_dir.endswith("demo")
+    again = cnnlab("train", "--preset", "pool-bn", "--data", data, "--epochs", "1", "--batch-size", "8",
+                   "--out", tmp_path / "runs", "--name", "demo")
+    assert again.stdout.strip().splitlines()[-1].endswith("demo-2")
+    scored = cnnlab("evaluate", run_dir, "--data", data, "--json")
+    assert scored.returncode == 0, scored.stderr
+    result = json.loads(scored.stdout)
+    assert result["images"] == 36 and {"accuracy", "loss", "confusion_matrix", "per_class"} <= set(result)
+    text = cnnlab("evaluate", run_dir, "--data", data).stdout
+    assert "test accuracy" in text and "class_2" in text
+    other = make_folder(tmp_path / "other", classes=2, per_class=3)
+    (other / "class_1").rename(other / "dogs")
+    assert_one_line_error(cnnlab("evaluate", run_dir, "--data", other), "differ from the expected classes")
+
+
+def test_study_runs_the_four_seed_variants_and_prints_one_table(tmp_path):
+    data = make_folder(tmp_path / "tiny", per_class=12)
+    result = cnnlab("study", "cifar10", "--data", data, "--epochs-scale", "0.05", "--batch-size", "8", "--out", tmp_path / "runs")
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.split("preset ")[-1]
+    for preset in ("conv", "pool-bn", "dropout", "early-stop"):
+        assert f"\n{preset} " in table
+    assert "test acc" in result.stdout and (tmp_path / "runs" / "study-cifar10.csv").is_file()
+    assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 4

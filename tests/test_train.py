@@ -1,0 +1,143 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cnnlab.errors import CnnlabError
+from cnnlab.runs import read_history
+from cnnlab.train import EarlyStopping, lr_factor, resolve_config, train
+
+
+def scripted(values, monitor="val_loss", **kwargs):
+    """Feeds ``values`` to EarlyStopping; the model's weight is set to the epoch number each
+    epoch, so the restored weight says which epoch was restored."""
+    model = nn.Linear(1, 1, bias=False)
+    stopper = EarlyStopping(monitor, **kwargs)
+    stopped_at = None
+    for epoch, value in enumerate(values, start=1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        if stopper.update(epoch, {monitor: value}, model):
+            stopped_at = epoch
+            break
+    stopper.restore(model)
+    return stopped_at, stopper, int(model.weight.item())
+
+
+def test_stops_after_patience_epochs_without_improvement_and_restores_the_best():
+    stopped, stopper, restored = scripted([1.0, 0.8, 0.7, 0.75, 0.72, 0.71, 0.9], patience=3)
+    assert stopped == 6 and stopper.best_epoch == 3 and restored == 3
+
+
+def test_seed_study_case_best_epoch_7_patience_5_stops_at_12():
+    values = [2.0, 1.8, 1.6, 1.5, 1.4, 1.35, 1.3, 1.31, 1.32, 1.33, 1.34, 1.35, 1.2]
+    stopped, stopper, restored = scripted(values, patience=5)
+    assert (stopped, stopper.best_epoch, restored) == (12, 7, 7)
+
+
+def test_patience_zero_stops_at_the_first_epoch_without_improvement():
+    stopped, stopper, _ = scripted([1.0, 0.9, 0.95, 0.5], patience=0)
+    assert stopped == 3 and stopper.best_epoch == 2
+
+
+def test_min_delta_ignores_small_improvements():
+    stopped, stopper, restored = scripted([1.0, 0.95, 0.93, 0.5], patience=2, min_delta=0.1)
+    assert stopped == 3 and stopper.best_epoch == 1 and restored == 1
+    stopped, stopper, _ = scripted([1.0, 0.85, 0.7, 0.69, 0.68], patience=2, min_delta=0.1)
+    assert stopped == 5 and stopper.best_epoch == 3
+
+
+def test_start_from_epoch_ignores_the_first_epochs():
+    stopped, stopper, restored = scripted([0.1, 0.2, 1.0, 0.9, 0.95, 0.96, 0.97], patience=2, start_from_epoch=2)
+    assert stopper.best_epoch == 4 and stopped == 6 and restored == 4
+
+
+def test_mode_is_inferred_from_the_metric_name():
+    stopped, stopper, restored = scripted([0.5, 0.7, 0.6, 0.65], monitor="val_accuracy", patience=2)
+    assert stopper.mode == "max" and stopped == 4 and restored == 2
+    assert EarlyStopping("val_f1").mode == "max" and EarlyStopping("loss").mode == "min"
+    _, forced, _ = scripted([0.5, 0.7, 0.6], monitor="val_loss", mode="max")
+    assert forced.best_epoch == 2
+
+
+def test_best_epoch_is_recorded_when_stopping_never_triggers():
+    stopped, stopper, restored = scripted([1.0, 0.6, 0.7, 0.8])
+    assert stopped is None and stopper.best_epoch == 2 and restored == 2
+
+
+def test_last_weights_are_kept_when_restore_is_off():
+    _, stopper, restored = scripted([1.0, 0.6, 0.7, 0.8], restore_best_weights=False)
+    assert stopper.best_epoch == 2 and restored == 4
+
+
+def test_one_cycle_schedule_rises_then_falls_to_zero():
+    assert lr_factor("onecycle", 0, 100) == pytest.approx(0.2)
+    assert lr_factor("onecycle", 20, 100) == pytest.approx(1.0)
+    assert lr_factor("onecycle", 100, 100) == pytest.approx(0.0)
+    assert lr_factor("cosine", 50, 100) == pytest.approx(0.5)
+    assert lr_factor("none", 70, 100) == 1.0
+
+
+def test_preset_settings_sit_between_defaults_and_explicit_values():
+    cfg = resolve_config("early-stop", data="x")
+    assert (cfg.epochs, cfg.patience, cfg.lr, cfg.batch_size, cfg.optimizer) == (20, 5, 1e-3, 128, "adam")
+    assert resolve_config("early-stop", data="x", patience=2, epochs=None).patience == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"epochs": 0}, "--epochs must be at least 1"),
+    ({"lr": -1.0}, "--lr must be positive"),
+    ({"val_split": 0.6, "test_split": 0.5}, "must be below 1"),
+    ({"monitor": "val_auc"}, "unknown monitor metric 'val_auc'"),
+    ({"batch_size": 0}, "--batch-size must be at least 1"),
+])
+def test_out_of_range_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(CnnlabError, match=message):
+        resolve_config("pool-bn", data="x", **overrides)
+
+
+def tiny_config(folder, out, **kw):
+    settings = dict(data=str(folder), out=str(out), epochs=4, batch_size=8, val_split=0.2, test_split=0.2,
+                    lr=3e-3, threads=1)
+    return resolve_config(kw.pop("preset", "pool-bn"), **{**settings, **kw})
+
+
+def test_short_training_lowers_the_loss_and_writes_the_run_directory(tiny_folder, tmp_path):
+    run = train(tiny_config(tiny_folder, tmp_path / "runs"), log=lambda m: None)
+    history = read_history(run / "history.csv")
+    assert len(history) == 4
+    assert history[-1]["loss"] < history[0]["loss"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["epochs_run"] == 4
+    assert sum(map(sum, metrics["confusion_matrix"])) == metrics["test_size"] == 12
+    for name in ("config.json", "loss.png", "accuracy.png", "confusion_matrix.png", "confusion_matrix.csv", "model.pt"):
+        assert (run / name).stat().st_size > 0
+    state = torch.load(run / "model.pt", weights_only=True)
+    assert "0.weight" in state
+
+
+def test_seeded_runs_are_repeatable_on_cpu(tiny_folder, tmp_path):
+    runs = [train(tiny_config(tiny_folder, tmp_path / "runs", epochs=2, augment=True), log=lambda m: None)
+            for _ in range(2)]
+    assert runs[0] != runs[1]  # a clashing name got a suffix
+    h0, h1 = (read_history(r / "history.csv") for r in runs)
+    assert [r["loss"] for r in h0] == [r["loss"] for r in h1]
+    w0, w1 = (torch.load(r / "model.pt", weights_only=True) for r in runs)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_early_stopping_run_records_its_stop(tiny_folder, tmp_path):
+    cfg = tiny_config(tiny_folder, tmp_path / "runs", epochs=30, monitor="val_accuracy", patience=1, lr=1e-2)
+    run = train(cfg, log=lambda m: None)
+    metrics = json.loads((run / "metrics.json").read_text())
+    history = read_history(run / "history.csv")
+    assert metrics["stopped_early"] and metrics["epochs_run"] < 30
+    assert metrics["epochs_run"] == len(history)
+    best = max(history, key=lambda r: r["val_accuracy"])  # first epoch with the top value
+    assert metrics["best_epoch"] == best["epoch"]
+
+
+def test_batch_larger_than_training_set_is_an_error(tiny_folder, tmp_path):
+    with pytest.raises(CnnlabError, match="larger than the training set"):
+        train(tiny_config(tiny_folder, tmp_path / "runs", batch_size=1000), log=lambda m: None)
