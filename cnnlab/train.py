@@ -243,23 +243,23 @@ def _progress(total: int, epoch: int, epochs: int):
 
 def train_one_epoch(model, opt, sched, train: ImageSet, cfg: TrainConfig, device, generator,
                     epoch: int) -> dict:
-    """One pass over ``train`` in a seeded random order; returns loss and accuracy."""
+    """One pass over ``train`` (already on ``device``) in a seeded random order; returns loss
+    and accuracy."""
     model.train()
     n = len(train)
     order = torch.randperm(n, generator=generator)
     starts = [s for s in range(0, n, cfg.batch_size) if n - s >= 2 or s == 0]  # BN needs 2+ samples
-    images = train.images if device.type == "cpu" else train.images.to(device)
-    labels = train.labels.to(device)
+    images, labels = train.images, train.labels
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     bar = _progress(len(starts), epoch, cfg.epochs)
     for i, start in enumerate(starts):
-        index = order[start:start + cfg.batch_size]
-        x = preprocess(images[index.to(images.device)], cfg.normalize, device)
+        index = order[start:start + cfg.batch_size].to(device)
+        x = preprocess(images[index], cfg.normalize, device)
         if cfg.augment:
             x = augment_batch(x, generator)
-        y = labels[index.to(device)]
+        y = labels[index]
         with _autocast(device):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -291,10 +291,11 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
     stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta, cfg.mode, cfg.restore_best_weights,
                             cfg.start_from_epoch)
     history: list[dict] = []
+    on_device = ImageSet(splits.train.images.to(device), splits.train.labels.to(device))
     for epoch in range(1, cfg.epochs + 1):
         lr = opt.param_groups[0]["lr"]
         start = time.perf_counter()
-        train_logs = train_one_epoch(model, opt, sched, splits.train, cfg, device, generator, epoch)
+        train_logs = train_one_epoch(model, opt, sched, on_device, cfg, device, generator, epoch)
         train_seconds = time.perf_counter() - start
         val = score(model, splits.val, splits.class_names, cfg.normalize, device, tta=cfg.tta)
         seconds = time.perf_counter() - start

@@ -132,3 +132,39 @@ def test_augment_batch_flips_and_shifts_whole_batches():
         assert any(torch.equal(img[:, 2 + dy:6 + dy, 2 + dx:6 + dx], centre)
                    for dy in range(-2, 3) for dx in range(-2, 3))
     assert len({tuple(img.flatten()[:20].tolist()) for img in many}) > 5
+
+
+def test_cifar10_offline_is_a_one_line_error_naming_the_way_out(monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.delenv("CNNLAB_DATA", raising=False)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(CnnlabError, match="could not be downloaded.*--data.*CNNLAB_DATA") as info:
+        load_splits("cifar10", 32)
+    assert "\n" not in str(info.value)
+
+
+def test_cifar10_comes_from_cnnlab_data_when_present(tmp_path, monkeypatch):
+    make_folder(tmp_path / "root" / "cifar10", classes=2, per_class=10)
+    monkeypatch.setenv("CNNLAB_DATA", str(tmp_path / "root"))
+    splits = load_splits("cifar10", 32, val_split=0.2, test_split=0.2)
+    assert splits.class_names == ["class_0", "class_1"] and len(splits.train) == 12
+
+
+def test_cifar10_in_torchvision_format_gives_the_official_test_split(monkeypatch, private_cache):
+    import torchvision
+
+    class FakeCIFAR10:
+        classes = ["a", "b"]
+
+        def __init__(self, root, train, download):
+            n = 20 if train else 6
+            self.data = np.full((n, 32, 32, 3), 7 if train else 9, np.uint8)
+            self.targets = [i % 2 for i in range(n)]
+    monkeypatch.delenv("CNNLAB_DATA", raising=False)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    splits = load_splits("cifar10", 32, val_split=0.2, test_split=0.3)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (16, 4, 6)
+    assert int(splits.test.images.float().mean()) == 9 and splits.train.images.shape[1:] == (3, 32, 32)

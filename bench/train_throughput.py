@@ -1,0 +1,212 @@
+"""Training throughput (images/s) of cnnlab's loop against three baselines, side by side.
+
+For each preset, the same model and batch size is trained for a fixed number of steps by:
+  cnnlab    cnnlab.train.train_one_epoch: uint8 tensors in memory, batch-level preprocessing
+            (and augmentation for presets that use it), channels_last
+  eager     a plain eager PyTorch loop over in-memory float tensors, NCHW (the usual hand-written loop)
+  tutorial  torchvision ImageFolder + DataLoader + ToTensor, decoding the JPEGs every epoch
+  keras     Keras 3 on TensorFlow CPU, same layers, model.fit on in-memory arrays (if installed:
+            pip install -e '.[bench]')
+Each figure is also given as a fraction of this machine's single-precision matrix-multiply peak,
+measured in the same run (training FLOPs counted as 3x the forward pass's multiply-adds x 2).
+
+    python bench/train_throughput.py --data ../shared/data/cifar10/train
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cnnlab.data import ImageSet, load_folder  # noqa: E402
+from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
+from cnnlab.train import resolve_config, train_one_epoch, make_optimizer  # noqa: E402
+from cnnlab.data import preprocess  # noqa: E402
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Best-of single-precision GEMM throughput with the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def forward_flops(model: nn.Module, shape=(3, 32, 32)) -> float:
+    """Multiply-adds x 2 of convolutions and dense layers for one image."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1] * 2
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features * 2
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *shape))
+    for h in handles:
+        h.remove()
+    return float(total)
+
+
+def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int) -> float:
+    cfg = resolve_config(preset, data="-", epochs=1, batch_size=batch)
+    torch.manual_seed(0)
+    model = build_model(PRESETS[preset].layers, 10)
+    init_whitening(model, preprocess(data.images[:2000], cfg.normalize, channels_last=False))
+    model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    generator = torch.Generator().manual_seed(0)
+    warm = data.subset(torch.arange(3 * batch))
+    train_one_epoch(model, opt, sched, warm, cfg, torch.device("cpu"), generator, 1)
+    subset = data.subset(torch.arange(steps * batch))
+    start = time.perf_counter()
+    logs = train_one_epoch(model, opt, sched, subset, cfg, torch.device("cpu"), generator, 1)
+    return logs["images"] / (time.perf_counter() - start)
+
+
+def _eager_step(model, opt, x, y, label_smoothing):
+    loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def bench_eager(preset: str, data: ImageSet, steps: int, batch: int) -> float:
+    cfg = resolve_config(preset, data="-", batch_size=batch)
+    torch.manual_seed(0)
+    model = build_model(PRESETS[preset].layers, 10)
+    opt = make_optimizer(model, cfg)
+    x_all = data.images[:steps * batch].float() / 255  # in memory, NCHW, as a hand-written loop has it
+    y_all = data.labels[:steps * batch]
+    model.train()
+    for i in range(3):
+        _eager_step(model, opt, x_all[i * batch:(i + 1) * batch], y_all[i * batch:(i + 1) * batch], cfg.label_smoothing)
+    start = time.perf_counter()
+    for i in range(steps):
+        _eager_step(model, opt, x_all[i * batch:(i + 1) * batch], y_all[i * batch:(i + 1) * batch], cfg.label_smoothing)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def bench_tutorial(preset: str, root: Path, steps: int, batch: int) -> float:
+    import torchvision
+    from torchvision import transforms
+    cfg = resolve_config(preset, data="-", batch_size=batch)
+    dataset = torchvision.datasets.ImageFolder(str(root), transform=transforms.ToTensor())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=0,
+                                         generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = build_model(PRESETS[preset].layers, 10)
+    opt = make_optimizer(model, cfg)
+    model.train()
+    it = iter(loader)
+    for _ in range(3):
+        x, y = next(it)
+        _eager_step(model, opt, x, y, cfg.label_smoothing)
+    start = time.perf_counter()
+    for _ in range(steps):
+        x, y = next(it)
+        _eager_step(model, opt, x, y, cfg.label_smoothing)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def keras_model(preset: str):
+    import keras
+    layers = [keras.Input((32, 32, 3))]
+    for spec in PRESETS[preset].layers:
+        name, *options = spec.split(":")
+        head = name.rstrip("0123456789.")
+        arg = name[len(head):]
+        if head == "conv":
+            layers.append(keras.layers.Conv2D(int(arg), 3, padding="valid" if "valid" in options else "same",
+                                              use_bias="nobias" not in options))
+        elif head == "bn":
+            layers.append(keras.layers.BatchNormalization())
+        elif head in ("relu", "gelu"):
+            layers.append(keras.layers.Activation(head))
+        elif head == "pool":
+            layers.append(keras.layers.MaxPooling2D(int(arg or 2)))
+        elif head == "drop":
+            layers.append(keras.layers.Dropout(float(arg)))
+        elif head == "flatten":
+            layers.append(keras.layers.Flatten())
+        elif head == "dense":
+            layers.append(keras.layers.Dense(int(arg) if arg else 10))
+        else:
+            return None  # whiten/scale: no stock Keras layer
+    return keras.Sequential(layers)
+
+
+def bench_keras(preset: str, data: ImageSet, steps: int, batch: int) -> float | None:
+    try:
+        os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import keras
+        import tensorflow as tf
+    except ImportError:
+        return None
+    threads = torch.get_num_threads()
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    model = keras_model(preset)
+    if model is None:
+        return None
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = (data.images[:(steps + 3) * batch].permute(0, 2, 3, 1).float() / 255).numpy()
+    y = data.labels[:(steps + 3) * batch].numpy()
+    model.fit(x[:3 * batch], y[:3 * batch], batch_size=batch, epochs=1, verbose=0)  # builds the graph
+    start = time.perf_counter()
+    model.fit(x[3 * batch:], y[3 * batch:], batch_size=batch, epochs=1, verbose=0, shuffle=False)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/cifar10/train")
+    parser.add_argument("--presets", default="conv,pool-bn,dropout,early-stop,fast")
+    parser.add_argument("--steps", type=int, default=40, help="timed training steps per measurement")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--skip", default="", help="comma-separated: tutorial,keras,eager")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    data, _, _ = load_folder(args.data, 32)
+    data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0)))
+    peak = matmul_peak_gflops()
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32 matmul peak {peak:.1f} GFLOP/s, "
+          f"{args.steps} timed steps per figure")
+    print("images/s (fraction of the matmul peak); ratios are cnnlab / baseline")
+    print(f"{'preset':<11}{'batch':>6}{'MFLOP/img':>10}{'cnnlab':>15}{'eager':>15}{'tutorial':>15}{'keras':>15}"
+          f"{'vs eager':>9}{'vs keras':>9}{'vs tut.':>9}")
+    for preset in args.presets.split(","):
+        batch = resolve_config(preset, data="-").batch_size
+        flops = 3 * forward_flops(build_model(PRESETS[preset].layers, 10))
+        ours = bench_cnnlab(preset, data, args.steps, batch)
+        eager = None if "eager" in skip else bench_eager(preset, data, args.steps, batch)
+        tut = None if "tutorial" in skip else bench_tutorial(preset, Path(args.data), max(5, args.steps // 4), batch)
+        ker = None if "keras" in skip else bench_keras(preset, data, args.steps, batch)
+
+        def cell(v):
+            return f"{v:>7.0f} ({v * flops / (peak * 1e9):>4.1%})" if v else f"{'-':>15}"
+
+        def ratio(v):
+            return f"{ours / v:>8.2f}x" if v else f"{'-':>9}"
+        print(f"{preset:<11}{batch:>6}{flops / 3e6:>10.1f}{cell(ours)}{cell(eager)}{cell(tut)}{cell(ker)}"
+              f"{ratio(eager)}{ratio(ker)}{ratio(tut)}", flush=True)
+
+if __name__ == "__main__":
+    main()
