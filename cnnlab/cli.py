@@ -17,6 +17,9 @@ EPILOGS = {
     "evaluate": """examples:
   cnnlab evaluate runs/pool-bn --data ../shared/data/cifar10/train
   cnnlab evaluate runs/fast --data my-test-images/ --json""",
+    "resume": """examples:
+  cnnlab resume runs/dropout
+  cnnlab train --resume runs/dropout""",
     "presets": """examples:
   cnnlab presets""",
     "summary": """examples:
@@ -51,8 +54,8 @@ def _number(kind, name, low=None, low_open=False, high_open=None):
     return parse
 
 
-def _add_data_options(p):
-    p.add_argument("--data", required=True, metavar="PATH",
+def _add_data_options(p, required=True):
+    p.add_argument("--data", required=required, metavar="PATH",
                    help="image folder (one subfolder per class; train/val/test subfolders honoured) "
                         "or 'cifar10' (torchvision's copy, downloaded into the cache when missing)")
     p.add_argument("--val-split", type=_number(float, "--val-split", 0, True, 1), metavar="F",
@@ -104,10 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a preset and write a run directory", epilog=EPILOGS["train"],
                        formatter_class=fmt, description="Train a preset on an image folder; prints the run "
                        "directory's path last.")
-    p.add_argument("--preset", required=True, help="model preset (see `cnnlab presets`)")
-    _add_data_options(p)
+    p.add_argument("--preset", help="model preset (see `cnnlab presets`); required unless --resume")
+    _add_data_options(p, required=False)
     _add_train_options(p)
     p.add_argument("--name", help="run directory name (default: the preset; a clash gets a suffix)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run (same as `cnnlab resume`)")
+
+    p = sub.add_parser("resume", help="continue a stopped run from its last checkpoint", formatter_class=fmt,
+                       epilog=EPILOGS["resume"], description="Continue a run stopped by Ctrl-C, SIGTERM or a "
+                       "crash from its last epoch's checkpoint; a finished run is left unchanged.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
 
     p = sub.add_parser("evaluate", help="score a finished run on a labelled image folder", formatter_class=fmt,
                        epilog=EPILOGS["evaluate"], description="Score a run on every image of a folder with the "
@@ -147,10 +156,22 @@ TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
 
 
 def cmd_train(args) -> int:
-    from .train import resolve_config, train
+    from .train import resolve_config, resume, train
+    if args.resume:
+        print(resume(args.resume, log=_log))
+        return 0
+    for option in ("preset", "data"):
+        if getattr(args, option) is None:
+            raise CnnlabError(f"--{option} is required (or --resume RUN_DIR to continue a run)")
     cfg = resolve_config(args.preset, data=args.data, **{k: getattr(args, k) for k in TRAIN_KEYS})
     run_dir = train(cfg, log=_log)
     print(run_dir)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from .train import resume
+    print(resume(args.run_dir, log=_log))
     return 0
 
 
@@ -220,7 +241,7 @@ def _warning(message, category, filename, lineno, file=None, line=None):
     return f"cnnlab: warning: {message}\n"
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "presets": cmd_presets, "summary": cmd_summary,
+COMMANDS = {"train": cmd_train, "resume": cmd_resume, "evaluate": cmd_evaluate, "presets": cmd_presets, "summary": cmd_summary,
             "study": cmd_study}
 
 
@@ -228,8 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     """The ``cnnlab`` command."""
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _warning
+    from .train import RunInterrupted
     try:
         return COMMANDS[args.command](args)
+    except RunInterrupted as exc:
+        print(f"cnnlab {args.command}: stopped by {exc}", file=sys.stderr)
+        return exc.exit_code
     except CnnlabError as exc:
         print(f"cnnlab {args.command}: error: {exc}", file=sys.stderr)
         return 2

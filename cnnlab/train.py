@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -21,7 +24,7 @@ from .data import ImageSet, Splits, augment_batch, load_splits, preprocess
 from .errors import CnnlabError
 from .metrics import confusion_matrix, summarize
 from .presets import build_model, count_parameters, get_preset, init_whitening
-from .runs import create_run_dir, save_torch, write_csv, write_history, write_json
+from .runs import create_run_dir, load_run, load_torch, save_torch, write_csv, write_history, write_json
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "onecycle", "cosine")
@@ -242,7 +245,7 @@ def _progress(total: int, epoch: int, epochs: int):
 
 
 def train_one_epoch(model, opt, sched, train: ImageSet, cfg: TrainConfig, device, generator,
-                    epoch: int) -> dict:
+                    epoch: int, guard: "InterruptGuard | None" = None) -> dict:
     """One pass over ``train`` (already on ``device``) in a seeded random order; returns loss
     and accuracy."""
     model.train()
@@ -274,16 +277,63 @@ def train_one_epoch(model, opt, sched, train: ImageSet, cfg: TrainConfig, device
             bar.update(1)
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}")
+        if guard is not None and guard.signum is not None:
+            if bar is not None:
+                bar.close()
+            raise Interrupted(guard.signum, epoch, i + 1, len(starts))
     if bar is not None:
         bar.close()
     return {"loss": float(total_loss) / seen, "accuracy": float(correct) / seen, "images": seen}
 
 
+class Interrupted(Exception):
+    """Training stopped on a signal at the end of a batch; the last epoch's checkpoint stands."""
+
+    def __init__(self, signum: int, epoch: int, batch: int, batches: int):
+        super().__init__(f"signal {signum}")
+        self.signum, self.epoch, self.batch, self.batches = signum, epoch, batch, batches
+
+
+class InterruptGuard:
+    """While active, a first SIGINT/SIGTERM only sets ``signum`` (the loop stops at the end of
+    the batch); a second SIGINT raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def checkpoint_state(epoch, model, opt, sched, stopper, generator, history, device) -> dict:
+    """Everything needed to continue after ``epoch`` exactly as if never stopped."""
+    return {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "stopper": stopper.state(), "best_weights": stopper.best_weights,
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+            "cnnlab": __version__, "device": device.type}
+
+
 def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device,
-        on_epoch: Callable[[list[dict]], None] | None = None,
-        log: Callable[[str], None] = print) -> tuple[list[dict], EarlyStopping]:
-    """Trains ``model`` for up to ``cfg.epochs``; returns the history and the early-stopping
-    state (whose best weights are restored into ``model`` when asked)."""
+        run_dir: Path | None = None, log: Callable[[str], None] = print,
+        state: dict | None = None, guard: InterruptGuard | None = None) -> tuple[list[dict], EarlyStopping]:
+    """Trains ``model`` for up to ``cfg.epochs``, from ``state`` (a checkpoint) when given;
+    returns the history and the early-stopping state (its best weights are restored into
+    ``model`` when asked). With ``run_dir``, writes ``checkpoint.pt`` and ``history.csv``
+    after every epoch."""
     generator = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
     steps = max(1, math.ceil(len(splits.train) / cfg.batch_size)) * cfg.epochs
@@ -291,11 +341,17 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
     stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta, cfg.mode, cfg.restore_best_weights,
                             cfg.start_from_epoch)
     history: list[dict] = []
+    first = 1
+    if state is not None:
+        first, history = _restore(state, model, opt, sched, stopper, generator)
     on_device = ImageSet(splits.train.images.to(device), splits.train.labels.to(device))
-    for epoch in range(1, cfg.epochs + 1):
+    stop = stopper.stopped_epoch is not None
+    for epoch in range(first, cfg.epochs + 1):
+        if stop:
+            break
         lr = opt.param_groups[0]["lr"]
         start = time.perf_counter()
-        train_logs = train_one_epoch(model, opt, sched, on_device, cfg, device, generator, epoch)
+        train_logs = train_one_epoch(model, opt, sched, on_device, cfg, device, generator, epoch, guard)
         train_seconds = time.perf_counter() - start
         val = score(model, splits.val, splits.class_names, cfg.normalize, device, tta=cfg.tta)
         seconds = time.perf_counter() - start
@@ -305,16 +361,29 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
                "train_seconds": train_seconds, "images_per_s": train_logs["images"] / train_seconds}
         history.append(row)
         stop = stopper.update(epoch, row, model)
+        if run_dir is not None:
+            save_torch(run_dir / "checkpoint.pt",
+                       checkpoint_state(epoch, model, opt, sched, stopper, generator, history, device))
+            write_history(run_dir / "history.csv", history)
         log(_epoch_line(row, cfg.epochs, stopper))
-        if on_epoch:
-            on_epoch(history)
         if stop:
             log(f"early stopping: {cfg.monitor} did not improve for {cfg.patience} epoch(s) after epoch "
                 f"{stopper.best_epoch}")
-            break
     if stopper.restore(model):
         log(f"restored the weights of epoch {stopper.best_epoch} (best {cfg.monitor} {stopper.best:.4f})")
     return history, stopper
+
+
+def _restore(state, model, opt, sched, stopper, generator) -> tuple[int, list[dict]]:
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    for key in ("best", "best_epoch", "wait", "stopped_epoch"):
+        setattr(stopper, key, state["stopper"][key])
+    stopper.best_weights = state["best_weights"]
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"] + 1, list(state["history"])
 
 
 def _epoch_line(row: dict, epochs: int, stopper: EarlyStopping) -> str:
@@ -333,15 +402,11 @@ def environment(device: torch.device) -> dict:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: Splits | None = None) -> Path:
-    """Loads data, trains, tests once on the held-out split and writes the run directory."""
-    from .plots import plot_run  # matplotlib loads only when a run is written
-
-    preset = get_preset(cfg.preset)
+def _prepare(cfg: TrainConfig, splits: Splits | None):
+    """(device, splits, model) for ``cfg``: the data loaded and split, the model built and seeded."""
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    started = time.perf_counter()
     if splits is None:
         splits = load_splits(cfg.data, cfg.image_size, cfg.val_split, cfg.test_split, cfg.seed,
                              Path(cfg.cache_dir) if cfg.cache_dir else None)
@@ -350,25 +415,90 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: Splits |
                           f"({len(splits.train)} images); use a smaller batch")
     torch.manual_seed(cfg.seed)
     shape = tuple(splits.train.images.shape[1:])
-    model = build_model(preset.layers, len(splits.class_names), shape)
+    model = build_model(get_preset(cfg.preset).layers, len(splits.class_names), shape)
     init_whitening(model, preprocess(splits.train.images[:5000], cfg.normalize, channels_last=False))
-    model = model.to(device, memory_format=torch.channels_last)
+    return device, splits, model.to(device, memory_format=torch.channels_last)
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: Splits | None = None) -> Path:
+    """Loads data, trains, tests once on the held-out split and writes the run directory."""
+    started = time.perf_counter()
+    device, splits, model = _prepare(cfg, splits)
     run_dir = create_run_dir(cfg.out, cfg.name or cfg.preset)
     params = count_parameters(model)
-    config = {**asdict(cfg), "kind": "train", "layers": list(preset.layers), "class_names": splits.class_names,
-              "input_shape": list(shape), "parameters": params, "data_info": splits.info,
-              "environment": environment(device), "command": " ".join(sys.argv)}
+    config = {**asdict(cfg), "kind": "train", "layers": list(get_preset(cfg.preset).layers),
+              "class_names": splits.class_names, "input_shape": list(splits.train.images.shape[1:]),
+              "parameters": params, "data_info": splits.info, "environment": environment(device),
+              "command": " ".join(sys.argv)}
     write_json(run_dir / "config.json", config)
     log(f"{cfg.preset}: {params:,} parameters, {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test images, {device}; loaded in {time.perf_counter() - started:.1f}s")
     log(f"run directory: {run_dir}")
+    return _run(cfg, run_dir, model, splits, device, None, log)
 
-    fit_start = time.perf_counter()
-    history, stopper = fit(model, splits, cfg, device, lambda h: write_history(run_dir / "history.csv", h), log)
-    train_time = time.perf_counter() - fit_start
+
+def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Continues a stopped run from its last checkpoint; a finished run is left as it is."""
+    run_dir = Path(run_dir)
+    config, metrics = load_run(run_dir)
+    if metrics is not None:
+        log(f"{run_dir} is finished (test accuracy {metrics['test_accuracy']:.4f}); nothing to resume")
+        return run_dir
+    cfg = TrainConfig(**{f.name: config[f.name] for f in fields(TrainConfig) if f.name in config})
+    device, splits, model = _prepare(cfg, None)
+    if splits.class_names != config["class_names"]:
+        raise CnnlabError(f"the data at {cfg.data} no longer has the run's classes; restore it or start a new run")
+    state = load_torch(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").is_file() else None
+    if state is None:
+        log(f"{run_dir} has no checkpoint yet: starting its training from epoch 1")
+    else:
+        for key, now in (("cnnlab", __version__), ("device", device.type)):
+            if state.get(key) != now:
+                log(f"notice: the checkpoint was written with {key} {state.get(key)}, resuming with {now}")
+        interrupted = _read_marker(run_dir)
+        if interrupted and interrupted.get("epoch") == state["epoch"] + 1:
+            log(f"epoch {interrupted['epoch']} was interrupted at batch {interrupted['batch']}/"
+                f"{interrupted['batches']}: it restarts from its beginning")
+        log(f"resuming {run_dir} after epoch {state['epoch']}")
+    return _run(cfg, run_dir, model, splits, device, state, log)
+
+
+def _read_marker(run_dir: Path) -> dict | None:
+    path = run_dir / "interrupted.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _run(cfg, run_dir: Path, model, splits: Splits, device, state, log) -> Path:
+    """Trains (under the interrupt guard), then tests once and writes the results."""
+    with InterruptGuard() as guard:
+        try:
+            history, stopper = fit(model, splits, cfg, device, run_dir, log, state, guard)
+        except Interrupted as stop:
+            write_json(run_dir / "interrupted.json", {"signal": stop.signum, "epoch": stop.epoch,
+                                                      "batch": stop.batch, "batches": stop.batches})
+            name = signal.Signals(stop.signum).name
+            raise RunInterrupted(f"{name} during epoch {stop.epoch} (batch {stop.batch}/{stop.batches}); "
+                                 f"epoch {stop.epoch - 1}'s checkpoint is saved; continue with: "
+                                 f"cnnlab resume {run_dir}", 128 + stop.signum) from None
+    _finish(cfg, run_dir, model, splits, device, history, stopper, log)
+    return run_dir
+
+
+class RunInterrupted(CnnlabError):
+    """A run stopped by a signal; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _finish(cfg, run_dir, model, splits, device, history, stopper, log) -> None:
+    from .plots import plot_run  # matplotlib loads only when a run is written
+
     save_torch(run_dir / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
     test = score(model, splits.test, splits.class_names, cfg.normalize, device, tta=cfg.tta)
     best = stopper.best_epoch or len(history)
+    train_time = sum(r["seconds"] for r in history)
     metrics = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_precision": test["precision"],
         "test_recall": test["recall"], "test_f1": test["f1"],
@@ -377,14 +507,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: Splits |
         "best_val_accuracy": history[best - 1]["val_accuracy"],
         "train_accuracy_at_best": history[best - 1]["accuracy"],
         "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
-        "parameters": params, "weights": "best" if stopper.best_weights is not None else "last",
+        "parameters": count_parameters(model), "weights": "best" if stopper.best_weights is not None else "last",
         "test_size": len(splits.test), "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
     }
-    write_json(run_dir / "metrics.json", metrics)
     write_csv(run_dir / "confusion_matrix.csv",
               [[name] + row for name, row in zip(splits.class_names, test["confusion_matrix"])],
               ["true\\predicted"] + splits.class_names)
     plot_run(run_dir, history, best, test["confusion_matrix"], splits.class_names, cfg.monitor)
+    write_json(run_dir / "metrics.json", metrics)  # last: its presence marks the run finished
+    for leftover in ("checkpoint.pt", "interrupted.json"):
+        (run_dir / leftover).unlink(missing_ok=True)
     log(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  "
         f"({len(history)} epochs, best {best}, {train_time:.1f}s training)")
-    return run_dir

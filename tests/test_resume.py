@@ -1,0 +1,111 @@
+"""Interrupts and resume with real processes and real signals."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cnnlab.runs import read_history
+from conftest import make_folder
+from test_cli import cnnlab
+
+TIMING = {"seconds", "train_seconds", "images_per_s"}
+
+
+def train_args(data, out, name, epochs=12):
+    return ["train", "--preset", "dropout", "--data", data, "--epochs", epochs, "--batch-size", "8", "--augment",
+            "--threads", "1", "--out", out, "--name", name]
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, "-m", "cnnlab.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_epochs(run, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run / "history.csv"
+        if path.is_file() and len(path.read_text().splitlines()) > n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("training did not progress")
+
+
+def same_run(a, b):
+    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ha, hb = ([{k: v for k, v in row.items() if k not in TIMING} for row in read_history(r / "history.csv")]
+              for r in (a, b))
+    assert ha == hb
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("resume") / "tiny", per_class=40)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    result = cnnlab(*train_args(data, out, "ref"))
+    assert result.returncode == 0, result.stderr
+    return out / "ref"
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_cleanly_and_resume_matches_an_uninterrupted_run(data, reference, tmp_path, sig, code):
+    run = tmp_path / "run"
+    proc = start(train_args(data, tmp_path, "run"))
+    wait_for_epochs(run, 3, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "cnnlab resume" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (run / "checkpoint.pt").is_file() and not (run / "metrics.json").exists()
+    resumed = cnnlab("resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    same_run(reference, run)
+    assert not (run / "checkpoint.pt").exists()
+
+
+def test_sigkill_at_random_moments_then_resume_matches(data, reference, tmp_path):
+    run = tmp_path / "run"
+    proc = start(train_args(data, tmp_path, "run"))
+    rng = __import__("random").Random(0)
+    for kills in range(3):
+        wait_for_epochs(run, 1 + 3 * kills, proc)
+        time.sleep(rng.uniform(0, 0.3))
+        proc.kill()
+        proc.wait()
+        for name in ("config.json", "history.csv"):
+            assert (run / name).stat().st_size > 0
+        torch.load(run / "checkpoint.pt", weights_only=True)  # never torn
+        proc = start(["resume", run])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    same_run(reference, run)
+
+
+def test_second_ctrl_c_exits_at_once_leaving_the_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    proc = start(train_args(data, tmp_path, "run", epochs=200))
+    wait_for_epochs(run, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] >= 2
+
+
+def test_resuming_a_finished_run_changes_nothing(reference):
+    before = {p.name: p.read_bytes() for p in reference.iterdir()}
+    result = cnnlab("resume", reference)
+    assert result.returncode == 0 and "finished" in result.stdout
+    assert {p.name: p.read_bytes() for p in reference.iterdir()} == before
