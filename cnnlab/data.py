@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import CnnlabError
-from .runs import atomic_write_bytes
+from .runs import WriteError, atomic_write_bytes
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 CACHE_VERSION = 1
@@ -186,11 +186,10 @@ def load_folder(root: str | Path, size: int, cache_dir: Path | None = None,
 def _write_cache(cache_dir: Path, array_path: Path, meta_path: Path, array: np.ndarray, meta: dict) -> None:
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        buf = _npy_bytes(array)
-        atomic_write_bytes(array_path, buf)
+        atomic_write_bytes(array_path, _npy_bytes(array))
         atomic_write_bytes(meta_path, json.dumps(meta).encode())
-    except OSError as exc:
-        warnings.warn(f"could not write the image cache in {cache_dir} ({exc.strerror}); "
+    except (OSError, WriteError) as exc:
+        warnings.warn(f"could not write the image cache in {cache_dir} ({exc}); "
                       "set CNNLAB_CACHE to a writable folder to start faster next time")
 
 

@@ -8,8 +8,8 @@ import torch
 from .data import check_folder, load_folder
 from .presets import build_model
 from .runs import load_run, load_torch
-from .train import pick_device, score
 from .errors import CnnlabError
+from .train import key_mismatch, pick_device, score
 
 
 def load_model(run_dir: str | Path, device: torch.device | None = None):
@@ -20,17 +20,11 @@ def load_model(run_dir: str | Path, device: torch.device | None = None):
     state = load_torch(run_dir / "model.pt")
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
-        missing, unexpected = _key_diff(model.state_dict(), state)
-        raise CnnlabError(f"{run_dir / 'model.pt'} does not fit the run's layers (missing keys: {missing}; "
-                          f"unexpected keys: {unexpected}); retrain the run") from None
+    except (RuntimeError, TypeError, AttributeError):
+        raise CnnlabError(f"{run_dir / 'model.pt'} does not fit the run's layers ({key_mismatch(model, state)}); "
+                          "retrain the run or restore its model.pt") from None
     device = device or pick_device()
     return model.to(device, memory_format=torch.channels_last).eval(), config
-
-
-def _key_diff(expected: dict, got) -> tuple[list, list]:
-    got_keys = set(got) if isinstance(got, dict) else set()
-    return sorted(set(expected) - got_keys)[:5], sorted(got_keys - set(expected))[:5]
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path) -> dict:

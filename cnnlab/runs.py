@@ -17,9 +17,22 @@ import torch
 from .errors import CnnlabError
 
 
+class WriteError(CnnlabError):
+    """A file could not be written (disk full, no permission); the previous version is intact."""
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temporary file, fsync and rename."""
+    """Writes ``data`` to ``path`` via a temporary file, fsync and rename: a crash or a full
+    disk leaves the previous version of ``path`` whole."""
     path = Path(path)
+    try:
+        _atomic_write(path, data)
+    except OSError as exc:
+        raise WriteError(f"could not write {path} ({exc.strerror or exc}); free some disk space or pass "
+                         "a writable --out (a stopped run continues with `cnnlab resume`)") from None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())

@@ -286,6 +286,18 @@ def train_one_epoch(model, opt, sched, train: ImageSet, cfg: TrainConfig, device
     return {"loss": float(total_loss) / seen, "accuracy": float(correct) / seen, "images": seen}
 
 
+def key_mismatch(model: nn.Module, state) -> str:
+    """'missing keys: ...; unexpected keys: ...' between a model and a loaded state dict."""
+    weights = state.get("model", state) if isinstance(state, dict) else {}
+    have = set(weights) if isinstance(weights, dict) else set()
+    expected = model.state_dict()
+    want = set(expected)
+    shapes = [k for k in sorted(have & want) if getattr(weights[k], "shape", None) != expected[k].shape]
+    return (f"missing keys: {', '.join(sorted(want - have)[:4]) or 'none'}; "
+            f"unexpected keys: {', '.join(sorted(have - want)[:4]) or 'none'}"
+            + (f"; other shapes: {', '.join(shapes[:4])}" if shapes else ""))
+
+
 class Interrupted(Exception):
     """Training stopped on a signal at the end of a batch; the last epoch's checkpoint stands."""
 
@@ -375,7 +387,11 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
 
 
 def _restore(state, model, opt, sched, stopper, generator) -> tuple[int, list[dict]]:
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CnnlabError(f"the checkpoint does not fit this run's model ({key_mismatch(model, state)}); "
+                          "delete checkpoint.pt to restart the run from epoch 1") from None
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     for key in ("best", "best_epoch", "wait", "stopped_epoch"):

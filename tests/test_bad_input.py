@@ -1,0 +1,120 @@
+"""Every bad input: one line naming the problem and the fix, a non-zero exit, no traceback,
+and the runs already written left byte-for-byte as they were."""
+import errno
+import shutil
+
+import pytest
+import torch
+
+from cnnlab import cli, runs
+from conftest import make_folder
+from test_cli import assert_one_line_error, cnnlab
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A data folder, one finished run, and broken copies of it."""
+    root = tmp_path_factory.mktemp("bad")
+    data = make_folder(root / "data", per_class=10)
+    result = cnnlab("train", "--preset", "pool-bn", "--data", data, "--epochs", "1", "--batch-size", "8",
+                    "--out", root / "runs", "--name", "good")
+    assert result.returncode == 0, result.stderr
+    good = root / "runs" / "good"
+    make_folder(root / "empty-class", classes=2, per_class=2)
+    (root / "empty-class" / "class_2").mkdir()
+    make_folder(root / "one-class", classes=1, per_class=3)
+    (root / "empty").mkdir()
+    (root / "a-file").write_text("x")
+    other = make_folder(root / "other-classes", classes=3, per_class=2)
+    (other / "class_2").rename(other / "zebra")
+    broken = root / "broken"
+    for name, content in [("wrong-arch", None), ("truncated", good.joinpath("model.pt").read_bytes()[:500]),
+                          ("not-weights", b"hello, I am a text file"), ("crafted", None)]:
+        shutil.copytree(good, broken / name)
+        if content is not None:
+            (broken / name / "model.pt").write_bytes(content)
+    from cnnlab.presets import PRESETS, build_model
+    torch.save(build_model(PRESETS["conv"].layers, 3).state_dict(), broken / "wrong-arch" / "model.pt")
+    torch.save({"0.weight": Evil(root / "pwned")}, broken / "crafted" / "model.pt")
+    return root
+
+
+T = ["train", "--preset", "pool-bn", "--batch-size", "8", "--epochs", "1"]
+CASES = [
+    (T + ["--data", "{root}/missing"], "does not exist"),
+    (T + ["--data", "{root}/a-file"], "is a file"),
+    (T + ["--data", "{root}/empty"], "no class subfolders"),
+    (T + ["--data", "{root}/one-class"], "only one class"),
+    (T + ["--data", "{root}/empty-class"], "class_2 has no images"),
+    (T + ["--data", "{root}/data", "--epochs", "0"], "--epochs must be at least 1"),
+    (T + ["--data", "{root}/data", "--epochs", "-3"], "--epochs must be at least 1"),
+    (T + ["--data", "{root}/data", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (T + ["--data", "{root}/data", "--batch-size", "1000"], "larger than the training set"),
+    (T + ["--data", "{root}/data", "--val-split", "0"], "--val-split must be above 0"),
+    (T + ["--data", "{root}/data", "--test-split", "1"], "--test-split must be below 1"),
+    (T + ["--data", "{root}/data", "--val-split", "0.5", "--test-split", "0.6"], "must be below 1"),
+    (T + ["--data", "{root}/data", "--lr", "0"], "--lr must be above 0"),
+    (T + ["--data", "{root}/data", "--lr", "fast"], "--lr must be a number"),
+    (["train", "--preset", "resnet9000", "--data", "{root}/data"], "unknown preset 'resnet9000'"),
+    (T + ["--data", "{root}/data", "--monitor", "val_auc"], "unknown monitor metric 'val_auc'"),
+    (T + ["--data", "{root}/data", "--out", "{root}/a-file/runs"], "cannot create output folder"),
+    (["evaluate", "{root}/runs/good", "--data", "{root}/other-classes"], "differ from the expected classes"),
+    (["evaluate", "{root}/runs/good", "--data", "{root}/missing"], "does not exist"),
+    (["evaluate", "{root}/data", "--data", "{root}/data"], "not a run directory"),
+    (["evaluate", "{root}/broken/wrong-arch", "--data", "{root}/data"], "missing keys"),
+    (["evaluate", "{root}/broken/truncated", "--data", "{root}/data"], "not a readable weights file"),
+    (["evaluate", "{root}/broken/not-weights", "--data", "{root}/data"], "not a readable weights file"),
+    (["evaluate", "{root}/broken/crafted", "--data", "{root}/data"], "not a readable weights file"),
+    (["resume", "{root}/missing-run"], "not a run directory"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES, ids=[f"{i:02d}-{c[1][:30]}" for i, c in enumerate(CASES)])
+def test_bad_input_table(world, args, message):
+    before = snapshot(world / "runs")
+    result = cnnlab(*[a.format(root=world) for a in args])
+    assert_one_line_error(result, message)
+    assert snapshot(world / "runs") == before
+    assert not (world / "pwned").exists()  # the crafted pickle ran no code
+
+
+def test_resume_with_a_checkpoint_of_another_architecture(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world / "runs" / "good", run)
+    (run / "metrics.json").unlink()
+    from cnnlab.presets import PRESETS, build_model
+    torch.save({"model": build_model(PRESETS["conv"].layers, 3).state_dict(), "epoch": 1}, run / "checkpoint.pt")
+    assert_one_line_error(cnnlab("resume", run), "does not fit this run's model (missing keys")
+
+
+def test_disk_full_mid_run_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch, capsys):
+    real = runs._atomic_write
+    writes = {"checkpoint": 0}
+
+    def fill_up(path, data):
+        if path.name == "checkpoint.pt":
+            writes["checkpoint"] += 1
+            if writes["checkpoint"] == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+    monkeypatch.setattr(runs, "_atomic_write", fill_up)
+    code = cli.main(T[:-2] + ["--epochs", "5", "--data", str(world / "data"), "--out", str(tmp_path),
+                              "--name", "full", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "No space left on device" in err and "cnnlab resume" in err
+    state = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and len(state["history"]) == 2
