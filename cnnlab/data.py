@@ -263,6 +263,7 @@ def _checked(splits: Splits) -> Splits:
                               f"--{'val' if name == 'val' else 'test'}-split" if name != "train" else
                               "the train split is empty; lower --val-split and --test-split")
     splits.info.update({f"{n}_size": len(getattr(splits, n)) for n in SPLIT_NAMES})
+    splits.info["skipped_count"] = len(splits.info.get("skipped", []))
     return splits
 
 
