@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .runs import atomic_write_bytes  # noqa: E402
@@ -28,6 +29,7 @@ def curve(history: list[dict], key: str, best_epoch: int | None, title: str, pat
     ax.plot(epochs, [r[f"val_{key}"] for r in history], "-o", ms=3, label=f"val {key}")
     if best_epoch:
         ax.axvline(best_epoch, color="grey", ls=":", label=f"best epoch ({best_epoch})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(key)
     ax.set_title(title)

@@ -66,7 +66,7 @@ PRESETS: dict[str, Preset] = {
         "label smoothing, flip/translate, flip test-time augmentation",
         {"epochs": 16, "batch_size": 256, "optimizer": "sgd", "lr": 0.2, "momentum": 0.85,
          "nesterov": True, "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.2,
-         "augment": True, "tta": True, "normalize": "cifar10"}),
+         "augment": True, "tta": True, "normalize": "cifar10", "monitor": "val_accuracy"}),
 }
 
 
