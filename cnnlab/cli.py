@@ -20,6 +20,15 @@ EPILOGS = {
     "resume": """examples:
   cnnlab resume runs/dropout
   cnnlab train --resume runs/dropout""",
+    "transfer": """examples:
+  cnnlab transfer --data ../shared/data/cats-vs-dogs --backbone efficientnet_lite0 --head gap
+  cnnlab transfer --data ../shared/data/cats-vs-dogs --backbone efficientnet_lite0 --fine-tune-epochs 2 --unfreeze 2
+  cnnlab transfer --data pets/ --backbone vgg19 --weights vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5
+  cnnlab transfer --data pets/ --backbone vgg19 --weights ~/vgg19-dcbb9e9d.pth --epochs 3""",
+    "predict": """examples:
+  cnnlab predict eagle.jpg --model efficientnet_lite0
+  cnnlab predict photos/ --model vgg19 --weights vgg19-dcbb9e9d.pth --top 5
+  cnnlab predict cat.png dog.png --model runs/transfer-efficientnet_lite0 --json""",
     "presets": """examples:
   cnnlab presets""",
     "summary": """examples:
@@ -125,6 +134,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="PATH", help="labelled image folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("transfer", help="train a new head on a pretrained conv base, then fine-tune",
+                       formatter_class=fmt, epilog=EPILOGS["transfer"],
+                       description="Transfer learning: images resized to the backbone's input size and preprocessed "
+                       "as its weights require; the conv base frozen and a new head trained on cached features; "
+                       "then, with --fine-tune-epochs, the last --unfreeze blocks trained at a lower learning rate.")
+    _add_data_options(p)
+    p.add_argument("--backbone", default="vgg19", help="vgg19 (default), vgg16, efficientnet_lite0, or a torchvision "
+                   "model name (resnet50, convnext_tiny, ...)")
+    p.add_argument("--weights", metavar="FILE", help="weights file (.pth state dict, or Keras .h5 for VGG)")
+    p.add_argument("--weights-kind", choices=["torchvision", "keras", "pypi"],
+                   help="which weights (and so which preprocessing); default: the backbone's first")
+    p.add_argument("--head", choices=["flatten", "gap"], help="flatten -> dense (the seed's, default) or "
+                   "global average pooling -> dense")
+    p.add_argument("--epochs", type=_number(int, "--epochs", 1), metavar="N", help="frozen-phase epochs (default 4)")
+    p.add_argument("--fine-tune-epochs", type=_number(int, "--fine-tune-epochs", 0), metavar="M",
+                   help="epochs of fine-tuning after the frozen phase (default 0)")
+    p.add_argument("--unfreeze", type=_number(int, "--unfreeze", 1), metavar="K",
+                   help="blocks of the base to unfreeze for fine-tuning, from the top (default 1)")
+    p.add_argument("--batch-size", type=_number(int, "--batch-size", 1), metavar="B", help="batch size (default 32)")
+    p.add_argument("--lr", type=_number(float, "--lr", 0, True), metavar="LR", help="head learning rate (default 1e-3)")
+    p.add_argument("--fine-tune-lr", type=_number(float, "--fine-tune-lr", 0, True), metavar="LR",
+                   help="fine-tuning learning rate (default: --lr / 10)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip/crop each batch (runs the base every step: no feature cache)")
+    p.add_argument("--monitor", metavar="METRIC", help="metric for the best epoch (default val_loss)")
+    p.add_argument("--patience", type=_number(int, "--patience", 0), metavar="P")
+    p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--out", metavar="DIR", help="folder for run directories (default runs/)")
+    p.add_argument("--name", help="run directory name (default transfer-BACKBONE)")
+
+    p = sub.add_parser("predict", help="top-k classes for images, from a backbone or a run", formatter_class=fmt,
+                       epilog=EPILOGS["predict"], description="Print the top classes of each image with their "
+                       "probabilities: ImageNet classes for a backbone, the run's classes for a run directory.")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--model", required=True, help="a backbone name (efficientnet_lite0, vgg19, ...) or a run directory")
+    p.add_argument("--weights", metavar="FILE", help="weights file for a backbone")
+    p.add_argument("--top", type=_number(int, "--top", 1), default=3, metavar="K", help="classes per image (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     sub.add_parser("presets", help="list the presets with their layers and parameter counts",
                    formatter_class=fmt, epilog=EPILOGS["presets"])
 
@@ -166,6 +215,27 @@ def cmd_train(args) -> int:
     cfg = resolve_config(args.preset, data=args.data, **{k: getattr(args, k) for k in TRAIN_KEYS})
     run_dir = train(cfg, log=_log)
     print(run_dir)
+    return 0
+
+
+def cmd_transfer(args) -> int:
+    from dataclasses import fields
+    from .train import MONITORS
+    from .transfer import TransferConfig, check_backbone, transfer
+    keys = {f.name for f in fields(TransferConfig)}
+    values = {k: v for k, v in vars(args).items() if k in keys and v is not None}
+    cfg = TransferConfig(**values)
+    if cfg.monitor not in MONITORS:
+        raise CnnlabError(f"unknown monitor metric '{cfg.monitor}'; choose one of: {', '.join(MONITORS)}")
+    check_backbone(cfg.backbone)
+    print(transfer(cfg, log=_log))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import format_predictions, predict
+    results = predict(args.images, args.model, args.weights, args.top)
+    print(json.dumps({"predictions": results}) if args.json else format_predictions(results))
     return 0
 
 
@@ -241,7 +311,7 @@ def _warning(message, category, filename, lineno, file=None, line=None):
     return f"cnnlab: warning: {message}\n"
 
 
-COMMANDS = {"train": cmd_train, "resume": cmd_resume, "evaluate": cmd_evaluate, "presets": cmd_presets, "summary": cmd_summary,
+COMMANDS = {"train": cmd_train, "resume": cmd_resume, "transfer": cmd_transfer, "predict": cmd_predict, "evaluate": cmd_evaluate, "presets": cmd_presets, "summary": cmd_summary,
             "study": cmd_study}
 
 

@@ -13,10 +13,16 @@ from .train import key_mismatch, pick_device, score
 
 
 def load_model(run_dir: str | Path, device: torch.device | None = None):
-    """(model in eval mode with the run's best weights, its config)."""
+    """(model in eval mode with the run's best weights, its config, its input preparation: a
+    normalization name for a trained run, the backbone's preprocessing for a transfer run)."""
     run_dir = Path(run_dir)
     config, _ = load_run(run_dir)
-    model = build_model(config["layers"], len(config["class_names"]), tuple(config["input_shape"]))
+    if config.get("kind") == "transfer":
+        from .transfer import build_from_config
+        model, prepare = build_from_config(config)
+    else:
+        model = build_model(config["layers"], len(config["class_names"]), tuple(config["input_shape"]))
+        prepare = config["normalize"]
     state = load_torch(run_dir / "model.pt")
     try:
         model.load_state_dict(state)
@@ -24,7 +30,7 @@ def load_model(run_dir: str | Path, device: torch.device | None = None):
         raise CnnlabError(f"{run_dir / 'model.pt'} does not fit the run's layers ({key_mismatch(model, state)}); "
                           "retrain the run or restore its model.pt") from None
     device = device or pick_device()
-    return model.to(device, memory_format=torch.channels_last).eval(), config
+    return model.to(device, memory_format=torch.channels_last).eval(), config, prepare
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path) -> dict:
@@ -34,12 +40,12 @@ def evaluate_run(run_dir: str | Path, data: str | Path) -> dict:
     check_folder(root)
     if (root / "test").is_dir():
         root = root / "test"
-    model, config = load_model(run_dir)
+    model, config, prepare = load_model(run_dir)
     size = config["input_shape"][-1]
     images, _, info = load_folder(root, size, class_names=config["class_names"],
                                   cache_dir=Path(config["cache_dir"]) if config.get("cache_dir") else None)
     device = next(model.parameters()).device
-    result = score(model, images, config["class_names"], config["normalize"], device, tta=config.get("tta", False))
+    result = score(model, images, config["class_names"], prepare, device, tta=config.get("tta", False))
     return {"run": str(run_dir), "data": str(root), "images": len(images), "skipped": info["skipped"], **result}
 
 

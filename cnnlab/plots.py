@@ -21,14 +21,18 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def curve(history: list[dict], key: str, best_epoch: int | None, title: str, path: Path) -> None:
-    """Train (dashed) and validation (solid) ``key`` per epoch, with the best epoch marked."""
+def curve(history: list[dict], key: str, best_epoch: int | None, title: str, path: Path,
+          boundary: int | None = None) -> None:
+    """Train (dashed) and validation (solid) ``key`` per epoch, with the best epoch marked (and
+    the first fine-tuning epoch, when there is one)."""
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r[key] for r in history], "--o", ms=3, label=f"train {key}")
     ax.plot(epochs, [r[f"val_{key}"] for r in history], "-o", ms=3, label=f"val {key}")
     if best_epoch:
         ax.axvline(best_epoch, color="grey", ls=":", label=f"best epoch ({best_epoch})")
+    if boundary:
+        ax.axvline(boundary - 0.5, color="tab:red", ls="-.", alpha=0.6, label="fine-tuning starts")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(key)
@@ -59,9 +63,25 @@ def confusion_heatmap(cm: list[list[int]], class_names: list[str], path: Path, t
     _save(fig, path)
 
 
-def plot_run(run_dir: Path, history: list[dict], best_epoch: int | None, cm, class_names, monitor: str) -> None:
+def plot_run(run_dir: Path, history: list[dict], best_epoch: int | None, cm, class_names,
+             boundary: int | None = None) -> None:
     """loss.png, accuracy.png and confusion_matrix.png of one run."""
     name = Path(run_dir).name
-    curve(history, "loss", best_epoch, f"{name}: cross-entropy loss", run_dir / "loss.png")
-    curve(history, "accuracy", best_epoch, f"{name}: accuracy", run_dir / "accuracy.png")
+    curve(history, "loss", best_epoch, f"{name}: cross-entropy loss", run_dir / "loss.png", boundary)
+    curve(history, "accuracy", best_epoch, f"{name}: accuracy", run_dir / "accuracy.png", boundary)
     confusion_heatmap(cm, class_names, run_dir / "confusion_matrix.png", f"{name}: confusion matrix (test)")
+
+
+def image_grid(images, labels, class_names: list[str], path: Path, columns: int = 6, title: str = "") -> None:
+    """A grid of uint8 (N, 3, H, W) images, each titled with its label."""
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.8, rows * 1.9))
+    for ax in np.atleast_1d(axes).flat:
+        ax.axis("off")
+    for ax, image, label in zip(np.atleast_1d(axes).flat, images, labels):
+        ax.imshow(np.asarray(image).transpose(1, 2, 0))
+        ax.set_title(class_names[int(label)], fontsize=9)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)

@@ -205,18 +205,51 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
     return 1.0
 
 
+Prepare = Callable[[torch.Tensor, torch.device], torch.Tensor]
+
+
+def to_input(batch: torch.Tensor, normalization: "str | Prepare", device: torch.device) -> torch.Tensor:
+    """A batch as the model's input: uint8 images normalized by name (or by a backbone's own
+    preprocessing when ``normalization`` is a function); cached features just moved to ``device``."""
+    if callable(normalization):
+        return normalization(batch, device)
+    if batch.dtype != torch.uint8:
+        return batch.to(device).float()
+    return preprocess(batch, normalization, device)
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over classes; with a single output unit, binary cross-entropy on its sigmoid."""
+    if logits.shape[1] == 1:
+        target = y.float() * (1 - label_smoothing) + label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits[:, 0].float(), target)
+    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+
+
+def predicted_class(logits: torch.Tensor) -> torch.Tensor:
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities, (N, classes), for softmax and single-sigmoid heads alike."""
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits.float())
+        return torch.cat([1 - p, p], dim=1)
+    return logits.float().softmax(1)
+
+
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, normalization: str, device: torch.device,
+def predict_logits(model: nn.Module, images: torch.Tensor, normalization: "str | Prepare", device: torch.device,
                    batch_size: int = 500, tta: bool = False) -> torch.Tensor:
     """Logits for uint8 images, in eval mode; ``tta`` averages with the mirrored images."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = preprocess(images[start:start + batch_size], normalization, device)
+        x = to_input(images[start:start + batch_size], normalization, device)
         with _autocast(device):
             logits = model(x).float()
             if tta:
@@ -225,13 +258,13 @@ def predict_logits(model: nn.Module, images: torch.Tensor, normalization: str, d
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def score(model: nn.Module, data: ImageSet, class_names: list[str], normalization: str,
+def score(model: nn.Module, data: ImageSet, class_names: list[str], normalization: "str | Prepare",
           device: torch.device, tta: bool = False) -> dict:
     """Loss (plain cross-entropy), accuracy, macro and per-class precision/recall/F1 and
     the confusion matrix of ``model`` on ``data``."""
     logits = predict_logits(model, data.images, normalization, device, tta=tta)
-    loss = float(F.cross_entropy(logits, data.labels)) if len(logits) else float("nan")
-    cm = confusion_matrix(data.labels, logits.argmax(1), len(class_names))
+    loss = float(loss_fn(logits, data.labels)) if len(logits) else float("nan")
+    cm = confusion_matrix(data.labels, predicted_class(logits), len(class_names))
     return {"loss": loss, **summarize(cm, class_names)}
 
 
@@ -245,7 +278,7 @@ def _progress(total: int, epoch: int, epochs: int):
 
 
 def train_one_epoch(model, opt, sched, train: ImageSet, cfg: TrainConfig, device, generator,
-                    epoch: int, guard: "InterruptGuard | None" = None) -> dict:
+                    epoch: int, guard: "InterruptGuard | None" = None, prepare: Prepare | None = None) -> dict:
     """One pass over ``train`` (already on ``device``) in a seeded random order; returns loss
     and accuracy."""
     model.train()
@@ -259,19 +292,19 @@ def train_one_epoch(model, opt, sched, train: ImageSet, cfg: TrainConfig, device
     bar = _progress(len(starts), epoch, cfg.epochs)
     for i, start in enumerate(starts):
         index = order[start:start + cfg.batch_size].to(device)
-        x = preprocess(images[index], cfg.normalize, device)
+        x = to_input(images[index], prepare or cfg.normalize, device)
         if cfg.augment:
             x = augment_batch(x, generator)
         y = labels[index]
         with _autocast(device):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss = loss_fn(logits, y, cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         total_loss += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        correct += (predicted_class(logits) == y).sum()
         seen += len(y)
         if bar is not None:
             bar.update(1)
@@ -341,7 +374,8 @@ def checkpoint_state(epoch, model, opt, sched, stopper, generator, history, devi
 
 def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device,
         run_dir: Path | None = None, log: Callable[[str], None] = print,
-        state: dict | None = None, guard: InterruptGuard | None = None) -> tuple[list[dict], EarlyStopping]:
+        state: dict | None = None, guard: InterruptGuard | None = None,
+        prepare: Prepare | None = None) -> tuple[list[dict], EarlyStopping]:
     """Trains ``model`` for up to ``cfg.epochs``, from ``state`` (a checkpoint) when given;
     returns the history and the early-stopping state (its best weights are restored into
     ``model`` when asked). With ``run_dir``, writes ``checkpoint.pt`` and ``history.csv``
@@ -363,9 +397,9 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
             break
         lr = opt.param_groups[0]["lr"]
         start = time.perf_counter()
-        train_logs = train_one_epoch(model, opt, sched, on_device, cfg, device, generator, epoch, guard)
+        train_logs = train_one_epoch(model, opt, sched, on_device, cfg, device, generator, epoch, guard, prepare)
         train_seconds = time.perf_counter() - start
-        val = score(model, splits.val, splits.class_names, cfg.normalize, device, tta=cfg.tta)
+        val = score(model, splits.val, splits.class_names, prepare or cfg.normalize, device, tta=cfg.tta)
         seconds = time.perf_counter() - start
         row = {"epoch": epoch, "loss": train_logs["loss"], "accuracy": train_logs["accuracy"],
                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_precision": val["precision"],
@@ -418,7 +452,7 @@ def environment(device: torch.device) -> dict:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def _prepare(cfg: TrainConfig, splits: Splits | None):
+def _setup(cfg: TrainConfig, splits: Splits | None):
     """(device, splits, model) for ``cfg``: the data loaded and split, the model built and seeded."""
     device = pick_device(cfg.device)
     if cfg.threads:
@@ -439,7 +473,7 @@ def _prepare(cfg: TrainConfig, splits: Splits | None):
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: Splits | None = None) -> Path:
     """Loads data, trains, tests once on the held-out split and writes the run directory."""
     started = time.perf_counter()
-    device, splits, model = _prepare(cfg, splits)
+    device, splits, model = _setup(cfg, splits)
     run_dir = create_run_dir(cfg.out, cfg.name or cfg.preset)
     params = count_parameters(model)
     config = {**asdict(cfg), "kind": "train", "layers": list(get_preset(cfg.preset).layers),
@@ -461,7 +495,7 @@ def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
         log(f"{run_dir} is finished (test accuracy {metrics['test_accuracy']:.4f}); nothing to resume")
         return run_dir
     cfg = TrainConfig(**{f.name: config[f.name] for f in fields(TrainConfig) if f.name in config})
-    device, splits, model = _prepare(cfg, None)
+    device, splits, model = _setup(cfg, None)
     if splits.class_names != config["class_names"]:
         raise CnnlabError(f"the data at {cfg.data} no longer has the run's classes; restore it or start a new run")
     state = load_torch(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").is_file() else None
@@ -496,7 +530,7 @@ def _run(cfg, run_dir: Path, model, splits: Splits, device, state, log) -> Path:
             raise RunInterrupted(f"{name} during epoch {stop.epoch} (batch {stop.batch}/{stop.batches}); "
                                  f"epoch {stop.epoch - 1}'s checkpoint is saved; continue with: "
                                  f"cnnlab resume {run_dir}", 128 + stop.signum) from None
-    _finish(cfg, run_dir, model, splits, device, history, stopper, log)
+    finish_run(cfg, run_dir, model, splits, device, history, stopper, log)
     return run_dir
 
 
@@ -508,11 +542,14 @@ class RunInterrupted(CnnlabError):
         self.exit_code = exit_code
 
 
-def _finish(cfg, run_dir, model, splits, device, history, stopper, log) -> None:
+def finish_run(cfg, run_dir, model, splits, device, history, stopper, log, prepare: Prepare | None = None,
+               boundary: int | None = None, extra: dict | None = None) -> None:
+    """Saves the weights, tests once on the held-out split, and writes metrics, the confusion
+    matrix and the plots; ``boundary`` marks where fine-tuning began on the curves."""
     from .plots import plot_run  # matplotlib loads only when a run is written
 
     save_torch(run_dir / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
-    test = score(model, splits.test, splits.class_names, cfg.normalize, device, tta=cfg.tta)
+    test = score(model, splits.test, splits.class_names, prepare or cfg.normalize, device, tta=cfg.tta)
     best = stopper.best_epoch or len(history)
     train_time = sum(r["seconds"] for r in history)
     metrics = {
@@ -525,11 +562,12 @@ def _finish(cfg, run_dir, model, splits, device, history, stopper, log) -> None:
         "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
         "parameters": count_parameters(model), "weights": "best" if stopper.best_weights is not None else "last",
         "test_size": len(splits.test), "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
+        **(extra or {}),
     }
     write_csv(run_dir / "confusion_matrix.csv",
               [[name] + row for name, row in zip(splits.class_names, test["confusion_matrix"])],
               ["true\\predicted"] + splits.class_names)
-    plot_run(run_dir, history, best, test["confusion_matrix"], splits.class_names, cfg.monitor)
+    plot_run(run_dir, history, best, test["confusion_matrix"], splits.class_names, boundary)
     write_json(run_dir / "metrics.json", metrics)  # last: its presence marks the run finished
     for leftover in ("checkpoint.pt", "interrupted.json"):
         (run_dir / leftover).unlink(missing_ok=True)

