@@ -1,0 +1,207 @@
+"""Backbones, preprocessing, Keras weight conversion, transfer runs, feature cache, predict."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from cnnlab.backbones import (BACKBONES, CAFFE_PREPROCESSING, TORCHVISION_PREPROCESSING, build, get_backbone,
+                              keras_vgg_state, pretrained)
+from cnnlab.errors import CnnlabError
+from cnnlab.transfer import Head, TransferConfig, TransferModel, freeze_base, transfer
+from conftest import make_folder
+from test_cli import assert_one_line_error, cnnlab
+
+
+def test_torchvision_preprocessing_is_rgb_scaled_and_standardized():
+    x = torch.tensor([10, 128, 250], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    out = TORCHVISION_PREPROCESSING(x)
+    expected = [(10 / 255 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224, (250 / 255 - 0.406) / 0.225]
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor(expected), atol=1e-6)
+
+
+def test_caffe_preprocessing_is_bgr_minus_mean_unscaled():
+    x = torch.tensor([10, 128, 250], dtype=torch.uint8).view(1, 3, 1, 1)  # R, G, B
+    out = CAFFE_PREPROCESSING(x)
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([250 - 103.939, 128 - 116.779, 10 - 123.68]), atol=1e-4)
+
+
+def test_each_weights_entry_carries_its_own_preprocessing():
+    vgg = get_backbone("vgg19")
+    assert vgg.weights_named("torchvision").preprocessing is TORCHVISION_PREPROCESSING
+    assert vgg.weights_named("keras").preprocessing is CAFFE_PREPROCESSING
+    lite = get_backbone("efficientnet_lite0").weights[0].preprocessing
+    assert lite(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).flatten().tolist() == [-1.0, -1.0, -1.0]
+    assert lite(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)).max().item() == 1.0
+    resnet = get_backbone("resnet18").weights[0].preprocessing
+    assert resnet.size == 224 and resnet.mean == pytest.approx((0.485, 0.456, 0.406))
+    with pytest.raises(CnnlabError, match="unknown backbone 'vgg99'"):
+        get_backbone("vgg99")
+    assert set(BACKBONES) >= {"vgg19", "vgg16", "efficientnet_lite0"}
+
+
+def write_keras_vgg19(path, channels=2, units=5, top=True):
+    """A Keras-layout VGG19 h5 file with small layers and known values."""
+    names = [f"block{b}_conv{i}" for b, n in zip(range(1, 6), (2, 2, 4, 4, 4)) for i in range(1, n + 1)]
+    dense = ["fc1", "fc2", "predictions"] if top else []
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [n.encode() for n in ["input_1"] + names + ["flatten"] + dense]
+        f.create_group("input_1").attrs["weight_names"] = []
+        f.create_group("flatten").attrs["weight_names"] = []
+        for k, name in enumerate(names):
+            g = f.create_group(name)
+            g.attrs["weight_names"] = [f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()]
+            g[f"{name}/kernel:0"] = np.arange(3 * 3 * 2 * 4, dtype=np.float32).reshape(3, 3, 2, 4) + 1000 * k
+            g[f"{name}/bias:0"] = np.arange(4, dtype=np.float32) + 1000 * k
+        shapes = {"fc1": (49 * channels, units), "fc2": (units, units), "predictions": (units, 3)}
+        for name in dense:
+            g = f.create_group(name)
+            g.attrs["weight_names"] = [f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()]
+            rows, cols = shapes[name]
+            g[f"{name}/kernel:0"] = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+            g[f"{name}/bias:0"] = np.arange(cols, dtype=np.float32)
+
+
+def test_keras_h5_conversion_kernel_layout_and_flatten_order(tmp_path):
+    write_keras_vgg19(tmp_path / "w.h5", channels=2, units=5)
+    state = keras_vgg_state(tmp_path / "w.h5", "vgg19")
+    k = np.arange(72, dtype=np.float32).reshape(3, 3, 2, 4)
+    # conv: Keras (h, w, in, out) -> PyTorch (out, in, h, w)
+    assert torch.equal(state["features.0.weight"], torch.from_numpy(k.transpose(3, 2, 0, 1).copy()))
+    assert state["features.0.weight"][3, 1, 2, 0] == k[2, 0, 1, 3]
+    assert state["features.34.bias"][0] == 15000  # the 16th conv layer
+    # first dense: Keras rows are (h, w, c); PyTorch columns are (c, h, w)
+    fc1 = state["classifier.0.weight"]
+    assert fc1.shape == (5, 98)
+    for c, h, w, o in [(0, 0, 0, 0), (1, 2, 3, 4), (1, 6, 6, 2), (0, 5, 1, 3)]:
+        keras_row = (h * 7 + w) * 2 + c
+        assert fc1[o, c * 49 + h * 7 + w] == keras_row * 5 + o
+    # later dense layers: plain transpose
+    assert torch.equal(state["classifier.3.weight"], torch.arange(25.).view(5, 5).T)
+    assert state["classifier.6.weight"].shape == (3, 5)
+
+
+def test_keras_notop_file_converts_the_base_only(tmp_path):
+    write_keras_vgg19(tmp_path / "notop.h5", top=False)
+    state = keras_vgg_state(tmp_path / "notop.h5", "vgg19")
+    assert len(state) == 32 and not any(k.startswith("classifier") for k in state)
+
+
+def test_fine_tuning_unfreezes_exactly_k_blocks():
+    built = build("vgg19")
+    model = TransferModel(built.features, Head("gap", 512, 7, 2))
+    assert freeze_base(model, built.blocks, 0) == 0 and model.base_frozen
+    assert freeze_base(model, built.blocks, 2) == 2
+    trainable = [any(p.requires_grad for p in b.parameters()) for b in built.blocks]
+    assert trainable == [False, False, False, True, True]
+    model.train()
+    assert all(not m.training for m in model.features.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    lite = build("efficientnet_lite0")
+    lite_model = TransferModel(lite.features, Head("gap", 1280, 7, 2))
+    assert freeze_base(lite_model, lite.blocks, 3) == 3
+    lite_model.train()
+    bns = [m for m in lite_model.features.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns)  # statistics stay frozen while fine-tuning
+
+
+@pytest.fixture(scope="module")
+def vgg19_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "vgg19-random.pth"
+    torch.manual_seed(0)
+    torch.save(build("vgg19").net.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def pets(tmp_path):
+    return make_folder(tmp_path / "pets", classes=2, per_class=8, size=48)
+
+
+def test_vgg19_random_weights_from_a_file_frozen_run(vgg19_file, pets, tmp_path):
+    cfg = TransferConfig(data=str(pets), backbone="vgg19", weights=str(vgg19_file), head="gap", epochs=2,
+                         batch_size=4, val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), threads=2)
+    run = transfer(cfg, log=lambda m: None)
+    saved = torch.load(run / "model.pt", weights_only=True)
+    original = torch.load(vgg19_file, weights_only=True)
+    base = {k: v for k, v in saved.items() if k.startswith("features.")}
+    assert len(base) == 32
+    built = build("vgg19")  # map block-nested names back to torchvision's
+    ours = [k for k in TransferModel(built.features, Head("gap", 512, 7, 2)).state_dict() if k.startswith("features.")]
+    for our_key, their_key in zip(ours, [k for k in original if k.startswith("features.")]):
+        assert torch.equal(saved[our_key], original[their_key]), our_key  # the frozen base is bit-identical
+    torch.manual_seed(cfg.seed)
+    fresh = Head("gap", 512, 7, 2)
+    assert not torch.equal(saved["head.linear.weight"], fresh.linear.weight)  # the head trained
+    metrics = json.loads((run / "metrics.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert metrics["feature_cache"] == "written" and config["weights_kind"] == "torchvision"
+    assert saved["head.linear.weight"].shape == (1, 512)  # two classes: one sigmoid unit
+    for name in ("samples.png", "loss.png", "accuracy.png", "confusion_matrix.png", "history.csv"):
+        assert (run / name).stat().st_size > 0
+    scored = cnnlab("evaluate", run, "--data", pets, "--json")
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["images"] == 16
+
+
+def test_feature_cache_is_reused_and_invalidated(pets, tmp_path):
+    def run(name):
+        cfg = TransferConfig(data=str(pets), backbone="efficientnet_lite0", head="gap", epochs=1, batch_size=4,
+                             val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), name=name)
+        return json.loads((transfer(cfg, log=lambda m: None) / "metrics.json").read_text())["feature_cache"]
+    assert run("a") == "written"
+    assert run("b") == "hit"
+    from PIL import Image
+    Image.new("RGB", (48, 48), (1, 2, 3)).save(pets / "class_0" / "img_000.png")
+    import os
+    os.utime(pets / "class_0" / "img_000.png", ns=(1, 2))
+    assert run("c") == "written"
+
+
+def test_fine_tuning_run_records_both_phases(pets, tmp_path):
+    cfg = TransferConfig(data=str(pets), backbone="efficientnet_lite0", head="gap", epochs=2, fine_tune_epochs=1,
+                         unfreeze=2, batch_size=4, val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"))
+    run = transfer(cfg, log=lambda m: None)
+    history = (run / "history.csv").read_text().splitlines()
+    assert len(history) == 4 and history[-1].endswith("fine-tune") and history[1].endswith("frozen")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["unfrozen_blocks"] == 2 and metrics["epochs_run"] == 3
+
+
+def test_predict_names_a_cat_in_chelsea_with_efficientnet_lite0(tmp_path):
+    from PIL import Image
+    from skimage import data
+    Image.fromarray(data.chelsea()).save(tmp_path / "chelsea.png")
+    Image.fromarray(data.chelsea()).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(data.chelsea()[:, :, 0].astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    result = cnnlab("predict", tmp_path, "--model", "efficientnet_lite0", "--top", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    predictions = {p["image"].rsplit("/", 1)[-1]: p["top"] for p in json.loads(result.stdout)["predictions"]}
+    assert set(predictions) == {"chelsea.png", "cmyk.jpg", "gray16.png"} and "broken.jpg" in result.stderr
+    cats = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
+    assert predictions["chelsea.png"][0]["class"] in cats
+    assert predictions["chelsea.png"][0]["probability"] > 0.5 and len(predictions["chelsea.png"]) == 3
+    text = cnnlab("predict", tmp_path / "chelsea.png", "--model", "efficientnet_lite0").stdout
+    assert "%  " in text and text.split(": ", 1)[1].split(" ")[0] in {w.split()[0] for w in cats}
+
+
+def test_offline_without_weights_names_the_way_out(pets, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    result = cnnlab("transfer", "--data", pets, "--backbone", "vgg19", "--out", tmp_path / "runs")
+    assert_one_line_error(result, "--weights")
+    assert "efficientnet_lite0" in result.stderr and "torch-home" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_weights_file_for_another_architecture(pets, tmp_path):
+    from cnnlab.backbones import find_weights_file
+    lite = find_weights_file("efficientnet_lite0", get_backbone("efficientnet_lite0").weights[0], None)
+    result = cnnlab("transfer", "--data", pets, "--backbone", "vgg19", "--weights", lite, "--out", tmp_path / "runs")
+    assert_one_line_error(result, "does not fit vgg19 (missing keys: classifier")
+
+
+def test_transfer_needs_two_classes(tmp_path):
+    one = make_folder(tmp_path / "one", classes=1, per_class=3)
+    result = cnnlab("transfer", "--data", one, "--backbone", "efficientnet_lite0", "--out", tmp_path / "runs")
+    assert_one_line_error(result, "only one class")
