@@ -29,6 +29,14 @@ EPILOGS = {
   cnnlab predict eagle.jpg --model efficientnet_lite0
   cnnlab predict photos/ --model vgg19 --weights vgg19-dcbb9e9d.pth --top 5
   cnnlab predict cat.png dog.png --model runs/transfer-efficientnet_lite0 --json""",
+    "report": """examples:
+  cnnlab report runs/conv runs/pool-bn runs/dropout -o report.html
+  cnnlab report runs/*/ -o all-runs.html""",
+    "reproduce": """examples:
+  cnnlab reproduce --data-root ../shared/data --backbone efficientnet_lite0
+  cnnlab reproduce --data-root ../shared/data --backbone efficientnet_lite0 --quick
+  cnnlab reproduce --backbone vgg19 --weights vgg19-dcbb9e9d.pth --data-root ~/data
+  cnnlab reproduce          # on a connected machine: downloads CIFAR-10 and Oxford-IIIT Pet""",
     "presets": """examples:
   cnnlab presets""",
     "summary": """examples:
@@ -174,6 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_number(int, "--top", 1), default=3, metavar="K", help="classes per image (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("report", help="one self-contained HTML page comparing runs", formatter_class=fmt,
+                       epilog=EPILOGS["report"], description="Write one HTML file (images and charts embedded; "
+                       "opens from disk with no network) comparing the given run directories.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
+    p.add_argument("--title", default="cnnlab report")
+
+    p = sub.add_parser("reproduce", help="run the whole seed study and write its report (the main job)",
+                       formatter_class=fmt, epilog=EPILOGS["reproduce"],
+                       description="Run the four CIFAR-10 experiments and the transfer experiment of "
+                       "SEED-STUDY.md, then write report.html and print its path.")
+    p.add_argument("--data-root", metavar="DIR", help="folder holding cifar10/ and cats-vs-dogs/ (default: "
+                   "$CNNLAB_DATA, else download CIFAR-10 and Oxford-IIIT Pet)")
+    p.add_argument("--out", metavar="DIR", default="runs/reproduce", help="where runs and report.html go")
+    p.add_argument("--quick", action="store_true", help="subsets and few epochs: the whole pipeline in minutes")
+    p.add_argument("--backbone", default="vgg19", help="transfer backbone (default vgg19, as the original; "
+                   "efficientnet_lite0 where VGG19 weights cannot be had)")
+    p.add_argument("--weights", metavar="FILE", help="weights file for the backbone")
+    p.add_argument("--seed", type=_number(int, "--seed", 0), default=0)
+    p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")
+
     sub.add_parser("presets", help="list the presets with their layers and parameter counts",
                    formatter_class=fmt, epilog=EPILOGS["presets"])
 
@@ -237,6 +266,27 @@ def cmd_predict(args) -> int:
     results = predict(args.images, args.model, args.weights, args.top)
     print(json.dumps({"predictions": results}) if args.json else format_predictions(results))
     return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+    print(build_report(args.run_dirs, args.output, args.title))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    import torch
+    from .study import reproduce
+    from .transfer import check_backbone
+    check_backbone(args.backbone)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report, failures = reproduce(args.data_root, args.out, args.quick, args.backbone, args.weights, args.seed, _log)
+    if failures:
+        print(f"cnnlab reproduce: {len(failures)} part(s) failed (the report lists them): " + "; ".join(failures),
+              file=sys.stderr)
+    print(report)
+    return 1 if failures else 0
 
 
 def cmd_resume(args) -> int:
@@ -311,7 +361,8 @@ def _warning(message, category, filename, lineno, file=None, line=None):
     return f"cnnlab: warning: {message}\n"
 
 
-COMMANDS = {"train": cmd_train, "resume": cmd_resume, "transfer": cmd_transfer, "predict": cmd_predict, "evaluate": cmd_evaluate, "presets": cmd_presets, "summary": cmd_summary,
+COMMANDS = {"train": cmd_train, "resume": cmd_resume, "transfer": cmd_transfer, "predict": cmd_predict,
+            "report": cmd_report, "reproduce": cmd_reproduce, "evaluate": cmd_evaluate, "presets": cmd_presets, "summary": cmd_summary,
             "study": cmd_study}
 
 

@@ -77,8 +77,9 @@ def check_folder(root: Path) -> None:
         raise CnnlabError(f"--data {root} is a file; pass the folder holding one subfolder per class")
 
 
-def scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted subfolder names) and (path, label) for every image file."""
+def scan_folder(root: Path, per_class: int | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted subfolder names) and (path, label) for every image file (the first
+    ``per_class`` of each class, in name order, when given)."""
     check_folder(root)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
@@ -90,7 +91,7 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
         if not found:
             raise CnnlabError(f"class folder {root / name} has no images "
                               f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove the folder")
-        files += [(f, label) for f in found]
+        files += [(f, label) for f in found[:per_class]]
     if len(classes) < 2:
         raise CnnlabError(f"{root} has only one class ({classes[0]}); a classifier needs at least two "
                           "class subfolders")
@@ -148,13 +149,13 @@ def _cache_key(files: list[tuple[str, int]], size: int) -> str:
 
 
 def load_folder(root: str | Path, size: int, cache_dir: Path | None = None,
-                class_names: list[str] | None = None) -> tuple[ImageSet, list[str], dict]:
+                class_names: list[str] | None = None, per_class: int | None = None) -> tuple[ImageSet, list[str], dict]:
     """All images under ``root`` (one subfolder per class) as an ``ImageSet``, through the cache.
 
     Returns the set, the class names and info (file count, skipped files, cache hit).
     """
     root = Path(root).resolve()
-    classes, files = scan_folder(root)
+    classes, files = scan_folder(root, per_class)
     if class_names is not None and classes != class_names:
         raise CnnlabError(f"class folders in {root} ({', '.join(classes)}) differ from the expected "
                           f"classes ({', '.join(class_names)}); use a folder with the same class names")
@@ -219,22 +220,22 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, test_fraction: f
 
 
 def load_splits(data: str, size: int = 32, val_split: float = 0.1, test_split: float = 0.1,
-                seed: int = 0, cache_dir: Path | None = None) -> Splits:
+                seed: int = 0, cache_dir: Path | None = None, per_class: int | None = None) -> Splits:
     """Train/val/test from ``data``: ``cifar10`` (torchvision's format, downloaded when
     missing), a folder with ``train/`` (and optionally ``val/``, ``test/``) subfolders, or a
     folder of class subfolders. Splits that are not given are carved from train, stratified."""
     if data == "cifar10":
-        return _cifar10_splits(size, val_split, test_split, seed, cache_dir)
+        return _cifar10_splits(size, val_split, test_split, seed, cache_dir, per_class)
     root = Path(data)
     check_folder(root)
     given = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
     if "train" not in given:
-        return _carve(*load_folder(root, size, cache_dir), val_split, test_split, seed)
-    train, classes, info = load_folder(given["train"], size, cache_dir)
+        return _carve(*load_folder(root, size, cache_dir, per_class=per_class), val_split, test_split, seed)
+    train, classes, info = load_folder(given["train"], size, cache_dir, per_class=per_class)
     sets = {"train": train}
     for name in ("val", "test"):
         if name in given:
-            sets[name], _, extra = load_folder(given[name], size, cache_dir, class_names=classes)
+            sets[name], _, extra = load_folder(given[name], size, cache_dir, class_names=classes, per_class=per_class)
             info["skipped"] += extra["skipped"]
     return _fill_missing(sets, classes, info, val_split, test_split, seed)
 
@@ -267,10 +268,10 @@ def _checked(splits: Splits) -> Splits:
     return splits
 
 
-def _cifar10_splits(size, val_split, test_split, seed, cache_dir) -> Splits:
+def _cifar10_splits(size, val_split, test_split, seed, cache_dir, per_class) -> Splits:
     env = os.environ.get("CNNLAB_DATA")
     if env and (Path(env) / "cifar10").is_dir():
-        return load_splits(str(Path(env) / "cifar10"), size, val_split, test_split, seed, cache_dir)
+        return load_splits(str(Path(env) / "cifar10"), size, val_split, test_split, seed, cache_dir, per_class)
     root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "cifar10"
     try:
         import torchvision
@@ -282,11 +283,13 @@ def _cifar10_splits(size, val_split, test_split, seed, cache_dir) -> Splits:
                           "CNNLAB_DATA to a folder holding cifar10/") from None
 
     def as_set(ds) -> ImageSet:
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        targets = torch.tensor(ds.targets, dtype=torch.int64)
+        keep = torch.cat([torch.nonzero(targets == c).flatten()[:per_class] for c in range(len(ds.classes))]).sort().values
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)[keep].contiguous()
         if size != images.shape[-1]:
             images = F.interpolate(images.float(), size=(size, size), mode="bilinear",
                                    antialias=True).round().clamp(0, 255).to(torch.uint8)
-        return ImageSet(images, torch.tensor(ds.targets, dtype=torch.int64))
+        return ImageSet(images, targets[keep])
 
     sets = {"train": as_set(train), "test": as_set(test)}
     info = {"root": str(root), "source": "torchvision CIFAR10", "skipped": [], "cache_hit": True}

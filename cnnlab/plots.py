@@ -72,16 +72,18 @@ def plot_run(run_dir: Path, history: list[dict], best_epoch: int | None, cm, cla
     confusion_heatmap(cm, class_names, run_dir / "confusion_matrix.png", f"{name}: confusion matrix (test)")
 
 
-def image_grid(images, labels, class_names: list[str], path: Path, columns: int = 6, title: str = "") -> None:
-    """A grid of uint8 (N, 3, H, W) images, each titled with its label."""
+def image_grid(images, labels, class_names: list[str], path: Path, columns: int = 6, title: str = "",
+               captions: list[str] | None = None) -> None:
+    """A grid of uint8 (N, 3, H, W) images, each titled with its label (or its caption)."""
     n = len(images)
     rows = max(1, -(-n // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.8, rows * 1.9))
     for ax in np.atleast_1d(axes).flat:
         ax.axis("off")
-    for ax, image, label in zip(np.atleast_1d(axes).flat, images, labels):
+    captions = captions or [class_names[int(label)] for label in labels]
+    for ax, image, caption in zip(np.atleast_1d(axes).flat, images, captions):
         ax.imshow(np.asarray(image).transpose(1, 2, 0))
-        ax.set_title(class_names[int(label)], fontsize=9)
+        ax.set_title(caption, fontsize=8)
     if title:
         fig.suptitle(title)
     _save(fig, path)

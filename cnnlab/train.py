@@ -263,8 +263,13 @@ def score(model: nn.Module, data: ImageSet, class_names: list[str], normalizatio
     """Loss (plain cross-entropy), accuracy, macro and per-class precision/recall/F1 and
     the confusion matrix of ``model`` on ``data``."""
     logits = predict_logits(model, data.images, normalization, device, tta=tta)
-    loss = float(loss_fn(logits, data.labels)) if len(logits) else float("nan")
-    cm = confusion_matrix(data.labels, predicted_class(logits), len(class_names))
+    return score_logits(logits, data.labels, class_names)
+
+
+def score_logits(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:
+    """``score`` from logits already computed."""
+    loss = float(loss_fn(logits, labels)) if len(logits) else float("nan")
+    cm = confusion_matrix(labels, predicted_class(logits), len(class_names))
     return {"loss": loss, **summarize(cm, class_names)}
 
 
@@ -534,6 +539,16 @@ def _run(cfg, run_dir: Path, model, splits: Splits, device, state, log) -> Path:
     return run_dir
 
 
+def confident_mistakes(logits: torch.Tensor, labels: torch.Tensor, count: int = 12) -> dict:
+    """The ``count`` wrong predictions made with the highest probability."""
+    probs = probabilities(logits)
+    confidence, predicted = probs.max(1)
+    wrong = torch.nonzero(predicted != labels).flatten()
+    order = wrong[confidence[wrong].argsort(descending=True)][:count]
+    return {"index": order, "true": labels[order].tolist(), "predicted": predicted[order].tolist(),
+            "probability": confidence[order].tolist()}
+
+
 class RunInterrupted(CnnlabError):
     """A run stopped by a signal; ``exit_code`` is 128 + the signal number."""
 
@@ -548,8 +563,20 @@ def finish_run(cfg, run_dir, model, splits, device, history, stopper, log, prepa
     matrix and the plots; ``boundary`` marks where fine-tuning began on the curves."""
     from .plots import plot_run  # matplotlib loads only when a run is written
 
+    from .plots import image_grid
+
     save_torch(run_dir / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
-    test = score(model, splits.test, splits.class_names, prepare or cfg.normalize, device, tta=cfg.tta)
+    logits = predict_logits(model, splits.test.images, prepare or cfg.normalize, device, tta=cfg.tta)
+    test = score_logits(logits, splits.test.labels, splits.class_names)
+    mistakes = confident_mistakes(logits, splits.test.labels)
+    image_grid(splits.test.images[mistakes["index"]], mistakes["predicted"], splits.class_names,
+               run_dir / "mistakes.png", title="most confident mistakes (test)",
+               captions=[f"{splits.class_names[t]} → {splits.class_names[p]} {q:.0%}" for t, p, q in
+                         zip(mistakes["true"], mistakes["predicted"], mistakes["probability"])])
+    if not (run_dir / "samples.png").exists():
+        pick = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(cfg.seed))[:18]
+        image_grid(splits.train.images[pick], splits.train.labels[pick], splits.class_names,
+                   run_dir / "samples.png", title="random training images")
     best = stopper.best_epoch or len(history)
     train_time = sum(r["seconds"] for r in history)
     metrics = {

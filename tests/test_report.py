@@ -1,0 +1,111 @@
+"""The report, opened from disk by a real browser; reproduce --quick end to end."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA, make_folder
+from test_cli import assert_one_line_error, cnnlab
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "report.png"
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduce")
+    make_folder(root / "data" / "cifar10", classes=4, per_class=50)
+    make_folder(root / "data" / "cats-vs-dogs", classes=2, per_class=20, size=64)
+    (root / "data" / "cats-vs-dogs" / "class_0").rename(root / "data" / "cats-vs-dogs" / "cat")
+    (root / "data" / "cats-vs-dogs" / "class_1").rename(root / "data" / "cats-vs-dogs" / "dog")
+    result = cnnlab("reproduce", "--data-root", root / "data", "--quick", "--backbone", "efficientnet_lite0",
+                    "--out", root / "out")
+    assert result.returncode == 0, result.stderr
+    return root / "out", result
+
+
+def test_reproduce_quick_runs_every_part_and_writes_one_report(reproduced):
+    out, result = reproduced
+    report = Path(result.stdout.strip().splitlines()[-1])
+    assert report == out / "report.html" and report.is_file()
+    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert runs == ["conv", "dropout", "early-stop", "pool-bn", "transfer-efficientnet_lite0"]
+    page = report.read_text()
+    assert "efficientnet_lite0" in page and "the original used VGG19" in page
+    assert "57.19%" in page and "97.29%" in page  # the seed's figures beside ours
+    assert report.stat().st_size < 10 * 2**20
+    assert "https://" not in page.split("<body>")[1].split("<script")[0]  # nothing fetched to show the page
+
+
+def test_report_renders_in_a_real_browser(reproduced):
+    if not CHROMIUM:
+        pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+    out, _ = reproduced
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors, requests = [], []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+        page.goto((out / "report.html").as_uri())
+        page.wait_for_load_state("load")
+        rows = page.locator("#runs tbody tr").count()
+        images = page.evaluate("[...document.images].map(i => i.complete && i.naturalWidth > 0)")
+        plots = page.locator(".js-plotly-plot").count()
+        page.click("#runs th:nth-child(10)")  # sort by test accuracy
+        first = page.locator("#runs tbody tr:first-child td:nth-child(10)").get_attribute("data-v")
+        values = [float(v) for v in page.eval_on_selector_all("#runs tbody td:nth-child(10)", "t => t.map(c => c.dataset.v)")]
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=False)
+        browser.close()
+    assert rows == 5
+    assert images and all(images), images
+    assert plots >= 1 + 2 * 5  # overlay + each run's curves and confusion matrix
+    assert values == sorted(values) and float(first) == min(values)
+    assert not errors, errors
+    assert not requests, requests
+
+
+def test_report_command_and_its_errors(reproduced, tmp_path):
+    out, _ = reproduced
+    result = cnnlab("report", out / "conv", out / "transfer-efficientnet_lite0", "-o", tmp_path / "two.html")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "two.html").read_text().count('<tr><td data-v=') == 2
+    assert_one_line_error(cnnlab("report", tmp_path, "-o", tmp_path / "x.html"), "not a run directory")
+
+
+def test_reproduce_offline_with_no_data_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv("CNNLAB_DATA", raising=False)
+    result = cnnlab("reproduce", "--data-root", tmp_path / "nothing", "--out", tmp_path / "out")
+    assert_one_line_error(result, "--data-root")
+    (tmp_path / "half" / "cifar10").mkdir(parents=True)
+    assert_one_line_error(cnnlab("reproduce", "--data-root", tmp_path / "half"), "no cats-vs-dogs/")
+
+
+def test_a_failing_part_leaves_the_other_runs_and_a_report(tmp_path):
+    data = tmp_path / "data"
+    make_folder(data / "cifar10", classes=4, per_class=50)
+    make_folder(data / "cats-vs-dogs", classes=1, per_class=5)  # one class: the transfer part fails
+    result = cnnlab("reproduce", "--data-root", data, "--quick", "--backbone", "efficientnet_lite0",
+                    "--out", tmp_path / "out")
+    assert result.returncode == 1
+    assert "transfer (efficientnet_lite0) failed" in result.stderr and "only one class" in result.stderr
+    assert len(list((tmp_path / "out").glob("*/metrics.json"))) == 4
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "only one class" in page and page.count('<tr><td data-v=') == 4
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10").is_dir() or not (SHARED_DATA / "cats-vs-dogs").is_dir(),
+                    reason=f"the study's data is not at {SHARED_DATA}")
+def test_reproduce_quick_on_the_shared_data(tmp_path):
+    result = cnnlab("reproduce", "--data-root", SHARED_DATA, "--quick", "--backbone", "efficientnet_lite0",
+                    "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "out" / "transfer-efficientnet_lite0" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.8
+    assert len(list((tmp_path / "out").glob("*/metrics.json"))) == 5
