@@ -25,41 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab.data import ImageSet, load_folder  # noqa: E402
 from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
 from cnnlab.train import resolve_config, train_one_epoch, make_optimizer  # noqa: E402
 from cnnlab.data import preprocess  # noqa: E402
-
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Best-of single-precision GEMM throughput with the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    return best
-
-
-def forward_flops(model: nn.Module, shape=(3, 32, 32)) -> float:
-    """Multiply-adds x 2 of convolutions and dense layers for one image."""
-    total = 0
-
-    def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            total += output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1] * 2
-        elif isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features * 2
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, *shape))
-    for h in handles:
-        h.remove()
-    return float(total)
+from common import forward_flops, matmul_peak_gflops  # noqa: E402
 
 
 def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int) -> float:

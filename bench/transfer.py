@@ -1,0 +1,112 @@
+"""Transfer-learning speed, side by side in one run:
+
+1. A 5-epoch frozen-base run: cnnlab's feature cache (the base runs once) against recomputing the
+   base every epoch (Keras's way in the seed study), same head, same images.
+2. Feature extraction (images/s) of VGG19 and EfficientNet-Lite0 with cnnlab's settings
+   (channels_last, inference mode, batch 64) against a plain eager loop (NCHW, no_grad, batch 64),
+   and as a fraction of this machine's fp32 matrix-multiply peak, measured in the same run.
+
+    python bench/transfer.py --data ../shared/data/cats-vs-dogs
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cnnlab.backbones import build, get_backbone  # noqa: E402
+from cnnlab.data import ImageSet, Splits, load_splits  # noqa: E402
+from cnnlab.train import TrainConfig, fit  # noqa: E402
+from cnnlab.transfer import Head, TransferModel, extract_features, freeze_base  # noqa: E402
+from common import forward_flops, matmul_peak_gflops  # noqa: E402
+
+QUIET = lambda m: None  # noqa: E731
+
+
+def plain_extract(features, images, prep, batch=64) -> float:
+    """A hand-written loop: NCHW, torch.no_grad; returns images/s."""
+    features = features.to(memory_format=torch.contiguous_format).eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = prep(images[i:i + batch]).contiguous()
+            features(x)
+    return len(images) / (time.perf_counter() - start)
+
+
+def ours_extract(features, images, prep, batch=64) -> float:
+    features = features.to(memory_format=torch.channels_last)
+    start = time.perf_counter()
+    extract_features(features, images, prep, torch.device("cpu"), pool=False, batch_size=batch)
+    return len(images) / (time.perf_counter() - start)
+
+
+def cache_vs_recompute(splits: Splits, epochs: int) -> tuple[float, float]:
+    built = build("efficientnet_lite0")
+    prep = get_backbone("efficientnet_lite0").weights[0].preprocessing
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=1e-3)
+    device = torch.device("cpu")
+    # cnnlab: the base runs once, the head trains on the cached features
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    feats = {n: extract_features(built.features, getattr(splits, n).images, prep, device, pool=True)
+             for n in ("train", "val")}
+    feature_splits = Splits(ImageSet(feats["train"], splits.train.labels), ImageSet(feats["val"], splits.val.labels),
+                            ImageSet(feats["val"][:1], splits.val.labels[:1]), splits.class_names)
+    fit(Head("gap", built.channels, built.grid, 2), feature_splits, cfg, device, log=QUIET)
+    cached = time.perf_counter() - start
+    # baseline: the frozen base runs on every batch of every epoch
+    torch.manual_seed(0)
+    model = TransferModel(built.features, Head("gap", built.channels, built.grid, 2))
+    freeze_base(model, built.blocks, 0)
+    start = time.perf_counter()
+    fit(model, splits, cfg, device, log=QUIET, prepare=prep)
+    recomputed = time.perf_counter() - start
+    return cached, recomputed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/cats-vs-dogs")
+    parser.add_argument("--per-class", type=int, default=200, help="images per class for part 1")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--extract-images", type=int, default=128, help="images timed per extraction figure")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--skip", default="", help="comma-separated: cache,vgg19,efficientnet_lite0")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    splits = load_splits(args.data, 224, 0.2, 0.1, 0, per_class=args.per_class)
+    peak = matmul_peak_gflops()
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32 matmul peak {peak:.1f} GFLOP/s")
+    if "cache" not in skip:
+        cached, recomputed = cache_vs_recompute(splits, args.epochs)
+        print(f"\n1. frozen EfficientNet-Lite0 base, gap head, {args.epochs} epochs on {len(splits.train)} train + "
+              f"{len(splits.val)} val images")
+        print(f"   feature cache (base once): {cached:7.1f} s")
+        print(f"   recompute every epoch:     {recomputed:7.1f} s   -> cache is {recomputed / cached:.1f}x faster")
+    print(f"\n2. feature extraction, batch 64, {args.extract_images} images (224x224)")
+    print(f"   {'backbone':<20}{'GFLOP/img':>10}{'cnnlab img/s':>14}{'% peak':>8}{'plain img/s':>13}{'% peak':>8}{'ratio':>7}")
+    images = splits.train.images[:args.extract_images]
+    for name in ("vgg19", "efficientnet_lite0"):
+        if name in skip:
+            continue
+        built = build(name)
+        prep = get_backbone(name).weights[0].preprocessing
+        flops = forward_flops(built.features, (3, 224, 224))
+        ours_extract(built.features, images[:8], prep)  # warm-up
+        ours = ours_extract(built.features, images, prep)
+        plain = plain_extract(built.features, images, prep)
+        frac = lambda v: v * flops / (peak * 1e9)  # noqa: E731
+        print(f"   {name:<20}{flops / 1e9:>10.2f}{ours:>14.1f}{frac(ours):>8.1%}{plain:>13.1f}{frac(plain):>8.1%}"
+              f"{ours / plain:>6.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
