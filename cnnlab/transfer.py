@@ -20,7 +20,7 @@ from .errors import CnnlabError
 from .presets import count_parameters
 from .runs import atomic_write_bytes, create_run_dir, save_torch, write_history, write_json
 from .train import (InterruptGuard, Interrupted, RunInterrupted, TrainConfig, environment, finish_run, fit,
-                    pick_device)
+                    inference_batch, pick_device)
 
 HEADS = ("flatten", "gap")
 
@@ -135,16 +135,17 @@ def _feature_key(cfg: TransferConfig, weights_path: Path, prep: Preprocessing, s
 
 @torch.inference_mode()
 def extract_features(features: nn.Module, images: torch.Tensor, prep: Preprocessing, device: torch.device,
-                     pool: bool, batch_size: int = 64, log: Callable[[str], None] | None = None) -> torch.Tensor:
+                     pool: bool, batch_size: int | None = None, log: Callable[[str], None] | None = None) -> torch.Tensor:
     """The base's outputs for uint8 images, float16, (N, C) when ``pool`` else (N, C, H, W)."""
     features.eval()
+    batch_size = batch_size or inference_batch(images)
     out = []
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             y = features(prep(images[i:i + batch_size], device)).float()
         out.append((y.mean((2, 3)) if pool else y).half().cpu())
-        if log and (i // batch_size) % 20 == 19:
+        if log and (i // batch_size) % 250 == 249:
             done = i + batch_size
             log(f"  features: {done}/{len(images)} images, {done / (time.perf_counter() - start):.1f} images/s")
     return torch.cat(out)
