@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--presets", default="conv,pool-bn,dropout,early-stop,fast")
     parser.add_argument("--steps", type=int, default=40, help="timed training steps per measurement")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3, help="each figure is the best of this many runs")
     parser.add_argument("--skip", default="", help="comma-separated: tutorial,keras,eager")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,16 +161,18 @@ def main() -> None:
     peak = matmul_peak_gflops()
     print(f"torch {torch.__version__}, {args.threads} threads, fp32 matmul peak {peak:.1f} GFLOP/s, "
           f"{args.steps} timed steps per figure")
-    print("images/s (fraction of the matmul peak); ratios are cnnlab / baseline")
+    print("images/s, best of --repeats (nominal FLOP/s as a fraction of the matmul peak: above 100% means the "
+          "convolutions use Winograd); ratios are cnnlab / baseline")
     print(f"{'preset':<11}{'batch':>6}{'MFLOP/img':>10}{'cnnlab':>15}{'eager':>15}{'tutorial':>15}{'keras':>15}"
           f"{'vs eager':>9}{'vs keras':>9}{'vs tut.':>9}")
     for preset in args.presets.split(","):
         batch = resolve_config(preset, data="-").batch_size
         flops = 3 * forward_flops(build_model(PRESETS[preset].layers, 10))
-        ours = bench_cnnlab(preset, data, args.steps, batch)
-        eager = None if "eager" in skip else bench_eager(preset, data, args.steps, batch)
+        best = lambda fn, *a: max(fn(*a) or 0 for _ in range(args.repeats)) or None  # noqa: E731
+        ours = best(bench_cnnlab, preset, data, args.steps, batch)
+        eager = None if "eager" in skip else best(bench_eager, preset, data, args.steps, batch)
         tut = None if "tutorial" in skip else bench_tutorial(preset, Path(args.data), max(5, args.steps // 4), batch)
-        ker = None if "keras" in skip else bench_keras(preset, data, args.steps, batch)
+        ker = None if "keras" in skip else best(bench_keras, preset, data, args.steps, batch)
 
         def cell(v):
             return f"{v:>7.0f} ({v * flops / (peak * 1e9):>4.1%})" if v else f"{'-':>15}"

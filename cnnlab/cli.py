@@ -233,10 +233,19 @@ TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov",
               "test_split", "seed")
 
 
+def _resume(run_dir: str):
+    from .runs import load_run
+    if load_run(run_dir)[0].get("kind") == "transfer":
+        from .transfer import resume_transfer
+        return resume_transfer(run_dir, log=_log)
+    from .train import resume
+    return resume(run_dir, log=_log)
+
+
 def cmd_train(args) -> int:
-    from .train import resolve_config, resume, train
+    from .train import resolve_config, train
     if args.resume:
-        print(resume(args.resume, log=_log))
+        print(_resume(args.resume))
         return 0
     for option in ("preset", "data"):
         if getattr(args, option) is None:
@@ -290,8 +299,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from .train import resume
-    print(resume(args.run_dir, log=_log))
+    print(_resume(args.run_dir))
     return 0
 
 

@@ -186,8 +186,10 @@ def phase_config(cfg: TransferConfig, epochs: int, lr: float) -> TrainConfig:
                        out=cfg.out)
 
 
-def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Splits | None = None) -> Path:
-    """Frozen phase (cached features unless augmenting), optional fine-tuning, one test, a run directory."""
+def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Splits | None = None,
+             run_dir: Path | None = None) -> Path:
+    """Frozen phase (cached features unless augmenting), optional fine-tuning, one test, a run
+    directory (a new one, or ``run_dir`` when restarting a stopped run)."""
     from .plots import image_grid
 
     validate(cfg)
@@ -206,7 +208,7 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
     head = Head(cfg.head, built.channels, built.grid, len(splits.class_names))
     model = TransferModel(built.features, head).to(device, memory_format=torch.channels_last)
     freeze_base(model, built.blocks, 0)
-    run_dir = create_run_dir(cfg.out, cfg.name or f"transfer-{cfg.backbone}")
+    run_dir = run_dir or create_run_dir(cfg.out, cfg.name or f"transfer-{cfg.backbone}")
     config = {**asdict(cfg), "kind": "transfer", "weights_kind": weights.name, "weights_file": str(weights_path),
               "preprocessing": asdict(prep), "class_names": splits.class_names,
               "input_shape": [3, prep.size, prep.size], "feature_shape": [built.channels, built.grid, built.grid],
@@ -225,8 +227,9 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
             history, stopper, boundary, extra = _phases(cfg, model, built, prep, splits, weights_path, device,
                                                         run_dir, guard, log)
         except Interrupted as stop:
-            raise RunInterrupted(f"signal {stop.signum} during epoch {stop.epoch}; transfer runs cannot be resumed "
-                                 f"yet: run the command again", 128 + stop.signum) from None
+            raise RunInterrupted(f"signal {stop.signum} during epoch {stop.epoch}; continue with: cnnlab resume "
+                                 f"{run_dir} (a transfer run restarts from its first epoch, with the same result; "
+                                 "its cached features make the frozen phase take seconds)", 128 + stop.signum) from None
     last = phase_config(cfg, 1, cfg.lr)
     finish_run(last, run_dir, model, splits, device, history, stopper, log, prepare=prep,
                boundary=boundary, extra=extra)
@@ -292,6 +295,21 @@ def build_from_config(config: dict) -> tuple[TransferModel, Preprocessing]:
     model = TransferModel(built.features, head)
     return model, Preprocessing(**{**config["preprocessing"], "mean": tuple(config["preprocessing"]["mean"]),
                                    "std": tuple(config["preprocessing"]["std"])})
+
+
+def resume_transfer(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Restarts a stopped transfer run in its own directory. Seeded on the CPU it ends as an
+    uninterrupted run would; the feature cache makes the frozen phase quick."""
+    from .runs import load_run
+    run_dir = Path(run_dir)
+    config, metrics = load_run(run_dir)
+    if metrics is not None:
+        log(f"{run_dir} is finished (test accuracy {metrics['test_accuracy']:.4f}); nothing to resume")
+        return run_dir
+    keys = {f for f in TransferConfig.__dataclass_fields__}
+    cfg = TransferConfig(**{k: v for k, v in config.items() if k in keys})
+    log(f"restarting transfer run {run_dir} from its first epoch")
+    return transfer(cfg, log, run_dir=run_dir)
 
 
 def check_backbone(name: str) -> None:

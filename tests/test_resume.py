@@ -109,3 +109,25 @@ def test_resuming_a_finished_run_changes_nothing(reference):
     result = cnnlab("resume", reference)
     assert result.returncode == 0 and "finished" in result.stdout
     assert {p.name: p.read_bytes() for p in reference.iterdir()} == before
+
+
+def test_interrupted_transfer_run_resumes_to_the_same_result(tmp_path):
+    data = make_folder(tmp_path / "pets", classes=2, per_class=60, size=48)
+    args = ["transfer", "--data", data, "--backbone", "efficientnet_lite0", "--head", "gap",
+            "--batch-size", "4", "--threads", "1", "--out", tmp_path]
+    reference = cnnlab(*args, "--name", "ref", "--epochs", "3")
+    assert reference.returncode == 0, reference.stderr
+    proc = start(args + ["--name", "run", "--epochs", "3"])
+    run = tmp_path / "run"
+    deadline = time.time() + 120
+    while not (run / "samples.png").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)  # samples.png is written just before features are extracted
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130 and "cnnlab resume" in err, err
+    resumed = cnnlab("resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (tmp_path / "ref", run))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
