@@ -131,3 +131,19 @@ def test_interrupted_transfer_run_resumes_to_the_same_result(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (tmp_path / "ref", run))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_from_another_version_and_device_says_so(data, reference, tmp_path):
+    run = tmp_path / "run"
+    proc = start(train_args(data, tmp_path, "run"))
+    wait_for_epochs(run, 2, proc)
+    proc.kill()
+    proc.wait()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state.update({"cnnlab": "0.0.1", "device": "cuda"})
+    torch.save(state, run / "checkpoint.pt")
+    resumed = cnnlab("resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "notice: the checkpoint was written with cnnlab 0.0.1" in resumed.stdout
+    assert "notice: the checkpoint was written with device cuda" in resumed.stdout
+    same_run(reference, run)
