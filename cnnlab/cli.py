@@ -259,13 +259,14 @@ def cmd_train(args) -> int:
 def cmd_transfer(args) -> int:
     from dataclasses import fields
     from .train import MONITORS
-    from .transfer import TransferConfig, check_backbone, transfer
+    from .backbones import get_backbone
+    from .transfer import TransferConfig, transfer
     keys = {f.name for f in fields(TransferConfig)}
     values = {k: v for k, v in vars(args).items() if k in keys and v is not None}
     cfg = TransferConfig(**values)
     if cfg.monitor not in MONITORS:
         raise CnnlabError(f"unknown monitor metric '{cfg.monitor}'; choose one of: {', '.join(MONITORS)}")
-    check_backbone(cfg.backbone)
+    get_backbone(cfg.backbone)  # an unknown name fails here, before any work
     print(transfer(cfg, log=_log))
     return 0
 
@@ -285,9 +286,9 @@ def cmd_report(args) -> int:
 
 def cmd_reproduce(args) -> int:
     import torch
+    from .backbones import get_backbone
     from .study import reproduce
-    from .transfer import check_backbone
-    check_backbone(args.backbone)
+    get_backbone(args.backbone)  # an unknown name fails here, before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     report, failures = reproduce(args.data_root, args.out, args.quick, args.backbone, args.weights, args.seed, _log)

@@ -230,7 +230,8 @@ def load_splits(data: str, size: int = 32, val_split: float = 0.1, test_split: f
     check_folder(root)
     given = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
     if "train" not in given:
-        return _carve(*load_folder(root, size, cache_dir, per_class=per_class), val_split, test_split, seed)
+        images, classes, info = load_folder(root, size, cache_dir, per_class=per_class)
+        return _fill_missing({"train": images}, classes, info, val_split, test_split, seed)
     train, classes, info = load_folder(given["train"], size, cache_dir, per_class=per_class)
     sets = {"train": train}
     for name in ("val", "test"):
@@ -251,10 +252,6 @@ def _fill_missing(sets: dict, classes, info, val_split, test_split, seed) -> Spl
     sets["train"] = train.subset(tr)
     info["given_splits"] = given
     return _checked(Splits(sets["train"], sets["val"], sets["test"], classes, info))
-
-
-def _carve(images: ImageSet, classes, info, val_split, test_split, seed) -> Splits:
-    return _fill_missing({"train": images}, classes, info, val_split, test_split, seed)
 
 
 def _checked(splits: Splits) -> Splits:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import platform
 import signal
 import sys
@@ -437,7 +436,7 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
 def _restore(state, model, opt, sched, stopper, generator) -> tuple[int, list[dict]]:
     try:
         model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError, TypeError) as exc:
+    except (RuntimeError, KeyError, TypeError):
         raise CnnlabError(f"the checkpoint does not fit this run's model ({key_mismatch(model, state)}); "
                           "delete checkpoint.pt to restart the run from epoch 1") from None
     opt.load_state_dict(state["optimizer"])

@@ -14,11 +14,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .backbones import Preprocessing, build, get_backbone, pretrained
+from .backbones import Preprocessing, build, pretrained
 from .data import ImageSet, Splits, default_cache_dir, load_splits
 from .errors import CnnlabError
 from .presets import count_parameters
-from .runs import atomic_write_bytes, create_run_dir, save_torch, write_history, write_json
+from .runs import atomic_write_bytes, create_run_dir, write_history, write_json
 from .train import (InterruptGuard, Interrupted, RunInterrupted, TrainConfig, environment, finish_run, fit,
                     inference_batch, pick_device)
 
@@ -311,7 +311,3 @@ def resume_transfer(run_dir: str | Path, log: Callable[[str], None] = print) -> 
     log(f"restarting transfer run {run_dir} from its first epoch")
     return transfer(cfg, log, run_dir=run_dir)
 
-
-def check_backbone(name: str) -> None:
-    """A one-line error for an unknown backbone, before any work is done."""
-    get_backbone(name)

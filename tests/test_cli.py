@@ -53,7 +53,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
 
 
 def test_every_subcommand_has_help_with_examples():
-    for command in ("train", "evaluate", "presets", "summary", "study"):
+    for command in ("train", "evaluate", "presets", "summary", "study", "resume", "transfer", "predict", "report",
+                    "reproduce"):
         result = cnnlab(command, "--help")
         assert result.returncode == 0 and "examples:" in result.stdout, command
 

@@ -1,6 +1,5 @@
 import os
 import time
-import warnings
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """Interrupts and resume with real processes and real signals."""
-import os
 import signal
 import subprocess
 import sys

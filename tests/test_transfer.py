@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cnnlab.backbones import (BACKBONES, CAFFE_PREPROCESSING, TORCHVISION_PREPROCESSING, build, get_backbone,
-                              keras_vgg_state, pretrained)
+                              keras_vgg_state)
 from cnnlab.errors import CnnlabError
 from cnnlab.transfer import Head, TransferConfig, TransferModel, freeze_base, transfer
 from conftest import make_folder
