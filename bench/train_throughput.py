@@ -3,7 +3,7 @@
 For each preset, the same model and batch size is trained for a fixed number of steps by:
   cnnlab    cnnlab.train.train_one_epoch: uint8 tensors in memory, batch-level preprocessing
             (and augmentation for presets that use it), channels_last
-  eager     a plain eager PyTorch loop over in-memory float tensors, NCHW (the usual hand-written loop)
+  eager     a plain eager PyTorch loop over in-memory float tensors, NCHW, stock layers (nn.Dropout)
   tutorial  torchvision ImageFolder + DataLoader + ToTensor, decoding the JPEGs every epoch
   keras     Keras 3 on TensorFlow CPU, same layers, model.fit on in-memory arrays (if installed:
             pip install -e '.[bench]')
@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab.data import ImageSet, load_folder  # noqa: E402
-from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
+from cnnlab.presets import PRESETS, Dropout, build_model, init_whitening  # noqa: E402
 from cnnlab.train import resolve_config, train_one_epoch, make_optimizer  # noqa: E402
 from cnnlab.data import preprocess  # noqa: E402
 from common import forward_flops, matmul_peak_gflops  # noqa: E402
@@ -49,6 +50,15 @@ def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int) -> float:
     return logs["images"] / (time.perf_counter() - start)
 
 
+def plain_model(preset: str) -> nn.Module:
+    """The preset's model with stock PyTorch layers (nn.Dropout for cnnlab's faster dropout)."""
+    model = build_model(PRESETS[preset].layers, 10)
+    for i, layer in enumerate(model):
+        if isinstance(layer, Dropout):
+            model[i] = nn.Dropout(layer.p)
+    return model
+
+
 def _eager_step(model, opt, x, y, label_smoothing):
     loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
     opt.zero_grad()
@@ -59,7 +69,7 @@ def _eager_step(model, opt, x, y, label_smoothing):
 def bench_eager(preset: str, data: ImageSet, steps: int, batch: int) -> float:
     cfg = resolve_config(preset, data="-", batch_size=batch)
     torch.manual_seed(0)
-    model = build_model(PRESETS[preset].layers, 10)
+    model = plain_model(preset)
     opt = make_optimizer(model, cfg)
     x_all = data.images[:steps * batch].float() / 255  # in memory, NCHW, as a hand-written loop has it
     y_all = data.labels[:steps * batch]
@@ -80,7 +90,7 @@ def bench_tutorial(preset: str, root: Path, steps: int, batch: int) -> float:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=0,
                                          generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    model = build_model(PRESETS[preset].layers, 10)
+    model = plain_model(preset)
     opt = make_optimizer(model, cfg)
     model.train()
     it = iter(loader)

@@ -64,3 +64,24 @@ def test_whitening_layer_decorrelates_patches():
     cov = torch.cov(half.T)
     assert torch.allclose(cov, torch.eye(12), atol=0.05)
     assert not model[0].weight.requires_grad
+
+
+def test_dropout_layer_keeps_one_minus_p_and_rescales():
+    from cnnlab.presets import Dropout
+    torch.manual_seed(0)
+    x = torch.rand(256, 16, 16, 16) + 0.5  # no zeros of its own
+    for p in (0.25, 0.5):
+        layer = Dropout(p).train()
+        y = layer(x.contiguous(memory_format=torch.channels_last))
+        kept = y != 0
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.005
+        assert torch.allclose(y[kept], x[kept] / (1 - p))
+        per_channel = kept.float().mean((0, 2, 3))
+        assert per_channel.min() > 1 - p - 0.02 and per_channel.max() < 1 - p + 0.02  # no layout bias
+    assert torch.equal(Dropout(0.5).eval()(x), x)
+    torch.manual_seed(1)
+    a = Dropout(0.5).train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, Dropout(0.5).train()(x))  # seeded: repeatable
+    with pytest.raises(CnnlabError):
+        Dropout(1.0)
