@@ -98,7 +98,8 @@ def scan_folder(root: Path, per_class: int | None = None) -> tuple[list[str], li
     return classes, files
 
 
-def _decode(args: tuple[str, int]) -> bytes | None:
+def decode_image(args: tuple[str, int]) -> bytes | None:
+    """(path, size) -> RGB bytes (size x size x 3) of the image, any mode converted; None if unreadable."""
     path, size = args
     try:
         with Image.open(path) as im:
@@ -131,9 +132,9 @@ def decode_images(paths: list[str], size: int, workers: int | None = None) -> tu
     jobs = [(p, size) for p in paths]
     if workers > 1 and len(paths) > 2000:
         with ProcessPoolExecutor(workers) as pool:
-            decoded = list(pool.map(_decode, jobs, chunksize=512))
+            decoded = list(pool.map(decode_image, jobs, chunksize=512))
     else:
-        decoded = [_decode(j) for j in jobs]
+        decoded = [decode_image(j) for j in jobs]
     bad = [i for i, d in enumerate(decoded) if d is None]
     good = [d for d in decoded if d is not None]
     array = np.frombuffer(b"".join(good), dtype=np.uint8).reshape(len(good), size, size, 3)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import IMAGE_EXTENSIONS, _decode
+from .data import IMAGE_EXTENSIONS, decode_image
 from .errors import CnnlabError
 from .train import pick_device, predict_logits, probabilities
 
@@ -33,7 +33,7 @@ def load_images(paths: list[Path], size: int) -> tuple[torch.Tensor, list[Path],
     they came from, and the paths that could not be read."""
     good, bad, arrays = [], [], []
     for path in paths:
-        data = _decode((str(path), size))
+        data = decode_image((str(path), size))
         if data is None:
             bad.append(path)
         else:

@@ -16,16 +16,18 @@ TABLE_COLUMNS = ("preset", "params", "epochs run", "best epoch", "train time", "
                  "test loss")
 
 
+def scaled_config(preset: str, epochs_scale: float, **settings):
+    """``resolve_config`` with the preset's epochs multiplied by ``epochs_scale`` (at least 1)."""
+    base = resolve_config(preset, **settings)
+    return resolve_config(preset, **{**settings, "epochs": max(1, math.ceil(base.epochs * epochs_scale))})
+
+
 def run_cifar10_study(data: str, out: str = "runs", epochs_scale: float = 1.0, seed: int = 0,
                       presets: tuple[str, ...] = SEED_PRESETS, log: Callable[[str], None] = print,
                       **overrides) -> list[Path]:
     """Trains each preset with the seed's settings (epochs scaled by ``epochs_scale``) on one
     shared split of ``data``; returns the run directories."""
-    configs = []
-    for preset in presets:
-        base = resolve_config(preset, data=data, out=out, seed=seed, **overrides)
-        epochs = max(1, math.ceil(base.epochs * epochs_scale))
-        configs.append(resolve_config(preset, data=data, out=out, seed=seed, **{**overrides, "epochs": epochs}))
+    configs = [scaled_config(preset, epochs_scale, data=data, out=out, seed=seed, **overrides) for preset in presets]
     first = configs[0]
     splits = load_splits(data, first.image_size, first.val_split, first.test_split, seed)
     runs = []
@@ -144,10 +146,8 @@ def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: 
         splits = None
         failures.append(f"CIFAR-10 could not be loaded: {exc}")
     for preset in SEED_PRESETS if splits is not None else ():
-        base = resolve_config(preset, data=cifar, out=out, seed=seed)
-        epochs = max(1, math.ceil(base.epochs * settings["epochs_scale"]))
-        cfg = resolve_config(preset, data=cifar, out=out, seed=seed, epochs=epochs)
-        log(f"\n=== {preset} ({epochs} epochs) ===")
+        cfg = scaled_config(preset, settings["epochs_scale"], data=cifar, out=out, seed=seed)
+        log(f"\n=== {preset} ({cfg.epochs} epochs) ===")
         attempt(preset, lambda cfg=cfg: train(cfg, log=log, splits=splits))
     tcfg = TransferConfig(data=pets, backbone=backbone, weights=weights, head="flatten",
                           epochs=settings["transfer_epochs"], fine_tune_epochs=settings["fine_tune_epochs"],
