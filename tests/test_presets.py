@@ -67,7 +67,7 @@ def test_whitening_layer_decorrelates_patches():
 
 
 def test_dropout_layer_keeps_one_minus_p_and_rescales():
-    from cnnlab.presets import Dropout
+    from cnnlab.layers import Dropout
     torch.manual_seed(0)
     x = torch.rand(256, 16, 16, 16) + 0.5  # no zeros of its own
     for p in (0.25, 0.5):

@@ -1,0 +1,83 @@
+"""The fused batch norm -> ReLU -> 2x2 max-pool computes what the three stock layers compute."""
+import pytest
+import torch
+from torch import nn
+
+from cnnlab.layers import Net, bn_relu_pool
+from cnnlab.presets import PRESETS, build_model
+
+
+def _bn(channels, dtype, seed, momentum=0.1):
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(channels, momentum=momentum).to(dtype)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(channels))  # about half the scales negative
+        bn.bias.copy_(torch.randn(channels))
+        bn.running_mean.copy_(torch.randn(channels))
+    return bn
+
+
+@pytest.mark.parametrize("shape,channels_last,momentum", [
+    ((6, 5, 8, 8), True, 0.1),
+    ((6, 5, 8, 8), False, 0.1),
+    ((3, 4, 7, 9), True, None),   # odd sizes: pooling drops the last row/column, statistics do not
+    ((2, 3, 2, 2), False, 0.3),
+])
+def test_fused_matches_stock_layers_in_float64(shape, channels_last, momentum):
+    torch.manual_seed(1)
+    x = torch.randn(*shape, dtype=torch.float64)
+    x[:, :, :4, :4] = 0.25  # whole windows of ties, as a black image region gives
+    x[0, :, 0, 1] = -3.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    stock_bn, fused_bn = _bn(shape[1], torch.float64, 2, momentum), _bn(shape[1], torch.float64, 2, momentum)
+    assert (fused_bn.weight < 0).any() and (fused_bn.weight > 0).any()
+    stock = nn.Sequential(stock_bn, nn.ReLU(), nn.MaxPool2d(2))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for _ in range(2):  # twice: running statistics and num_batches_tracked accumulate the same
+        y1, y2 = stock(x1), bn_relu_pool(x2, fused_bn)
+        grad = torch.randn_like(y1)
+        (y1 * grad).sum().backward()
+        (y2 * grad).sum().backward()
+    torch.testing.assert_close(y2, y1, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fused_bn.weight.grad, stock_bn.weight.grad, rtol=0, atol=1e-11)
+    torch.testing.assert_close(fused_bn.bias.grad, stock_bn.bias.grad, rtol=0, atol=1e-11)
+    for key, value in stock_bn.state_dict().items():
+        torch.testing.assert_close(fused_bn.state_dict()[key], value, rtol=0, atol=1e-12)
+    assert y2.shape == y1.shape
+    assert x2.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_net_is_a_sequential_with_the_same_keys_and_outputs():
+    torch.manual_seed(0)
+    fused = build_model(PRESETS["dropout"].layers, 10)
+    stock = nn.Sequential(*[nn.Identity() if type(m).__name__ == "Dropout" else m for m in fused])
+    assert isinstance(fused, Net) and isinstance(fused, nn.Sequential)
+    x = torch.rand(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused.eval()
+        assert torch.equal(fused(x), stock.eval()(x))  # not training: the stock layers run
+    fused.train()
+    for layer in fused:
+        if type(layer).__name__ == "Dropout":
+            layer.p = 0.0
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    out_fused = fused(x.requires_grad_())
+    after_fused = {k: v.clone() for k, v in fused.state_dict().items()}
+    fused.load_state_dict(before)
+    out_stock = stock.train()(x)
+    torch.testing.assert_close(out_fused, out_stock, rtol=1e-4, atol=1e-5)
+    for key, value in fused.state_dict().items():  # running statistics updated alike
+        torch.testing.assert_close(after_fused[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_net_falls_back_when_the_pattern_or_input_does_not_fit():
+    torch.manual_seed(0)
+    net = Net(nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(3))  # 3x3 pooling: not fused
+    x = torch.randn(4, 3, 9, 9, requires_grad=True)
+    reference = nn.Sequential(*net)
+    torch.testing.assert_close(net(x), reference(x))
+    net = Net(nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2))
+    with torch.no_grad():  # no gradients needed: the stock layers run
+        torch.testing.assert_close(net(x), nn.Sequential(*net)(x))
