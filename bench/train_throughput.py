@@ -5,8 +5,9 @@ For each preset, the same model and batch size is trained for a fixed number of 
             (and augmentation for presets that use it), channels_last
   eager     a plain eager PyTorch loop over in-memory float tensors, NCHW, stock layers (nn.Dropout)
   tutorial  torchvision ImageFolder + DataLoader + ToTensor, decoding the JPEGs every epoch
-  keras     Keras 3 on TensorFlow CPU, same layers, model.fit on in-memory arrays (if installed:
-            pip install -e '.[bench]')
+  keras     Keras 3 on TensorFlow CPU, same layers, model.fit on in-memory arrays, default settings
+            (XLA-compiled) (if installed: pip install -e '.[bench]')
+  keras-noXLA  the same with jit_compile=False (a plain TensorFlow graph, as Keras 2 ran)
 Each figure is also given as a fraction of this machine's single-precision matrix-multiply peak,
 measured in the same run (training FLOPs counted as 3x the forward pass's multiply-adds x 2).
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab.data import ImageSet, load_folder  # noqa: E402
 from cnnlab.layers import Dropout  # noqa: E402
 from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
-from cnnlab.train import resolve_config, train_one_epoch, make_optimizer  # noqa: E402
+from cnnlab.train import keep_freed_memory, resolve_config, train_one_epoch, make_optimizer  # noqa: E402
 from cnnlab.data import preprocess  # noqa: E402
 from common import forward_flops, matmul_peak_gflops  # noqa: E402
 
@@ -130,7 +131,9 @@ def keras_model(preset: str):
     return keras.Sequential(layers)
 
 
-def bench_keras(preset: str, data: ImageSet, steps: int, batch: int) -> float | None:
+def bench_keras(preset: str, data: ImageSet, steps: int, batch: int, xla: bool = True) -> float | None:
+    """Keras's model.fit; ``xla=True`` is Keras 3's default (jit_compile="auto" compiles with XLA
+    on TensorFlow), ``xla=False`` is a TensorFlow graph without XLA (Keras 2's default)."""
     try:
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -144,7 +147,8 @@ def bench_keras(preset: str, data: ImageSet, steps: int, batch: int) -> float | 
     model = keras_model(preset)
     if model is None:
         return None
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile="auto" if xla else False,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = (data.images[:(steps + 3) * batch].permute(0, 2, 3, 1).float() / 255).numpy()
     y = data.labels[:(steps + 3) * batch].numpy()
     model.fit(x[:3 * batch], y[:3 * batch], batch_size=batch, epochs=1, verbose=0)  # builds the graph
@@ -160,27 +164,40 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed training steps per measurement")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3, help="each figure is the best of this many runs")
+    parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                        help="tuned: glibc keeps freed memory, as the cnnlab command sets it (for every column, "
+                             "since it is process-wide); default: glibc's defaults")
     parser.add_argument("--skip", default="", help="comma-separated: tutorial,keras,eager")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.malloc == "tuned":
+        keep_freed_memory()
     skip = set(filter(None, args.skip.split(",")))
     data, _, _ = load_folder(args.data, 32)
     data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0)))
     peak = matmul_peak_gflops()
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32 matmul peak {peak:.1f} GFLOP/s, "
+    print(f"torch {torch.__version__}, {args.threads} threads, malloc {args.malloc}, fp32 matmul peak {peak:.1f} GFLOP/s, "
           f"{args.steps} timed steps per figure")
     print("images/s, best of --repeats (nominal FLOP/s as a fraction of the matmul peak: above 100% means the "
           "convolutions use Winograd); ratios are cnnlab / baseline")
     print(f"{'preset':<11}{'batch':>6}{'MFLOP/img':>10}{'cnnlab':>15}{'eager':>15}{'tutorial':>15}{'keras':>15}"
-          f"{'vs eager':>9}{'vs keras':>9}{'vs tut.':>9}")
+          f"{'keras-noXLA':>15}{'vs eager':>9}{'vs keras':>9}{'vs noXLA':>9}{'vs tut.':>9}")
     for preset in args.presets.split(","):
         batch = resolve_config(preset, data="-").batch_size
         flops = 3 * forward_flops(build_model(PRESETS[preset].layers, 10))
-        best = lambda fn, *a: max(fn(*a) or 0 for _ in range(args.repeats)) or None  # noqa: E731
-        ours = best(bench_cnnlab, preset, data, args.steps, batch)
-        eager = None if "eager" in skip else best(bench_eager, preset, data, args.steps, batch)
+        runs = {"cnnlab": lambda: bench_cnnlab(preset, data, args.steps, batch)}
+        if "eager" not in skip:
+            runs["eager"] = lambda: bench_eager(preset, data, args.steps, batch)
+        if "keras" not in skip:
+            runs["keras"] = lambda: bench_keras(preset, data, args.steps, batch)
+            runs["keras-noXLA"] = lambda: bench_keras(preset, data, args.steps, batch, xla=False)
+        figures = {name: 0.0 for name in runs}
+        for _ in range(args.repeats):  # interleaved, so a noisy moment hits every column alike
+            for name, run in runs.items():
+                figures[name] = max(figures[name], run() or 0.0)
+        ours = figures["cnnlab"]
+        eager, ker, kernox = (figures.get(k) or None for k in ("eager", "keras", "keras-noXLA"))
         tut = None if "tutorial" in skip else bench_tutorial(preset, Path(args.data), max(5, args.steps // 4), batch)
-        ker = None if "keras" in skip else best(bench_keras, preset, data, args.steps, batch)
 
         def cell(v):
             return f"{v:>7.0f} ({v * flops / (peak * 1e9):>4.1%})" if v else f"{'-':>15}"
@@ -188,7 +205,7 @@ def main() -> None:
         def ratio(v):
             return f"{ours / v:>8.2f}x" if v else f"{'-':>9}"
         print(f"{preset:<11}{batch:>6}{flops / 3e6:>10.1f}{cell(ours)}{cell(eager)}{cell(tut)}{cell(ker)}"
-              f"{ratio(eager)}{ratio(ker)}{ratio(tut)}", flush=True)
+              f"{cell(kernox)}{ratio(eager)}{ratio(ker)}{ratio(kernox)}{ratio(tut)}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     """The ``cnnlab`` command."""
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _warning
-    from .train import RunInterrupted
+    from .train import RunInterrupted, keep_freed_memory
+    keep_freed_memory()
     try:
         return COMMANDS[args.command](args)
     except RunInterrupted as exc:
