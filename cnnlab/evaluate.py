@@ -9,7 +9,7 @@ from .data import check_folder, load_folder
 from .presets import build_model
 from .runs import load_run, load_torch
 from .errors import CnnlabError
-from .train import key_mismatch, pick_device, score
+from .train import key_mismatch, memory_format, pick_device, score
 
 
 def load_model(run_dir: str | Path, device: torch.device | None = None):
@@ -30,7 +30,8 @@ def load_model(run_dir: str | Path, device: torch.device | None = None):
         raise CnnlabError(f"{run_dir / 'model.pt'} does not fit the run's layers ({key_mismatch(model, state)}); "
                           "retrain the run or restore its model.pt") from None
     device = device or pick_device()
-    return model.to(device, memory_format=torch.channels_last).eval(), config, prepare
+    layout = memory_format(config.get("channels_last", True))
+    return model.to(device, memory_format=layout).eval(), config, prepare
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path) -> dict:

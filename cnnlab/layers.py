@@ -146,6 +146,10 @@ class Net(nn.Sequential):
 
     def forward(self, x):
         layers = list(self)
+        conv = next((layer for layer in layers if isinstance(layer, nn.Conv2d)), None)
+        if conv is not None and x.dim() == 4:  # batches come channels_last; follow the weights
+            weights_last = conv.weight.is_contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last if weights_last else torch.contiguous_format)
         i = 0
         while i < len(layers):
             if _fusable(layers, i, x):

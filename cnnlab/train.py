@@ -59,6 +59,7 @@ class TrainConfig:
     augment: bool = False
     tta: bool = False
     normalize: str = "unit"
+    channels_last: bool = True  # memory layout of weights and batches (conv sets False: see presets)
     image_size: int = 32
     threads: int | None = None
     device: str = "auto"
@@ -501,7 +502,12 @@ def _setup(cfg: TrainConfig, splits: Splits | None):
     shape = tuple(splits.train.images.shape[1:])
     model = build_model(get_preset(cfg.preset).layers, len(splits.class_names), shape)
     init_whitening(model, preprocess(splits.train.images[:5000], cfg.normalize, channels_last=False))
-    return device, splits, model.to(device, memory_format=torch.channels_last)
+    return device, splits, model.to(device, memory_format=memory_format(cfg.channels_last))
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout a run keeps its weights in; ``Net`` lays its input out to match."""
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: Splits | None = None) -> Path:

@@ -51,7 +51,7 @@ def test_fused_matches_stock_layers_in_float64(shape, channels_last, momentum):
 
 def test_net_is_a_sequential_with_the_same_keys_and_outputs():
     torch.manual_seed(0)
-    fused = build_model(PRESETS["dropout"].layers, 10)
+    fused = build_model(PRESETS["dropout"].layers, 10).to(memory_format=torch.channels_last)
     stock = nn.Sequential(*[nn.Identity() if type(m).__name__ == "Dropout" else m for m in fused])
     assert isinstance(fused, Net) and isinstance(fused, nn.Sequential)
     x = torch.rand(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -81,3 +81,21 @@ def test_net_falls_back_when_the_pattern_or_input_does_not_fit():
     net = Net(nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2))
     with torch.no_grad():  # no gradients needed: the stock layers run
         torch.testing.assert_close(net(x), nn.Sequential(*net)(x))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_net_lays_its_input_out_like_its_weights(channels_last):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    net = build_model(PRESETS["conv"].layers, 10).to(memory_format=layout)
+    seen = []
+    net[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)  # as batches come
+    out = net(x)
+    assert seen[0].is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, net(x.contiguous()))
+
+
+def test_conv_preset_trains_in_nchw_and_the_others_channels_last():
+    from cnnlab.train import resolve_config
+    assert resolve_config("conv", data="-").channels_last is False
+    assert all(resolve_config(name, data="-").channels_last for name in PRESETS if name != "conv")
