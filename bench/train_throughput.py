@@ -2,7 +2,7 @@
 
 For each preset, the same model and batch size is trained for a fixed number of steps by:
   cnnlab    cnnlab.train.train_one_epoch: uint8 tensors in memory, batch-level preprocessing
-            (and augmentation for presets that use it), channels_last
+            (and augmentation for presets that use it), channels_last (NCHW for conv, as its preset says)
   eager     a plain eager PyTorch loop over in-memory float tensors, NCHW, stock layers (nn.Dropout)
   tutorial  torchvision ImageFolder + DataLoader + ToTensor, decoding the JPEGs every epoch
   keras     Keras 3 on TensorFlow CPU, same layers, model.fit on in-memory arrays, default settings
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab.data import ImageSet, load_folder  # noqa: E402
 from cnnlab.layers import Dropout  # noqa: E402
 from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
-from cnnlab.train import keep_freed_memory, resolve_config, train_one_epoch, make_optimizer  # noqa: E402
+from cnnlab.train import keep_freed_memory, memory_format, resolve_config, train_one_epoch, make_optimizer  # noqa: E402
 from cnnlab.data import preprocess  # noqa: E402
 from common import forward_flops, matmul_peak_gflops  # noqa: E402
 
@@ -41,7 +41,7 @@ def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int) -> float:
     torch.manual_seed(0)
     model = build_model(PRESETS[preset].layers, 10)
     init_whitening(model, preprocess(data.images[:2000], cfg.normalize, channels_last=False))
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=memory_format(cfg.channels_last))  # as cnnlab train lays it out
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     generator = torch.Generator().manual_seed(0)
