@@ -28,11 +28,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cnnlab.data import ImageSet, load_folder  # noqa: E402
+from cnnlab.data import ImageSet, load_folder, preprocess  # noqa: E402
 from cnnlab.layers import Dropout  # noqa: E402
 from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
 from cnnlab.train import keep_freed_memory, memory_format, resolve_config, train_one_epoch, make_optimizer  # noqa: E402
-from cnnlab.data import preprocess  # noqa: E402
 from common import forward_flops, matmul_peak_gflops  # noqa: E402
 
 

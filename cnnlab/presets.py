@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import CnnlabError
-from .layers import Dropout, Net, Scale, Whiten, keep_mask  # noqa: F401 (keep_mask re-exported)
+from .layers import Dropout, Net, Scale, Whiten
 
 SEED_BLOCKS = ["conv32", "bn", "relu", "pool2", "conv64", "bn", "relu", "pool2"]
 DROPOUT_LAYERS = ["conv32", "bn", "relu", "pool2", "drop0.25",

@@ -596,9 +596,7 @@ def finish_run(cfg, run_dir, model, splits, device, history, stopper, log, prepa
                boundary: int | None = None, extra: dict | None = None) -> None:
     """Saves the weights, tests once on the held-out split, and writes metrics, the confusion
     matrix and the plots; ``boundary`` marks where fine-tuning began on the curves."""
-    from .plots import plot_run  # matplotlib loads only when a run is written
-
-    from .plots import image_grid
+    from .plots import image_grid, plot_run  # matplotlib loads only when a run is written
 
     save_torch(run_dir / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
     logits = predict_logits(model, splits.test.images, prepare or cfg.normalize, device, tta=cfg.tta)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.layers import Net, bn_relu_pool
+from cnnlab.layers import Dropout, Net, bn_relu_pool
 from cnnlab.presets import PRESETS, build_model
 
 
@@ -52,7 +52,7 @@ def test_fused_matches_stock_layers_in_float64(shape, channels_last, momentum):
 def test_net_is_a_sequential_with_the_same_keys_and_outputs():
     torch.manual_seed(0)
     fused = build_model(PRESETS["dropout"].layers, 10).to(memory_format=torch.channels_last)
-    stock = nn.Sequential(*[nn.Identity() if type(m).__name__ == "Dropout" else m for m in fused])
+    stock = nn.Sequential(*[nn.Identity() if isinstance(m, Dropout) else m for m in fused])
     assert isinstance(fused, Net) and isinstance(fused, nn.Sequential)
     x = torch.rand(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -60,7 +60,7 @@ def test_net_is_a_sequential_with_the_same_keys_and_outputs():
         assert torch.equal(fused(x), stock.eval()(x))  # not training: the stock layers run
     fused.train()
     for layer in fused:
-        if type(layer).__name__ == "Dropout":
+        if isinstance(layer, Dropout):
             layer.p = 0.0
     before = {k: v.clone() for k, v in fused.state_dict().items()}
     out_fused = fused(x.requires_grad_())
