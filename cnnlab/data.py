@@ -296,20 +296,32 @@ def _cifar10_splits(size, val_split, test_split, seed, cache_dir, per_class) -> 
 
 # ---------------------------------------------------------------- batches
 
-def normalizer(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) per channel so that ``x_uint8 * scale + shift`` is the normalized image."""
+def normalizer(name: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) per channel, on ``device``, so that ``x_uint8 * scale + shift`` is the
+    normalized image. A training loop makes them once and passes them to ``preprocess``."""
     if name not in NORMALIZATIONS:
         raise CnnlabError(f"unknown normalization '{name}'; choose one of: {', '.join(NORMALIZATIONS)}")
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATIONS[name])
-    return 1.0 / (255.0 * std), -mean / std
+    return to_device(1.0 / (255.0 * std), device), to_device(-mean / std, device)
 
 
-def preprocess(images: torch.Tensor, normalization: str, device: torch.device | str = "cpu",
-               channels_last: bool = True) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> normalized float32 on ``device``: the one preprocessing for every split."""
-    scale, shift = normalizer(normalization)
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``. A CPU -> CUDA copy goes through pinned memory without blocking: a plain
+    ``.to("cuda")`` waits for the GPU to finish its queue, so a training step that made one would
+    stop the host from queuing the next step's kernels while the GPU runs this one."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def preprocess(images: torch.Tensor, normalization: str | tuple[torch.Tensor, torch.Tensor],
+               device: torch.device | str = "cpu", channels_last: bool = True) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> normalized float32 on ``device``: the one preprocessing for every split.
+    ``normalization`` is a name, or ``normalizer``'s (scale, shift) for it made ahead on ``device``."""
+    scale, shift = normalizer(normalization, device) if isinstance(normalization, str) else normalization
     x = images.to(device, non_blocking=True).float()
-    x = x.mul_(scale.to(device)).add_(shift.to(device))
+    x = x.mul_(scale).add_(shift)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -318,12 +330,12 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, fli
     float batch at once (the random draws come from ``generator``, on the CPU)."""
     n, c, h, w = x.shape
     if flip:
-        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        mask = to_device(torch.rand(n, generator=generator) < 0.5, x.device)
         x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
     if pad:
         padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+        dy = to_device(torch.randint(0, 2 * pad + 1, (n,), generator=generator), x.device)
+        dx = to_device(torch.randint(0, 2 * pad + 1, (n,), generator=generator), x.device)
         rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
         cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
         batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .data import ImageSet, Splits, augment_batch, load_splits, preprocess
+from .data import ImageSet, Splits, augment_batch, load_splits, normalizer, preprocess
 from .errors import CnnlabError
 from .metrics import confusion_matrix, summarize
 from .presets import build_model, count_parameters, get_preset, init_whitening
@@ -197,12 +197,25 @@ def keep_freed_memory() -> bool:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """CUDA when present (or asked for), else the CPU."""
+    """CUDA when present (or asked for), else the CPU. On CUDA, cuDNN picks the fastest
+    convolution for each input shape it meets (a run's shapes repeat every step)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CnnlabError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CnnlabError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CnnlabError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+        if (device.index or 0) >= count:
+            raise CnnlabError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
+                              f"cuda:{count - 1}")
+        torch.backends.cudnn.benchmark = True
+    elif device.type != "cpu":
+        raise CnnlabError(f"--device {name} is not supported; use cpu, cuda or cuda:N")
+    return device
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -229,9 +242,10 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 Prepare = Callable[[torch.Tensor, torch.device], torch.Tensor]
 
 
-def to_input(batch: torch.Tensor, normalization: "str | Prepare", device: torch.device) -> torch.Tensor:
-    """A batch as the model's input: uint8 images normalized by name (or by a backbone's own
-    preprocessing when ``normalization`` is a function); cached features just moved to ``device``."""
+def to_input(batch: torch.Tensor, normalization: "str | tuple | Prepare", device: torch.device) -> torch.Tensor:
+    """A batch as the model's input: uint8 images normalized by name or by ``normalizer``'s
+    constants (or by a backbone's own preprocessing when ``normalization`` is a function); cached
+    features just moved to ``device``."""
     if callable(normalization):
         return normalization(batch, device)
     if batch.dtype != torch.uint8:
@@ -308,8 +322,9 @@ def _progress(total: int, epoch: int, epochs: int):
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
-    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
-                disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    if not sys.stderr.isatty():
+        return None  # no bar, and no running loss to read (each read waits for a GPU)
+    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True)
 
 
 def train_one_epoch(model, opt, sched, train: ImageSet, cfg: TrainConfig, device, generator,
@@ -318,16 +333,17 @@ def train_one_epoch(model, opt, sched, train: ImageSet, cfg: TrainConfig, device
     and accuracy."""
     model.train()
     n = len(train)
-    order = torch.randperm(n, generator=generator)
+    order = torch.randperm(n, generator=generator).to(device)  # one copy an epoch, not one a step
     starts = [s for s in range(0, n, cfg.batch_size) if n - s >= 2 or s == 0]  # BN needs 2+ samples
     images, labels = train.images, train.labels
+    normalization = prepare or normalizer(cfg.normalize, device)  # constants on the device once, not each step
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     bar = _progress(len(starts), epoch, cfg.epochs)
     for i, start in enumerate(starts):
-        index = order[start:start + cfg.batch_size].to(device)
-        x = to_input(images[index], prepare or cfg.normalize, device)
+        index = order[start:start + cfg.batch_size]
+        x = to_input(images[index], normalization, device)
         if cfg.augment:
             x = augment_batch(x, generator)
         y = labels[index]

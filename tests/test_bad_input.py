@@ -68,6 +68,9 @@ CASES = [
     (T + ["--data", "{root}/data", "--val-split", "0.5", "--test-split", "0.6"], "must be below 1"),
     (T + ["--data", "{root}/data", "--lr", "0"], "--lr must be above 0"),
     (T + ["--data", "{root}/data", "--lr", "fast"], "--lr must be a number"),
+    (T + ["--data", "{root}/data", "--device", "tpu"], "unknown device 'tpu'; use cpu, cuda or cuda:N"),
+    (T + ["--data", "{root}/data", "--device", "meta"], "--device meta is not supported"),
+    (T + ["--data", "{root}/data", "--device", "cuda:7"], "--device cuda:7"),  # no CUDA, or no 8th GPU
     (["train", "--preset", "resnet9000", "--data", "{root}/data"], "unknown preset 'resnet9000'"),
     (T + ["--data", "{root}/data", "--monitor", "val_auc"], "unknown monitor metric 'val_auc'"),
     (T + ["--data", "{root}/data", "--out", "{root}/a-file/runs"], "cannot create output folder"),

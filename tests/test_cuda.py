@@ -1,0 +1,111 @@
+"""The CUDA path: bfloat16 autocast, no host-device syncs inside the training loop, runs that load
+on the CPU. Skipped (visibly) on machines without a CUDA device, CI's among them."""
+import json
+import traceback
+import warnings
+
+import pytest
+import torch
+
+from cnnlab import evaluate as evaluate_module
+from cnnlab import train as train_module
+from cnnlab.data import ImageSet, augment_batch, load_splits, preprocess, to_device
+from cnnlab.evaluate import evaluate_run
+from cnnlab.layers import Dropout
+from cnnlab.presets import PRESETS, build_model
+from cnnlab.train import TrainConfig, make_optimizer, pick_device, train, train_one_epoch
+from conftest import make_folder
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+CUDA = torch.device("cuda")
+
+
+def test_augment_batch_on_cuda_equals_the_cpu_result():
+    x = torch.randn(16, 3, 32, 32)
+    on_cpu = augment_batch(x, torch.Generator().manual_seed(3))
+    on_gpu = augment_batch(x.to(CUDA), torch.Generator().manual_seed(3))
+    assert on_gpu.device.type == "cuda"
+    assert torch.equal(on_gpu.cpu(), on_cpu)
+
+
+def test_preprocess_on_cuda_equals_the_cpu_result():
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    assert torch.allclose(preprocess(images, "cifar10", CUDA).cpu(), preprocess(images, "cifar10"), atol=1e-6)
+    assert to_device(torch.arange(3), CUDA).device.type == "cuda"
+
+
+@pytest.mark.parametrize("p", [0.25, 0.5])
+def test_dropout_keeps_one_minus_p_on_cuda(p):
+    layer = Dropout(p).train()
+    x = torch.ones(64, 32, 16, 16, device=CUDA).contiguous(memory_format=torch.channels_last)
+    y = layer(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - (1 - p)) < 0.01
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+
+
+def test_the_training_step_makes_no_host_device_sync(tmp_path):
+    """A sync a step would stop the host from queuing kernels ahead of the GPU: the count of
+    syncs in an epoch must not grow with its number of steps."""
+    splits = load_splits(make_folder(tmp_path / "d", per_class=60), 32, 0.1, 0.1, 0)
+    cfg = TrainConfig(preset="dropout", data="-", batch_size=8, augment=True)
+    model = build_model(PRESETS["dropout"].layers, 3).to(CUDA, memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    generator = torch.Generator().manual_seed(0)
+
+    def syncs(images: int) -> list[str]:
+        """Where each sync of an epoch over ``images`` images was made (Python stacks)."""
+        data = ImageSet(splits.train.images[:images].to(CUDA), splits.train.labels[:images].to(CUDA))
+        torch.cuda.synchronize()
+        where = []
+
+        def record(message, *args, **kwargs):
+            if "synchroniz" in str(message):
+                where.append("".join(traceback.format_stack(limit=5)[:-1]))
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = record
+                train_one_epoch(model, opt, sched, data, cfg, CUDA, generator, 1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return where
+
+    syncs(16)  # warm-up: cuDNN's first calls
+    few, many = syncs(16), syncs(128)
+    assert len(many) == len(few) <= 3, f"{len(few)} syncs in 2 steps, {len(many)} in 16:\n" + "\n".join(many)
+
+
+def test_a_cuda_run_trains_in_bfloat16_and_loads_on_the_cpu(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / "d", per_class=40)
+    cfg = TrainConfig(preset="pool-bn", data=str(data), epochs=4, batch_size=16, out=str(tmp_path / "runs"),
+                      device="cuda")
+    dtypes = set()
+    real_setup = train_module._setup
+
+    def spying_setup(*args):
+        device, splits, model = real_setup(*args)
+        model[0].register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if m.training else None)
+        return device, splits, model
+    monkeypatch.setattr(train_module, "_setup", spying_setup)
+    run = train(cfg, log=lambda line: None)
+    assert dtypes == {torch.bfloat16}  # the convolutions ran under autocast
+    metrics = json.loads((run / "metrics.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert "cpu" not in config["environment"]["device"].lower()
+    assert metrics["test_accuracy"] > 0.8
+    on_gpu = evaluate_run(run, data)
+    real_load = evaluate_module.load_model
+    monkeypatch.setattr(evaluate_module, "load_model", lambda run_dir: real_load(run_dir, torch.device("cpu")))
+    on_cpu = evaluate_run(run, data)
+    assert on_cpu["images"] == on_gpu["images"] == 120
+    assert abs(on_gpu["accuracy"] - on_cpu["accuracy"]) <= 0.05  # bfloat16 on the GPU, float32 on the CPU
+
+
+def test_pick_device_on_a_cuda_machine():
+    assert pick_device().type == "cuda"
+    assert torch.backends.cudnn.benchmark
+    with pytest.raises(Exception, match="CUDA device"):
+        pick_device(f"cuda:{torch.cuda.device_count()}")
