@@ -586,8 +586,16 @@ def _run(cfg, run_dir: Path, model, splits: Splits, device, state, log) -> Path:
             raise RunInterrupted(f"{name} during epoch {stop.epoch} (batch {stop.batch}/{stop.batches}); "
                                  f"epoch {stop.epoch - 1}'s checkpoint is saved; continue with: "
                                  f"cnnlab resume {run_dir}", 128 + stop.signum) from None
-    finish_run(cfg, run_dir, model, splits, device, history, stopper, log)
+        finish_run(cfg, run_dir, model, splits, device, history, stopper, log)
+        note_late_signal(guard, log)
     return run_dir
+
+
+def note_late_signal(guard: InterruptGuard, log: Callable[[str], None]) -> None:
+    """Says so when a signal came after the last batch: the guard let the run write its results
+    (seconds) rather than leave a trained run without them; a second Ctrl-C still stops at once."""
+    if guard.signum is not None:
+        log(f"signal {guard.signum} came after training ended: the run's results were written first")
 
 
 def confident_mistakes(logits: torch.Tensor, labels: torch.Tensor, count: int = 12) -> dict:

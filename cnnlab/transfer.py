@@ -20,7 +20,7 @@ from .errors import CnnlabError
 from .presets import count_parameters
 from .runs import atomic_write_bytes, create_run_dir, write_history, write_json
 from .train import (InterruptGuard, Interrupted, RunInterrupted, TrainConfig, environment, finish_run, fit,
-                    inference_batch, pick_device)
+                    inference_batch, note_late_signal, pick_device)
 
 HEADS = ("flatten", "gap")
 
@@ -217,12 +217,13 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
     write_json(run_dir / "config.json", config)
     g = torch.Generator().manual_seed(cfg.seed)
     pick = torch.randperm(len(splits.train), generator=g)[:18]
-    image_grid(splits.train.images[pick], splits.train.labels[pick], splits.class_names, run_dir / "samples.png",
-               title="random training images")
-    log(f"{cfg.backbone} ({weights.describe()}), {cfg.head} head, {len(splits.train)} train / {len(splits.val)} val / "
-        f"{len(splits.test)} test images, {device}; ready in {time.perf_counter() - started:.1f}s")
-    log(f"run directory: {run_dir}")
-    with InterruptGuard() as guard:
+    with InterruptGuard() as guard:  # from here on, a signal stops the run at the end of a batch
+        image_grid(splits.train.images[pick], splits.train.labels[pick], splits.class_names,
+                   run_dir / "samples.png", title="random training images")
+        log(f"{cfg.backbone} ({weights.describe()}), {cfg.head} head, {len(splits.train)} train / "
+            f"{len(splits.val)} val / {len(splits.test)} test images, {device}; "
+            f"ready in {time.perf_counter() - started:.1f}s")
+        log(f"run directory: {run_dir}")
         try:
             history, stopper, boundary, extra = _phases(cfg, model, built, prep, splits, weights_path, device,
                                                         run_dir, guard, log)
@@ -230,9 +231,10 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
             raise RunInterrupted(f"signal {stop.signum} during epoch {stop.epoch}; continue with: cnnlab resume "
                                  f"{run_dir} (a transfer run restarts from its first epoch, with the same result; "
                                  "its cached features make the frozen phase take seconds)", 128 + stop.signum) from None
-    last = phase_config(cfg, 1, cfg.lr)
-    finish_run(last, run_dir, model, splits, device, history, stopper, log, prepare=prep,
-               boundary=boundary, extra=extra)
+        last = phase_config(cfg, 1, cfg.lr)
+        finish_run(last, run_dir, model, splits, device, history, stopper, log, prepare=prep,
+                   boundary=boundary, extra=extra)
+        note_late_signal(guard, log)
     return run_dir
 
 

@@ -15,8 +15,9 @@ TIMING = {"seconds", "train_seconds", "images_per_s"}
 
 
 def train_args(data, out, name, epochs=12):
+    # on the CPU: resumed runs are promised bit-for-bit equal there (on a GPU cuDNN may pick other kernels)
     return ["train", "--preset", "dropout", "--data", data, "--epochs", epochs, "--batch-size", "8", "--augment",
-            "--threads", "1", "--out", out, "--name", name]
+            "--threads", "1", "--device", "cpu", "--out", out, "--name", name]
 
 
 def start(args):
@@ -113,7 +114,7 @@ def test_resuming_a_finished_run_changes_nothing(reference):
 def test_interrupted_transfer_run_resumes_to_the_same_result(tmp_path):
     data = make_folder(tmp_path / "pets", classes=2, per_class=60, size=48)
     args = ["transfer", "--data", data, "--backbone", "efficientnet_lite0", "--head", "gap",
-            "--batch-size", "4", "--threads", "1", "--out", tmp_path]
+            "--batch-size", "4", "--threads", "1", "--device", "cpu", "--out", tmp_path]
     reference = cnnlab(*args, "--name", "ref", "--epochs", "3")
     assert reference.returncode == 0, reference.stderr
     proc = start(args + ["--name", "run", "--epochs", "3"])

@@ -1,4 +1,6 @@
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -127,6 +129,23 @@ def test_seeded_runs_are_repeatable_on_cpu(tiny_folder, tmp_path):
     assert [r["loss"] for r in h0] == [r["loss"] for r in h1]
     w0, w1 = (torch.load(r / "model.pt", weights_only=True) for r in runs)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_a_signal_after_the_last_batch_lets_the_run_write_its_results(tiny_folder, tmp_path, monkeypatch):
+    from cnnlab import train as train_module
+    real = train_module.finish_run
+
+    def finish_after_a_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the test split is scored and the plots drawn
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, "finish_run", finish_after_a_signal)
+    lines = []
+    try:
+        run = train(tiny_config(tiny_folder, tmp_path / "runs", epochs=1), log=lines.append)
+    except KeyboardInterrupt:
+        pytest.fail("the signal escaped the interrupt guard")
+    assert (run / "metrics.json").is_file() and not (run / "checkpoint.pt").exists()
+    assert any("came after training ended" in line for line in lines)
 
 
 def test_early_stopping_run_records_its_stop(tiny_folder, tmp_path):
