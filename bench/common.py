@@ -7,16 +7,26 @@ import torch
 from torch import nn
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Best-of single-precision GEMM throughput with the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> float:
+    """Best-of GEMM throughput (single precision on the CPU with the current thread count; on
+    CUDA pass the dtype the training computes in, bfloat16 under cnnlab's autocast)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
     best = 0.0
     for _ in range(repeats):
+        _sync(device)
         t = time.perf_counter()
         torch.mm(a, b)
+        _sync(device)
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def forward_flops(model: nn.Module, shape=(3, 32, 32)) -> float:

@@ -31,25 +31,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab.data import ImageSet, load_folder, preprocess  # noqa: E402
 from cnnlab.layers import Dropout  # noqa: E402
 from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
-from cnnlab.train import keep_freed_memory, memory_format, resolve_config, train_one_epoch, make_optimizer  # noqa: E402
+from cnnlab.train import (keep_freed_memory, make_optimizer, memory_format, pick_device, resolve_config,  # noqa: E402
+                          train_one_epoch)
 from common import forward_flops, matmul_peak_gflops  # noqa: E402
 
 
-def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int) -> float:
+def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: torch.device) -> float:
     cfg = resolve_config(preset, data="-", epochs=1, batch_size=batch)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as cnnlab's pick_device sets it
     torch.manual_seed(0)
     model = build_model(PRESETS[preset].layers, 10)
     init_whitening(model, preprocess(data.images[:2000], cfg.normalize, channels_last=False))
-    model = model.to(memory_format=memory_format(cfg.channels_last))  # as cnnlab train lays it out
+    model = model.to(device, memory_format=memory_format(cfg.channels_last))  # as cnnlab train lays it out
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     generator = torch.Generator().manual_seed(0)
-    warm = data.subset(torch.arange(3 * batch))
-    train_one_epoch(model, opt, sched, warm, cfg, torch.device("cpu"), generator, 1)
-    subset = data.subset(torch.arange(steps * batch))
+    warm = on_device(data.subset(torch.arange(3 * batch)), device)
+    train_one_epoch(model, opt, sched, warm, cfg, device, generator, 1)
+    subset = on_device(data.subset(torch.arange(steps * batch)), device)
     start = time.perf_counter()
-    logs = train_one_epoch(model, opt, sched, subset, cfg, torch.device("cpu"), generator, 1)
+    logs = train_one_epoch(model, opt, sched, subset, cfg, device, generator, 1)  # ends with a sync (its loss)
     return logs["images"] / (time.perf_counter() - start)
+
+
+def on_device(data: ImageSet, device: torch.device) -> ImageSet:
+    """The training images on ``device``, as cnnlab's fit() puts them before the first epoch."""
+    return ImageSet(data.images.to(device), data.labels.to(device))
 
 
 def plain_model(preset: str) -> nn.Module:
@@ -66,19 +73,23 @@ def _eager_step(model, opt, x, y, label_smoothing):
     opt.step()
 
 
-def bench_eager(preset: str, data: ImageSet, steps: int, batch: int) -> float:
+def bench_eager(preset: str, data: ImageSet, steps: int, batch: int, device: torch.device) -> float:
+    """A plain loop: float32 throughout (on CUDA too: no autocast, cuDNN's default settings)."""
     cfg = resolve_config(preset, data="-", batch_size=batch)
+    torch.backends.cudnn.benchmark = False  # PyTorch's default
     torch.manual_seed(0)
-    model = plain_model(preset)
+    model = plain_model(preset).to(device)
     opt = make_optimizer(model, cfg)
-    x_all = data.images[:steps * batch].float() / 255  # in memory, NCHW, as a hand-written loop has it
-    y_all = data.labels[:steps * batch]
+    x_all = data.images[:steps * batch].to(device).float() / 255  # in memory, NCHW, as a hand-written loop has it
+    y_all = data.labels[:steps * batch].to(device)
     model.train()
     for i in range(3):
         _eager_step(model, opt, x_all[i * batch:(i + 1) * batch], y_all[i * batch:(i + 1) * batch], cfg.label_smoothing)
     start = time.perf_counter()
     for i in range(steps):
         _eager_step(model, opt, x_all[i * batch:(i + 1) * batch], y_all[i * batch:(i + 1) * batch], cfg.label_smoothing)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return steps * batch / (time.perf_counter() - start)
 
 
@@ -172,16 +183,26 @@ def main() -> None:
                         help="tuned: glibc keeps freed memory, as the cnnlab command sets it (for every column, "
                              "since it is process-wide); default: glibc's defaults")
     parser.add_argument("--skip", default="", help="comma-separated: tutorial,keras,eager")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda: cnnlab (bfloat16 autocast) and eager (float32) on the GPU, "
+                             "fraction of the bfloat16 matmul peak; tutorial and keras skipped")
     args = parser.parse_args()
+    device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     if args.malloc == "tuned":
         keep_freed_memory()
     skip = set(filter(None, args.skip.split(",")))
+    if device.type == "cuda":
+        skip |= {"tutorial", "keras"}
     data, _, _ = load_folder(args.data, 32)
     data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0)))
-    peak = matmul_peak_gflops()
-    print(f"torch {torch.__version__}, {args.threads} threads, malloc {args.malloc}, fp32 matmul peak {peak:.1f} GFLOP/s, "
-          f"{args.steps} timed steps per figure")
+    if device.type == "cuda":
+        peak = matmul_peak_gflops(8192, device=device, dtype=torch.bfloat16)
+        where = f"{torch.cuda.get_device_name(device)}, bf16 matmul peak {peak:.0f} GFLOP/s"
+    else:
+        peak = matmul_peak_gflops()
+        where = f"{args.threads} threads, malloc {args.malloc}, fp32 matmul peak {peak:.1f} GFLOP/s"
+    print(f"torch {torch.__version__}, {where}, {args.steps} timed steps per figure")
     print("images/s, best of --repeats (nominal FLOP/s as a fraction of the matmul peak: above 100% means the "
           "convolutions use Winograd); ratios are cnnlab / baseline")
     print(f"{'preset':<11}{'batch':>6}{'MFLOP/img':>10}{'cnnlab':>15}{'eager':>15}{'tutorial':>15}{'keras':>15}"
@@ -189,9 +210,9 @@ def main() -> None:
     for preset in args.presets.split(","):
         batch = resolve_config(preset, data="-").batch_size
         flops = 3 * forward_flops(build_model(PRESETS[preset].layers, 10))
-        runs = {"cnnlab": lambda: bench_cnnlab(preset, data, args.steps, batch)}
+        runs = {"cnnlab": lambda: bench_cnnlab(preset, data, args.steps, batch, device)}
         if "eager" not in skip:
-            runs["eager"] = lambda: bench_eager(preset, data, args.steps, batch)
+            runs["eager"] = lambda: bench_eager(preset, data, args.steps, batch, device)
         if "keras" not in skip:
             runs["keras"] = lambda: bench_keras(preset, data, args.steps, batch)
             runs["keras-noXLA"] = lambda: bench_keras(preset, data, args.steps, batch, xla=False)
