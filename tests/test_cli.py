@@ -59,6 +59,14 @@ def test_every_subcommand_has_help_with_examples():
         assert result.returncode == 0 and "examples:" in result.stdout, command
 
 
+def test_python_dash_m_cnnlab_is_the_cnnlab_command():
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "presets"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout == cnnlab("presets").stdout
+    bad = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--preset", "x", "--data", "missing"],
+                         capture_output=True, text=True, timeout=300)
+    assert_one_line_error(bad, "unknown preset 'x'")
+
+
 def test_presets_and_summary_print_layers_and_parameters():
     listing = cnnlab("presets").stdout
     for name in ("conv", "pool-bn", "dropout", "early-stop", "fast"):
