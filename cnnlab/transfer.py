@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
 import sys
 import time
@@ -135,13 +136,18 @@ def _feature_key(cfg: TransferConfig, weights_path: Path, prep: Preprocessing, s
 
 @torch.inference_mode()
 def extract_features(features: nn.Module, images: torch.Tensor, prep: Preprocessing, device: torch.device,
-                     pool: bool, batch_size: int | None = None, log: Callable[[str], None] | None = None) -> torch.Tensor:
-    """The base's outputs for uint8 images, float16, (N, C) when ``pool`` else (N, C, H, W)."""
+                     pool: bool, batch_size: int | None = None, log: Callable[[str], None] | None = None,
+                     guard: InterruptGuard | None = None) -> torch.Tensor:
+    """The base's outputs for uint8 images, float16, (N, C) when ``pool`` else (N, C, H, W). With
+    ``guard``, a signal stops it at the end of a batch (raises ``Interrupted`` with epoch 0): on a
+    CPU the whole extraction can take a minute."""
     features.eval()
     batch_size = batch_size or inference_batch(images)
     out = []
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
+        if guard is not None and guard.signum is not None:
+            raise Interrupted(guard.signum, 0, i // batch_size, math.ceil(len(images) / batch_size))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             y = features(prep(images[i:i + batch_size], device)).float()
         out.append((y.mean((2, 3)) if pool else y).half().cpu())
@@ -151,7 +157,8 @@ def extract_features(features: nn.Module, images: torch.Tensor, prep: Preprocess
     return torch.cat(out)
 
 
-def cached_features(cfg, features, prep, device, splits, weights_path, log) -> tuple[dict, bool]:
+def cached_features(cfg, features, prep, device, splits, weights_path, log,
+                    guard: InterruptGuard | None = None) -> tuple[dict, bool]:
     """{'train'|'val'|'test': features} from the disk cache, or computed once and cached."""
     path = default_cache_dir() / f"features-{_feature_key(cfg, weights_path, prep, splits)}.pt"
     if path.is_file():
@@ -161,7 +168,7 @@ def cached_features(cfg, features, prep, device, splits, weights_path, log) -> t
             log(f"feature cache {path} is unreadable; computing it again")
     start = time.perf_counter()
     result = {name: extract_features(features, getattr(splits, name).images, prep, device, cfg.head == "gap",
-                                     log=log)
+                                     log=log, guard=guard)
               for name in ("train", "val", "test")}
     n = sum(len(v) for v in result.values())
     log(f"extracted features of {n} images in {time.perf_counter() - start:.1f}s "
@@ -228,9 +235,11 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
             history, stopper, boundary, extra = _phases(cfg, model, built, prep, splits, weights_path, device,
                                                         run_dir, guard, log)
         except Interrupted as stop:
-            raise RunInterrupted(f"signal {stop.signum} during epoch {stop.epoch}; continue with: cnnlab resume "
-                                 f"{run_dir} (a transfer run restarts from its first epoch, with the same result; "
-                                 "its cached features make the frozen phase take seconds)", 128 + stop.signum) from None
+            during, after = ((f"epoch {stop.epoch}", "; its cached features make the frozen phase take seconds")
+                             if stop.epoch else ("feature extraction", ""))
+            raise RunInterrupted(f"signal {stop.signum} during {during}; continue with: cnnlab resume {run_dir} "
+                                 f"(a transfer run restarts from its first epoch, with the same result{after})",
+                                 128 + stop.signum) from None
         last = phase_config(cfg, 1, cfg.lr)
         finish_run(last, run_dir, model, splits, device, history, stopper, log, prepare=prep,
                    boundary=boundary, extra=extra)
@@ -243,7 +252,7 @@ def _phases(cfg, model, built, prep, splits, weights_path, device, run_dir, guar
     extra = {"feature_cache": None}
     if cfg.feature_cache and not cfg.augment:
         start = time.perf_counter()
-        feats, hit = cached_features(cfg, model.features, prep, device, splits, weights_path, log)
+        feats, hit = cached_features(cfg, model.features, prep, device, splits, weights_path, log, guard)
         extra.update({"feature_cache": "hit" if hit else "written",
                       "feature_extraction_s": time.perf_counter() - start})
         feature_splits = Splits(*(ImageSet(feats[n], getattr(splits, n).labels) for n in ("train", "val", "test")),

@@ -158,6 +158,21 @@ def test_feature_cache_is_reused_and_invalidated(pets, tmp_path):
     assert run("c") == "written"
 
 
+def test_a_signal_stops_feature_extraction_at_the_next_batch():
+    from cnnlab.train import InterruptGuard, Interrupted
+    from cnnlab.transfer import extract_features
+    features = torch.nn.Conv2d(3, 4, 3)
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    prep = lambda batch, device: batch.float().to(device)  # noqa: E731
+    guard = InterruptGuard()
+    out = extract_features(features, images, prep, torch.device("cpu"), pool=True, batch_size=4, guard=guard)
+    assert out.shape == (10, 4)
+    guard.signum = 2  # as the guard's handler sets it on Ctrl-C
+    with pytest.raises(Interrupted) as stop:
+        extract_features(features, images, prep, torch.device("cpu"), pool=True, batch_size=4, guard=guard)
+    assert (stop.value.signum, stop.value.epoch, stop.value.batch, stop.value.batches) == (2, 0, 0, 3)
+
+
 def test_fine_tuning_run_records_both_phases(pets, tmp_path):
     cfg = TransferConfig(data=str(pets), backbone="efficientnet_lite0", head="gap", epochs=2, fine_tune_epochs=1,
                          unfreeze=2, batch_size=4, val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"))
