@@ -33,7 +33,7 @@ from cnnlab.layers import Dropout  # noqa: E402
 from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
 from cnnlab.train import (keep_freed_memory, make_optimizer, memory_format, pick_device, resolve_config,  # noqa: E402
                           train_one_epoch)
-from common import forward_flops, matmul_peak_gflops  # noqa: E402
+from common import forward_flops, matmul_peak_gflops, sync  # noqa: E402
 
 
 def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: torch.device) -> float:
@@ -46,17 +46,12 @@ def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: to
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     generator = torch.Generator().manual_seed(0)
-    warm = on_device(data.subset(torch.arange(3 * batch)), device)
+    warm = data.subset(torch.arange(3 * batch)).to(device)
     train_one_epoch(model, opt, sched, warm, cfg, device, generator, 1)
-    subset = on_device(data.subset(torch.arange(steps * batch)), device)
+    subset = data.subset(torch.arange(steps * batch)).to(device)
     start = time.perf_counter()
     logs = train_one_epoch(model, opt, sched, subset, cfg, device, generator, 1)  # ends with a sync (its loss)
     return logs["images"] / (time.perf_counter() - start)
-
-
-def on_device(data: ImageSet, device: torch.device) -> ImageSet:
-    """The training images on ``device``, as cnnlab's fit() puts them before the first epoch."""
-    return ImageSet(data.images.to(device), data.labels.to(device))
 
 
 def plain_model(preset: str) -> nn.Module:
@@ -88,8 +83,7 @@ def bench_eager(preset: str, data: ImageSet, steps: int, batch: int, device: tor
     start = time.perf_counter()
     for i in range(steps):
         _eager_step(model, opt, x_all[i * batch:(i + 1) * batch], y_all[i * batch:(i + 1) * batch], cfg.label_smoothing)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return steps * batch / (time.perf_counter() - start)
 
 

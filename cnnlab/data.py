@@ -46,6 +46,10 @@ class ImageSet:
         files = [self.files[i] for i in index.tolist()] if self.files else []
         return ImageSet(self.images[index], self.labels[index], files)
 
+    def to(self, device: torch.device | str) -> "ImageSet":
+        """The same images and labels on ``device`` (a training loop slices its batches there)."""
+        return ImageSet(self.images.to(device), self.labels.to(device), self.files)
+
 
 @dataclass
 class Splits:

@@ -242,6 +242,12 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 Prepare = Callable[[torch.Tensor, torch.device], torch.Tensor]
 
 
+def batch_normalization(normalization: "str | Prepare", device: torch.device) -> "tuple | Prepare":
+    """What a loop passes to ``to_input`` for every batch: a backbone's preprocessing as it is, a
+    normalization name as its constants on ``device``, made once rather than once a batch."""
+    return normalization if callable(normalization) else normalizer(normalization, device)
+
+
 def to_input(batch: torch.Tensor, normalization: "str | tuple | Prepare", device: torch.device) -> torch.Tensor:
     """A batch as the model's input: uint8 images normalized by name or by ``normalizer``'s
     constants (or by a backbone's own preprocessing when ``normalization`` is a function); cached
@@ -291,6 +297,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, normalization: "str |
     """Logits for uint8 images, in eval mode; ``tta`` averages with the mirrored images."""
     model.eval()
     batch_size = batch_size or inference_batch(images)
+    normalization = batch_normalization(normalization, device)
     out = []
     for start in range(0, len(images), batch_size):
         x = to_input(images[start:start + batch_size], normalization, device)
@@ -336,7 +343,7 @@ def train_one_epoch(model, opt, sched, train: ImageSet, cfg: TrainConfig, device
     order = torch.randperm(n, generator=generator).to(device)  # one copy an epoch, not one a step
     starts = [s for s in range(0, n, cfg.batch_size) if n - s >= 2 or s == 0]  # BN needs 2+ samples
     images, labels = train.images, train.labels
-    normalization = prepare or normalizer(cfg.normalize, device)  # constants on the device once, not each step
+    normalization = batch_normalization(prepare or cfg.normalize, device)
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
@@ -441,7 +448,7 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
     first = 1
     if state is not None:
         first, history = _restore(state, model, opt, sched, stopper, generator)
-    on_device = ImageSet(splits.train.images.to(device), splits.train.labels.to(device))
+    on_device = splits.train.to(device)
     stop = stopper.stopped_epoch is not None
     for epoch in range(first, cfg.epochs + 1):
         if stop:

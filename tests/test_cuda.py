@@ -9,7 +9,7 @@ import torch
 
 from cnnlab import evaluate as evaluate_module
 from cnnlab import train as train_module
-from cnnlab.data import ImageSet, augment_batch, load_splits, preprocess, to_device
+from cnnlab.data import augment_batch, load_splits, preprocess, to_device
 from cnnlab.evaluate import evaluate_run
 from cnnlab.layers import Dropout
 from cnnlab.presets import PRESETS, build_model
@@ -56,7 +56,7 @@ def test_the_training_step_makes_no_host_device_sync(tmp_path):
 
     def syncs(images: int) -> list[str]:
         """Where each sync of an epoch over ``images`` images was made (Python stacks)."""
-        data = ImageSet(splits.train.images[:images].to(CUDA), splits.train.labels[:images].to(CUDA))
+        data = splits.train.subset(torch.arange(images)).to(CUDA)
         torch.cuda.synchronize()
         where = []
 
