@@ -9,6 +9,8 @@ For each preset, the same model and batch size is trained for a fixed number of 
             (jit_compile="auto"), timed from the end of its first batch to the end of its last
             (if installed: pip install -e '.[bench]')
   keras-noXLA  the same with jit_compile=False (a plain TensorFlow graph, as Keras 2 ran)
+With --device cuda: cnnlab (bfloat16 autocast, each step replayed as a CUDA graph), cnnlab without the
+CUDA graph, and the eager loop in float32 (tutorial and keras skipped).
 Each figure is also given as a fraction of this machine's single-precision matrix-multiply peak,
 measured in the same run (training FLOPs counted as 3x the forward pass's multiply-adds x 2).
 
@@ -31,13 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab.data import ImageSet, load_folder, preprocess  # noqa: E402
 from cnnlab.layers import Dropout  # noqa: E402
 from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
-from cnnlab.train import (keep_freed_memory, make_optimizer, memory_format, pick_device, resolve_config,  # noqa: E402
-                          train_one_epoch)
+from cnnlab.train import (TrainStep, graph_ready, keep_freed_memory, make_optimizer, memory_format,  # noqa: E402
+                          pick_device, resolve_config, train_one_epoch)
 from common import forward_flops, matmul_peak_gflops, sync  # noqa: E402
 
 
-def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: torch.device) -> float:
-    cfg = resolve_config(preset, data="-", epochs=1, batch_size=batch)
+def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: torch.device,
+                 cuda_graph: bool = True) -> float:
+    cfg = resolve_config(preset, data="-", epochs=1, batch_size=batch, cuda_graph=cuda_graph)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as cnnlab's pick_device sets it
     torch.manual_seed(0)
     model = build_model(PRESETS[preset].layers, 10)
@@ -46,11 +49,16 @@ def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: to
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     generator = torch.Generator().manual_seed(0)
-    warm = data.subset(torch.arange(3 * batch)).to(device)
-    train_one_epoch(model, opt, sched, warm, cfg, device, generator, 1)
     subset = data.subset(torch.arange(steps * batch)).to(device)
+    step = TrainStep(model, opt, subset, cfg, device)  # as fit() keeps it, so its CUDA graph too
+    if step.graphed:
+        graph_ready(opt, device)
+        train_one_epoch(model, opt, sched, subset, cfg, device, generator, 1, step=step)  # warms up, captures
+    else:
+        warm = data.subset(torch.arange(3 * batch)).to(device)
+        train_one_epoch(model, opt, sched, warm, cfg, device, generator, 1)
     start = time.perf_counter()
-    logs = train_one_epoch(model, opt, sched, subset, cfg, device, generator, 1)  # ends with a sync (its loss)
+    logs = train_one_epoch(model, opt, sched, subset, cfg, device, generator, 1, step=step)  # ends with a sync
     return logs["images"] / (time.perf_counter() - start)
 
 
@@ -205,6 +213,8 @@ def main() -> None:
         batch = resolve_config(preset, data="-").batch_size
         flops = 3 * forward_flops(build_model(PRESETS[preset].layers, 10))
         runs = {"cnnlab": lambda: bench_cnnlab(preset, data, args.steps, batch, device)}
+        if device.type == "cuda":
+            runs["no-graph"] = lambda: bench_cnnlab(preset, data, args.steps, batch, device, cuda_graph=False)
         if "eager" not in skip:
             runs["eager"] = lambda: bench_eager(preset, data, args.steps, batch, device)
         if "keras" not in skip:
@@ -217,6 +227,11 @@ def main() -> None:
         ours = figures["cnnlab"]
         eager, ker, kernox = (figures.get(k) or None for k in ("eager", "keras", "keras-noXLA"))
         tut = None if "tutorial" in skip else bench_tutorial(preset, Path(args.data), max(5, args.steps // 4), batch)
+        if device.type == "cuda":
+            print(f"{preset:<11}{batch:>6}  cnnlab {ours:>9.0f}  cnnlab without CUDA graph {figures['no-graph']:>9.0f}"
+                  f"  eager fp32 {eager or 0:>9.0f}  vs eager {ours / eager if eager else 0:.2f}x"
+                  f"  graph vs no graph {ours / figures['no-graph']:.2f}x", flush=True)
+            continue
 
         def cell(v):
             return f"{v:>7.0f} ({v * flops / (peak * 1e9):>4.1%})" if v else f"{'-':>15}"

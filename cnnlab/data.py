@@ -329,20 +329,33 @@ def preprocess(images: torch.Tensor, normalization: str | tuple[torch.Tensor, to
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
-    """Random horizontal flip and random crop after reflect-padding by ``pad``, on a whole
-    float batch at once (the random draws come from ``generator``, on the CPU)."""
+def augment_draws(n: int, generator: torch.Generator, pad: int = 4, flip: bool = True) -> tuple:
+    """The random choices of ``augment_batch`` for ``n`` images, drawn on the CPU from
+    ``generator``: (flip mask or None, row shift or None, column shift or None)."""
+    mask = torch.rand(n, generator=generator) < 0.5 if flip else None
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator) if pad else None
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator) if pad else None
+    return mask, dy, dx
+
+
+def apply_augment(x: torch.Tensor, draws: tuple, pad: int = 4) -> torch.Tensor:
+    """Flips and crops a float batch as ``draws`` (from ``augment_draws``) say; the draws may
+    live on the CPU or already on ``x``'s device (a CUDA graph's fixed inputs)."""
     n, c, h, w = x.shape
-    if flip:
-        mask = to_device(torch.rand(n, generator=generator) < 0.5, x.device)
+    mask, dy, dx = (None if t is None else to_device(t, x.device) for t in draws)
+    if mask is not None:
         x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
-    if pad:
+    if dy is not None:
         padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        dy = to_device(torch.randint(0, 2 * pad + 1, (n,), generator=generator), x.device)
-        dx = to_device(torch.randint(0, 2 * pad + 1, (n,), generator=generator), x.device)
         rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
         cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
         batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
         chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
         x = padded[batch, chan, rows, cols]
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random horizontal flip and random crop after reflect-padding by ``pad``, on a whole
+    float batch at once (the random draws come from ``generator``, on the CPU)."""
+    return apply_augment(x, augment_draws(len(x), generator, pad, flip), pad)

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .data import ImageSet, Splits, augment_batch, load_splits, normalizer, preprocess
+from .data import ImageSet, Splits, apply_augment, augment_draws, load_splits, normalizer, preprocess, to_device
 from .errors import CnnlabError
 from .metrics import confusion_matrix, summarize
 from .presets import build_model, count_parameters, get_preset, init_whitening
@@ -63,6 +64,7 @@ class TrainConfig:
     image_size: int = 32
     threads: int | None = None
     device: str = "auto"
+    cuda_graph: bool = True  # on CUDA, replay each training step as one CUDA graph
     out: str = "runs"
     name: str | None = None
     cache_dir: str | None = None
@@ -279,8 +281,9 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(1)
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device: torch.device, cache: bool = True):
+    # no weight-cast cache inside a CUDA graph (and a training forward uses each weight once anyway)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=cache)
 
 
 def inference_batch(images: torch.Tensor) -> int:
@@ -334,47 +337,134 @@ def _progress(total: int, epoch: int, epochs: int):
     return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True)
 
 
+def graph_ready(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Makes ``opt`` safe to capture in a CUDA graph: its learning rate becomes a tensor on
+    ``device`` (a schedule then updates it in place, where the replayed step reads it) and its
+    update one fused kernel. Call after loading a checkpoint too: that brings float rates back."""
+    for group in opt.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        group["fused"] = True
+        if "capturable" in group:
+            group["capturable"] = True
+
+
+class TrainStep:
+    """One optimizer step on the batch that ``index`` picks from a training set already on
+    ``device``; sums the loss and the correct predictions on the device (no sync).
+
+    On CUDA (``cfg.cuda_graph``, uint8 images, no backbone preprocessing), after ``WARMUP``
+    ordinary steps the step is captured once as a CUDA graph and then replayed: these small nets
+    leave a GPU idle while the host queues a step's few hundred kernels, and a replay queues
+    them all at once. The replay reads its batch indices, augmentation draws and learning rate
+    from fixed device tensors, refreshed before each replay. A smaller last batch runs as an
+    ordinary step."""
+    WARMUP = 3
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, train: ImageSet, cfg: TrainConfig,
+                 device: torch.device, prepare: Prepare | None = None):
+        self.model, self.opt, self.cfg, self.device = model, opt, cfg, device
+        self.images, self.labels = train.images, train.labels
+        self.normalization = batch_normalization(prepare or cfg.normalize, device)
+        self.total_loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.graphed = (device.type == "cuda" and cfg.cuda_graph and prepare is None
+                        and train.images.dtype == torch.uint8)
+        self.graph: "torch.cuda.CUDAGraph | None" = None
+        self.warm_steps = 0
+        self.inputs: tuple = ()
+
+    def reset(self) -> None:
+        """Zeroes the sums at the start of an epoch."""
+        self.total_loss.zero_()
+        self.correct.zero_()
+
+    def __call__(self, index: torch.Tensor, generator: torch.Generator) -> None:
+        draws = augment_draws(len(index), generator) if self.cfg.augment else None
+        if not self.graphed or len(index) != self.cfg.batch_size:
+            self.run(index, draws)
+        elif self.graph is None and self.warm_steps < self.WARMUP:
+            self._warm(index, draws)
+        else:
+            if self.graph is None:
+                self._capture(index, draws)
+            self._replay(index, draws)
+
+    def run(self, index: torch.Tensor, draws: tuple | None) -> None:
+        """The step itself, as ordinary (eager) PyTorch."""
+        x = to_input(self.images[index], self.normalization, self.device)
+        if draws is not None:
+            x = apply_augment(x, draws)
+        y = self.labels[index]
+        with _autocast(self.device, cache=False):
+            logits = self.model(x)
+            loss = loss_fn(logits, y, self.cfg.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with warnings.catch_warnings():  # a graph-ready optimizer warns when stepped outside a graph
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            self.opt.step()
+        self.total_loss += loss.detach() * len(y)
+        self.correct += (predicted_class(logits) == y).sum()
+
+    def _warm(self, index, draws) -> None:
+        # PyTorch's recipe: warm-up steps on a side stream, so cuDNN's autotuning and lazy
+        # workspaces are done before capture; they are real steps of the run
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.run(index, draws)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.warm_steps += 1
+
+    def _capture(self, index, draws) -> None:
+        static_draws = None if draws is None else tuple(
+            None if t is None else to_device(t, self.device).clone() for t in draws)
+        self.inputs = (index.clone(), static_draws)
+        graph = torch.cuda.CUDAGraph()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):  # records the kernels; runs nothing
+            self.run(*self.inputs)
+        self.graph = graph
+
+    def _replay(self, index, draws) -> None:
+        static_index, static_draws = self.inputs
+        static_index.copy_(index)
+        for static, new in zip(static_draws or (), draws or ()):
+            if static is not None:
+                static.copy_(new.pin_memory(), non_blocking=True)
+        self.graph.replay()
+
+
 def train_one_epoch(model, opt, sched, train: ImageSet, cfg: TrainConfig, device, generator,
-                    epoch: int, guard: "InterruptGuard | None" = None, prepare: Prepare | None = None) -> dict:
+                    epoch: int, guard: "InterruptGuard | None" = None, prepare: Prepare | None = None,
+                    step: TrainStep | None = None) -> dict:
     """One pass over ``train`` (already on ``device``) in a seeded random order; returns loss
-    and accuracy."""
+    and accuracy. ``step`` (a ``TrainStep`` over ``train``) carries a captured CUDA graph from
+    epoch to epoch; without it, one is made for this epoch."""
     model.train()
     n = len(train)
     order = torch.randperm(n, generator=generator).to(device)  # one copy an epoch, not one a step
     starts = [s for s in range(0, n, cfg.batch_size) if n - s >= 2 or s == 0]  # BN needs 2+ samples
-    images, labels = train.images, train.labels
-    normalization = batch_normalization(prepare or cfg.normalize, device)
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    step = step or TrainStep(model, opt, train, cfg, device, prepare)
+    step.reset()
     seen = 0
     bar = _progress(len(starts), epoch, cfg.epochs)
     for i, start in enumerate(starts):
         index = order[start:start + cfg.batch_size]
-        x = to_input(images[index], normalization, device)
-        if cfg.augment:
-            x = augment_batch(x, generator)
-        y = labels[index]
-        with _autocast(device):
-            logits = model(x)
-            loss = loss_fn(logits, y, cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step(index, generator)
         sched.step()
-        total_loss += loss.detach() * len(y)
-        correct += (predicted_class(logits) == y).sum()
-        seen += len(y)
+        seen += len(index)
         if bar is not None:
             bar.update(1)
             if i % 10 == 0:
-                bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}")
+                bar.set_postfix(loss=f"{float(step.total_loss) / seen:.4f}")
         if guard is not None and guard.signum is not None:
             if bar is not None:
                 bar.close()
             raise Interrupted(guard.signum, epoch, i + 1, len(starts))
     if bar is not None:
         bar.close()
-    return {"loss": float(total_loss) / seen, "accuracy": float(correct) / seen, "images": seen}
+    return {"loss": float(step.total_loss) / seen, "accuracy": float(step.correct) / seen, "images": seen}
 
 
 def key_mismatch(model: nn.Module, state) -> str:
@@ -424,10 +514,17 @@ class InterruptGuard:
 
 def checkpoint_state(epoch, model, opt, sched, stopper, generator, history, device) -> dict:
     """Everything needed to continue after ``epoch`` exactly as if never stopped."""
-    return {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+    return {"epoch": epoch, "model": model.state_dict(), "optimizer": portable(opt.state_dict()),
             "scheduler": sched.state_dict(), "stopper": stopper.state(), "best_weights": stopper.best_weights,
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
             "cnnlab": __version__, "device": device.type}
+
+
+def portable(opt_state: dict) -> dict:
+    """An optimizer's state with plain-number learning rates (``graph_ready`` made them GPU
+    tensors), so that a checkpoint written on a GPU resumes anywhere."""
+    groups = [{**group, "lr": float(group["lr"])} for group in opt_state["param_groups"]]
+    return {**opt_state, "param_groups": groups}
 
 
 def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device,
@@ -449,13 +546,17 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
     if state is not None:
         first, history = _restore(state, model, opt, sched, stopper, generator)
     on_device = splits.train.to(device)
+    step = TrainStep(model, opt, on_device, cfg, device, prepare)
+    if step.graphed:
+        graph_ready(opt, device)
     stop = stopper.stopped_epoch is not None
     for epoch in range(first, cfg.epochs + 1):
         if stop:
             break
-        lr = opt.param_groups[0]["lr"]
+        lr = float(opt.param_groups[0]["lr"])
         start = time.perf_counter()
-        train_logs = train_one_epoch(model, opt, sched, on_device, cfg, device, generator, epoch, guard, prepare)
+        train_logs = train_one_epoch(model, opt, sched, on_device, cfg, device, generator, epoch, guard, prepare,
+                                     step)
         train_seconds = time.perf_counter() - start
         val = score(model, splits.val, splits.class_names, prepare or cfg.normalize, device, tta=cfg.tta)
         seconds = time.perf_counter() - start
@@ -484,7 +585,10 @@ def _restore(state, model, opt, sched, stopper, generator) -> tuple[int, list[di
     except (RuntimeError, KeyError, TypeError):
         raise CnnlabError(f"the checkpoint does not fit this run's model ({key_mismatch(model, state)}); "
                           "delete checkpoint.pt to restart the run from epoch 1") from None
+    flags = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in opt.param_groups]
     opt.load_state_dict(state["optimizer"])
+    for group, kept in zip(opt.param_groups, flags):  # how to step is this machine's choice, not the file's
+        group.update(kept)
     sched.load_state_dict(state["scheduler"])
     for key in ("best", "best_epoch", "wait", "stopped_epoch"):
         setattr(stopper, key, state["stopper"][key])

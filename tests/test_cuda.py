@@ -13,7 +13,8 @@ from cnnlab.data import augment_batch, load_splits, preprocess, to_device
 from cnnlab.evaluate import evaluate_run
 from cnnlab.layers import Dropout
 from cnnlab.presets import PRESETS, build_model
-from cnnlab.train import TrainConfig, make_optimizer, pick_device, train, train_one_epoch
+from cnnlab.train import (TrainConfig, TrainStep, fit, graph_ready, make_optimizer, pick_device, train,
+                          train_one_epoch)
 from conftest import make_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -44,38 +45,108 @@ def test_dropout_keeps_one_minus_p_on_cuda(p):
     assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
 
 
-def test_the_training_step_makes_no_host_device_sync(tmp_path):
-    """A sync a step would stop the host from queuing kernels ahead of the GPU: the count of
-    syncs in an epoch must not grow with its number of steps."""
+def _count_syncs(run) -> list[str]:
+    """Where each host-device sync made while ``run()`` runs was made (Python stacks)."""
+    torch.cuda.synchronize()
+    where = []
+
+    def record(message, *args, **kwargs):
+        if "synchroniz" in str(message):
+            where.append("".join(traceback.format_stack(limit=5)[:-1]))
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return where
+
+
+def _setup(tmp_path, preset="dropout", **settings):
     splits = load_splits(make_folder(tmp_path / "d", per_class=60), 32, 0.1, 0.1, 0)
-    cfg = TrainConfig(preset="dropout", data="-", batch_size=8, augment=True)
-    model = build_model(PRESETS["dropout"].layers, 3).to(CUDA, memory_format=torch.channels_last)
+    cfg = TrainConfig(preset=preset, data="-", batch_size=8, augment=True, **settings)
+    model = build_model(PRESETS[preset].layers, 3).to(CUDA, memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return splits, cfg, model, opt, sched
+
+
+def test_an_eager_training_step_makes_no_host_device_sync(tmp_path):
+    """A sync a step would stop the host from queuing kernels ahead of the GPU: the count of
+    syncs in an epoch must not grow with its number of steps."""
+    splits, cfg, model, opt, sched = _setup(tmp_path, cuda_graph=False)
     generator = torch.Generator().manual_seed(0)
 
     def syncs(images: int) -> list[str]:
-        """Where each sync of an epoch over ``images`` images was made (Python stacks)."""
         data = splits.train.subset(torch.arange(images)).to(CUDA)
-        torch.cuda.synchronize()
-        where = []
-
-        def record(message, *args, **kwargs):
-            if "synchroniz" in str(message):
-                where.append("".join(traceback.format_stack(limit=5)[:-1]))
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("always")
-                warnings.showwarning = record
-                train_one_epoch(model, opt, sched, data, cfg, CUDA, generator, 1)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        return where
+        return _count_syncs(lambda: train_one_epoch(model, opt, sched, data, cfg, CUDA, generator, 1))
 
     syncs(16)  # warm-up: cuDNN's first calls
     few, many = syncs(16), syncs(128)
     assert len(many) == len(few) <= 3, f"{len(few)} syncs in 2 steps, {len(many)} in 16:\n" + "\n".join(many)
+
+
+def test_a_graphed_epoch_replays_one_graph_without_syncs(tmp_path):
+    splits, cfg, model, opt, sched = _setup(tmp_path)
+    graph_ready(opt, CUDA)
+    data = splits.train.subset(torch.arange(128)).to(CUDA)
+    step = TrainStep(model, opt, data, cfg, CUDA)
+    generator = torch.Generator().manual_seed(0)
+    train_one_epoch(model, opt, sched, data, cfg, CUDA, generator, 1, step=step)  # 3 warm-up steps, capture
+    assert step.graph is not None
+    graph = step.graph
+    where = _count_syncs(lambda: train_one_epoch(model, opt, sched, data, cfg, CUDA, generator, 2, step=step))
+    assert step.graph is graph  # captured once, replayed from epoch to epoch
+    assert len(where) <= 3, f"{len(where)} syncs in 16 replayed steps:\n" + "\n".join(where)
+
+
+def test_replayed_steps_train_as_eager_steps_do(tmp_path):
+    """The graph must read each step's batch, augmentation and learning rate afresh: after 10
+    steps (3 eager, 7 replayed) the weights match eager training's to float rounding."""
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        results = []
+        for graphed in (True, False):
+            splits = load_splits(make_folder(tmp_path / "d", per_class=60), 32, 0.1, 0.1, 0)
+            cfg = TrainConfig(preset="pool-bn", data="-", batch_size=16, augment=True, optimizer="sgd", lr=0.05,
+                              nesterov=True, schedule="onecycle", label_smoothing=0.1, cuda_graph=graphed)
+            torch.manual_seed(0)
+            model = build_model(PRESETS["pool-bn"].layers, 3).to(CUDA, memory_format=torch.channels_last)
+            opt = make_optimizer(model, cfg)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 20)
+            graph_ready(opt, CUDA)  # the same fused update in both runs
+            data = splits.train.subset(torch.arange(160)).to(CUDA)
+            step = TrainStep(model, opt, data, cfg, CUDA)
+            logs = train_one_epoch(model, opt, sched, data, cfg, CUDA, torch.Generator().manual_seed(1), 1,
+                                   step=step)
+            assert (step.graph is not None) == graphed
+            results.append((logs, {k: v.float().clone() for k, v in model.state_dict().items()}))
+        (graph_logs, graph_weights), (eager_logs, eager_weights) = results
+        assert graph_logs["loss"] == pytest.approx(eager_logs["loss"], rel=1e-3)
+        for key, value in eager_weights.items():
+            assert torch.allclose(graph_weights[key], value, rtol=1e-3, atol=1e-4), key
+        assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.05 * (1 - 10 / 20))
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+
+
+def test_a_graphed_runs_checkpoint_resumes_on_the_cpu(tmp_path):
+    splits = load_splits(make_folder(tmp_path / "d", per_class=60), 32, 0.1, 0.1, 0)
+    cfg = TrainConfig(preset="pool-bn", data="-", epochs=2, batch_size=16, optimizer="sgd", schedule="onecycle")
+    torch.manual_seed(0)
+    model = build_model(PRESETS["pool-bn"].layers, 3).to(CUDA, memory_format=torch.channels_last)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg.epochs = 1
+    fit(model, splits, cfg, CUDA, run_dir, log=lambda line: None)
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert isinstance(state["optimizer"]["param_groups"][0]["lr"], float)
+    cfg.epochs = 2
+    history, _ = fit(model.cpu(), splits, cfg, torch.device("cpu"), None, log=lambda line: None, state=state)
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[1]["loss"] < history[0]["loss"] * 1.5
 
 
 def test_a_cuda_run_trains_in_bfloat16_and_loads_on_the_cpu(tmp_path, monkeypatch):

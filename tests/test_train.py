@@ -10,7 +10,8 @@ from torch import nn
 
 from cnnlab.errors import CnnlabError
 from cnnlab.runs import read_history
-from cnnlab.train import EarlyStopping, lr_factor, resolve_config, train
+from cnnlab.train import (EarlyStopping, TrainConfig, graph_ready, lr_factor, make_optimizer, portable, resolve_config,
+                          train)
 
 
 def scripted(values, monitor="val_loss", **kwargs):
@@ -189,3 +190,23 @@ def test_kept_freed_memory_stops_page_faults_on_every_step():
     default, kept = faults("default"), faults("kept")
     assert default > 12000  # each 48 MB buffer is 12,288 pages, faulted in afresh each step
     assert kept < default / 3  # reused (the odd page still reclaimed by the kernel)
+
+
+def test_a_graph_ready_optimizer_follows_its_schedule_in_place_and_saves_plain_numbers():
+    """A CUDA graph reads the learning rate from one tensor: the schedule must update that
+    tensor in place, and a checkpoint must hold a plain number that resumes anywhere."""
+    model = nn.Linear(3, 2)
+    opt = make_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1, nesterov=True))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor("onecycle", s, 10))
+    graph_ready(opt, torch.device("cpu"))
+    lr = opt.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and opt.param_groups[0]["fused"]
+    for s in range(1, 5):
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] is lr
+        assert float(lr) == pytest.approx(0.1 * lr_factor("onecycle", s, 10))
+    saved = portable(opt.state_dict())["param_groups"][0]["lr"]
+    assert isinstance(saved, float) and saved == pytest.approx(float(lr))
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # the live optimizer keeps its tensor
