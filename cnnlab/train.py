@@ -372,6 +372,7 @@ class TrainStep:
         self.graph: "torch.cuda.CUDAGraph | None" = None
         self.warm_steps = 0
         self.inputs: tuple = ()
+        self.failure: str | None = None  # why the capture failed, when it did
 
     def reset(self) -> None:
         """Zeroes the sums at the start of an epoch."""
@@ -384,10 +385,10 @@ class TrainStep:
             self.run(index, draws)
         elif self.graph is None and self.warm_steps < self.WARMUP:
             self._warm(index, draws)
-        else:
-            if self.graph is None:
-                self._capture(index, draws)
+        elif self.graph is not None or self._capture(index, draws):
             self._replay(index, draws)
+        else:
+            self.run(index, draws)
 
     def run(self, index: torch.Tensor, draws: tuple | None) -> None:
         """The step itself, as ordinary (eager) PyTorch."""
@@ -416,15 +417,23 @@ class TrainStep:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.warm_steps += 1
 
-    def _capture(self, index, draws) -> None:
+    def _capture(self, index, draws) -> bool:
+        """Records the step as a CUDA graph (running nothing); on failure (an operation that
+        cannot be captured, say from a newer or older PyTorch) the run goes on op by op."""
         static_draws = None if draws is None else tuple(
             None if t is None else to_device(t, self.device).clone() for t in draws)
         self.inputs = (index.clone(), static_draws)
         graph = torch.cuda.CUDAGraph()
         self.opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):  # records the kernels; runs nothing
-            self.run(*self.inputs)
+        try:
+            with torch.cuda.graph(graph):
+                self.run(*self.inputs)
+        except RuntimeError as exc:  # nothing ran during the capture, so no weight has changed
+            self.graphed = False
+            self.failure = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            return False
         self.graph = graph
+        return True
 
     def _replay(self, index, draws) -> None:
         static_index, static_draws = self.inputs
@@ -557,6 +566,10 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
         start = time.perf_counter()
         train_logs = train_one_epoch(model, opt, sched, on_device, cfg, device, generator, epoch, guard, prepare,
                                      step)
+        if step.failure:
+            log(f"note: the training step could not be captured as a CUDA graph ({step.failure}); "
+                "it runs op by op (--no-cuda-graph skips the attempt)")
+            step.failure = None
         train_seconds = time.perf_counter() - start
         val = score(model, splits.val, splits.class_names, prepare or cfg.normalize, device, tta=cfg.tta)
         seconds = time.perf_counter() - start

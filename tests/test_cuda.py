@@ -180,3 +180,24 @@ def test_pick_device_on_a_cuda_machine():
     assert torch.backends.cudnn.benchmark
     with pytest.raises(Exception, match="CUDA device"):
         pick_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_a_step_that_cannot_be_captured_trains_op_by_op(tmp_path, monkeypatch):
+    """An operation that cannot be captured (here a host-device sync) must not end the run:
+    it says so once and trains op by op."""
+    real_run = TrainStep.run
+
+    def syncing_run(self, index, draws):
+        if torch.cuda.is_current_stream_capturing():
+            float(self.total_loss)  # a sync: not allowed while capturing
+        real_run(self, index, draws)
+    monkeypatch.setattr(TrainStep, "run", syncing_run)
+    data = make_folder(tmp_path / "d", per_class=40)
+    cfg = TrainConfig(preset="pool-bn", data=str(data), epochs=4, batch_size=16, out=str(tmp_path / "runs"),
+                      device="cuda")
+    lines = []
+    run = train(cfg, log=lines.append)
+    notes = [line for line in lines if "could not be captured as a CUDA graph" in line]
+    assert len(notes) == 1 and "--no-cuda-graph" in notes[0], lines
+    assert len((run / "history.csv").read_text().splitlines()) == 1 + 4  # header and every epoch
+    assert json.loads((run / "metrics.json").read_text())["test_accuracy"] > 0.8
