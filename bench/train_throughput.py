@@ -9,10 +9,13 @@ For each preset, the same model and batch size is trained for a fixed number of 
             (jit_compile="auto"), timed from the end of its first batch to the end of its last
             (if installed: pip install -e '.[bench]')
   keras-noXLA  the same with jit_compile=False (a plain TensorFlow graph, as Keras 2 ran)
-With --device cuda: cnnlab (bfloat16 autocast, each step replayed as a CUDA graph), cnnlab without the
-CUDA graph, and the eager loop in float32 (tutorial and keras skipped).
-Each figure is also given as a fraction of this machine's single-precision matrix-multiply peak,
-measured in the same run (training FLOPs counted as 3x the forward pass's multiply-adds x 2).
+cnnlab runs in the precision `--precision auto` picks: bfloat16 autocast on CUDA and on CPUs with native
+bfloat16 (AVX512-BF16, AMX), where a `cnnlab-fp32` column adds the same loop in float32; `keras-bf16` is
+Keras with its "mixed_bfloat16" policy. With --device cuda: cnnlab (each step replayed as a CUDA graph),
+cnnlab without the CUDA graph, and the eager loop in float32 (tutorial and keras skipped).
+Each figure is also given as a fraction of this machine's peak in the column's precision, measured in
+the same run as the best of GEMM and 3x3-convolution throughput (training FLOPs counted as 3x the
+forward pass's multiply-adds x 2).
 
     python bench/train_throughput.py --data ../shared/data/cifar10/train
 """
@@ -33,14 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab.data import ImageSet, load_folder, preprocess  # noqa: E402
 from cnnlab.layers import Dropout  # noqa: E402
 from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
-from cnnlab.train import (TrainStep, graph_ready, keep_freed_memory, make_optimizer, memory_format,  # noqa: E402
-                          pick_device, resolve_config, train_one_epoch)
-from common import forward_flops, matmul_peak_gflops, sync  # noqa: E402
+from cnnlab.train import (TrainStep, compute_dtype, graph_ready, keep_freed_memory, make_optimizer,  # noqa: E402
+                          memory_format, pick_device, resolve_config, train_one_epoch)
+from common import cpu_peak_gflops, forward_flops, matmul_peak_gflops, sync  # noqa: E402
 
 
 def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: torch.device,
-                 cuda_graph: bool = True) -> float:
-    cfg = resolve_config(preset, data="-", epochs=1, batch_size=batch, cuda_graph=cuda_graph)
+                 cuda_graph: bool = True, precision: str = "auto") -> float:
+    cfg = resolve_config(preset, data="-", epochs=1, batch_size=batch, cuda_graph=cuda_graph, precision=precision)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as cnnlab's pick_device sets it
     torch.manual_seed(0)
     model = build_model(PRESETS[preset].layers, 10)
@@ -144,9 +147,11 @@ def keras_model(preset: str):
     return keras.Sequential(layers)
 
 
-def bench_keras(preset: str, data: ImageSet, steps: int, batch: int, xla: bool = True) -> float | None:
+def bench_keras(preset: str, data: ImageSet, steps: int, batch: int, xla: bool = True,
+                bf16: bool = False) -> float | None:
     """Keras's model.fit; ``xla=True`` is Keras 3's default (jit_compile="auto" compiles with XLA
-    on TensorFlow), ``xla=False`` is a TensorFlow graph without XLA (Keras 2's default)."""
+    on TensorFlow), ``xla=False`` is a TensorFlow graph without XLA (Keras 2's default);
+    ``bf16`` sets Keras's "mixed_bfloat16" policy (cnnlab's bfloat16 autocast, the Keras way)."""
     try:
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -157,7 +162,11 @@ def bench_keras(preset: str, data: ImageSet, steps: int, batch: int, xla: bool =
     threads = torch.get_num_threads()
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    model = keras_model(preset)
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if bf16 else "float32")
+    try:
+        model = keras_model(preset)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
     if model is None:
         return None
     model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile="auto" if xla else False,
@@ -198,48 +207,49 @@ def main() -> None:
         skip |= {"tutorial", "keras"}
     data, _, _ = load_folder(args.data, 32)
     data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0)))
+    ours_dtype = compute_dtype("auto", device)
     if device.type == "cuda":
         peak = matmul_peak_gflops(8192, device=device, dtype=torch.bfloat16)
+        peaks = {"cnnlab": peak}
         where = f"{torch.cuda.get_device_name(device)}, bf16 matmul peak {peak:.0f} GFLOP/s"
     else:
-        peak = matmul_peak_gflops()
-        where = f"{args.threads} threads, malloc {args.malloc}, fp32 matmul peak {peak:.1f} GFLOP/s"
+        peak = cpu_peak_gflops()
+        peaks = {"cnnlab": cpu_peak_gflops(torch.bfloat16) if ours_dtype else peak}
+        where = (f"{args.threads} threads, malloc {args.malloc}, fp32 peak {peak:.0f} GFLOP/s"
+                 + (f", bf16 peak {peaks['cnnlab']:.0f} GFLOP/s (cnnlab computes in bfloat16 here)" if ours_dtype else ""))
     print(f"torch {torch.__version__}, {where}, {args.steps} timed steps per figure")
-    print("images/s, best of --repeats (nominal FLOP/s as a fraction of the matmul peak: above 100% means the "
-          "convolutions use Winograd); ratios are cnnlab / baseline")
-    print(f"{'preset':<11}{'batch':>6}{'MFLOP/img':>10}{'cnnlab':>15}{'eager':>15}{'tutorial':>15}{'keras':>15}"
-          f"{'keras-noXLA':>15}{'vs eager':>9}{'vs keras':>9}{'vs noXLA':>9}{'vs tut.':>9}")
+    print("images/s, best of --repeats (in brackets: nominal FLOP/s as a fraction of the peak of the column's "
+          "precision, the best of GEMM and 3x3 convolution throughput measured above); ratios are cnnlab / column")
     for preset in args.presets.split(","):
         batch = resolve_config(preset, data="-").batch_size
         flops = 3 * forward_flops(build_model(PRESETS[preset].layers, 10))
         runs = {"cnnlab": lambda: bench_cnnlab(preset, data, args.steps, batch, device)}
         if device.type == "cuda":
             runs["no-graph"] = lambda: bench_cnnlab(preset, data, args.steps, batch, device, cuda_graph=False)
+        elif ours_dtype:
+            runs["cnnlab-fp32"] = lambda: bench_cnnlab(preset, data, args.steps, batch, device, precision="fp32")
         if "eager" not in skip:
             runs["eager"] = lambda: bench_eager(preset, data, args.steps, batch, device)
         if "keras" not in skip:
             runs["keras"] = lambda: bench_keras(preset, data, args.steps, batch)
             runs["keras-noXLA"] = lambda: bench_keras(preset, data, args.steps, batch, xla=False)
+            runs["keras-bf16"] = lambda: bench_keras(preset, data, args.steps, batch, bf16=True)
         figures = {name: 0.0 for name in runs}
         for _ in range(args.repeats):  # interleaved, so a noisy moment hits every column alike
             for name, run in runs.items():
                 figures[name] = max(figures[name], run() or 0.0)
+        if "tutorial" not in skip:
+            figures["tutorial"] = bench_tutorial(preset, Path(args.data), max(5, args.steps // 4), batch)
         ours = figures["cnnlab"]
-        eager, ker, kernox = (figures.get(k) or None for k in ("eager", "keras", "keras-noXLA"))
-        tut = None if "tutorial" in skip else bench_tutorial(preset, Path(args.data), max(5, args.steps // 4), batch)
-        if device.type == "cuda":
-            print(f"{preset:<11}{batch:>6}  cnnlab {ours:>9.0f}  cnnlab without CUDA graph {figures['no-graph']:>9.0f}"
-                  f"  eager fp32 {eager or 0:>9.0f}  vs eager {ours / eager if eager else 0:.2f}x"
-                  f"  graph vs no graph {ours / figures['no-graph']:.2f}x", flush=True)
-            continue
+        cells = []
+        for name, value in figures.items():
+            if not value:
+                cells.append(f"{name} -")
+                continue
+            share = value * flops / (peaks.get(name, peak) * 1e9)
+            cells.append(f"{name} {value:,.0f} ({share:.1%})" + ("" if name == "cnnlab" else f" {ours / value:.2f}x"))
+        print(f"{preset:<11} batch {batch:<4} {flops / 3e6:5.1f} MFLOP/img | " + " | ".join(cells), flush=True)
 
-        def cell(v):
-            return f"{v:>7.0f} ({v * flops / (peak * 1e9):>4.1%})" if v else f"{'-':>15}"
-
-        def ratio(v):
-            return f"{ours / v:>8.2f}x" if v else f"{'-':>9}"
-        print(f"{preset:<11}{batch:>6}{flops / 3e6:>10.1f}{cell(ours)}{cell(eager)}{cell(tut)}{cell(ker)}"
-              f"{cell(kernox)}{ratio(eager)}{ratio(ker)}{ratio(kernox)}{ratio(tut)}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -46,7 +46,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path) -> dict:
     images, _, info = load_folder(root, size, class_names=config["class_names"],
                                   cache_dir=Path(config["cache_dir"]) if config.get("cache_dir") else None)
     device = next(model.parameters()).device
-    result = score(model, images, config["class_names"], prepare, device, tta=config.get("tta", False))
+    result = score(model, images, config["class_names"], prepare, device, tta=config.get("tta", False),
+                   precision=config.get("precision", "auto"))
     return {"run": str(run_dir), "data": str(root), "images": len(images), "skipped": info["skipped"], **result}
 
 

@@ -71,7 +71,8 @@ def predict(inputs: list[str], model: str, weights: str | None = None, top: int 
     if not good:
         raise CnnlabError("none of the given files could be read as an image")
     device = next(net.parameters()).device
-    probs = probabilities(predict_logits(net, images, prepare, device, batch_size=32))
+    # float32: a few photos take no time, and the printed probabilities keep every digit
+    probs = probabilities(predict_logits(net, images, prepare, device, batch_size=32, precision="fp32"))
     k = min(top, probs.shape[1])
     values, indices = probs.topk(k, dim=1)
     return [{"image": str(p), "top": [{"class": classes[int(i)], "probability": float(v)}

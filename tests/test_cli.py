@@ -34,6 +34,7 @@ def assert_one_line_error(result, fragment):
     (["train", "--preset", "pool-bn", "--data", "{tiny}", "--val-split", "0.5", "--test-split", "0.5"],
      "must be below 1"),
     (["train", "--preset", "pool-bn", "--data", "{tiny}", "--monitor", "val_auc"], "unknown monitor metric"),
+    (["train", "--preset", "pool-bn", "--data", "{tiny}", "--precision", "fp16"], "--precision"),
     (["train", "--preset", "pool-bn", "--data", "{tiny}", "--batch-size", "500"], "larger than the training set"),
     (["train", "--data", "{tiny}"], "--preset"),
     (["evaluate", "{tiny}", "--data", "{tiny}"], "not a run directory"),

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from cnnlab.errors import CnnlabError
+from conftest import make_folder
 from cnnlab.runs import read_history
-from cnnlab.train import (EarlyStopping, TrainConfig, graph_ready, lr_factor, make_optimizer, portable, resolve_config,
-                          train)
+from cnnlab import train as train_module
+from cnnlab.train import (EarlyStopping, TrainConfig, compute_dtype, graph_ready, lr_factor, make_optimizer, portable,
+                          resolve_config, train)
 
 
 def scripted(values, monitor="val_loss", **kwargs):
@@ -210,3 +212,36 @@ def test_a_graph_ready_optimizer_follows_its_schedule_in_place_and_saves_plain_n
     saved = portable(opt.state_dict())["param_groups"][0]["lr"]
     assert isinstance(saved, float) and saved == pytest.approx(float(lr))
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # the live optimizer keeps its tensor
+
+
+def test_precision_auto_is_bfloat16_on_cuda_and_on_cpus_with_native_bfloat16(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compute_dtype("fp32", cpu) is None and compute_dtype("fp32", cuda) is None
+    assert compute_dtype("bf16", cpu) == torch.bfloat16
+    assert compute_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(train_module, "native_bf16_cpu", lambda: True)
+    assert compute_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(train_module, "native_bf16_cpu", lambda: False)
+    assert compute_dtype("auto", cpu) is None  # emulated bfloat16 would be slower than float32
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_a_cpu_run_computes_in_its_precision_and_records_it(tmp_path, monkeypatch, precision, dtype):
+    data = make_folder(tmp_path / "d", per_class=40)
+    cfg = resolve_config("pool-bn", data=str(data), epochs=3, batch_size=16, out=str(tmp_path / "runs"),
+                         device="cpu", precision=precision)
+    seen = set()
+    real_setup = train_module._setup
+
+    def spying_setup(*args):
+        device, splits, model = real_setup(*args)
+        model[0].register_forward_hook(lambda m, i, o: seen.add((m.training, o.dtype)))
+        return device, splits, model
+    monkeypatch.setattr(train_module, "_setup", spying_setup)
+    run = train(cfg, log=lambda line: None)
+    assert seen == {(True, dtype), (False, dtype)}  # training steps and scoring alike
+    config = json.loads((run / "config.json").read_text())
+    assert config["precision"] == precision
+    assert config["environment"]["compute_dtype"] == str(dtype).removeprefix("torch.")
+    assert json.loads((run / "metrics.json").read_text())["test_accuracy"] > 0.8
+    assert read_history(run / "history.csv")[-1]["loss"] < read_history(run / "history.csv")[0]["loss"]
