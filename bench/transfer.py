@@ -24,7 +24,7 @@ from cnnlab.backbones import build, get_backbone  # noqa: E402
 from cnnlab.data import ImageSet, Splits, load_splits  # noqa: E402
 from cnnlab.train import TrainConfig, fit  # noqa: E402
 from cnnlab.transfer import Head, TransferModel, extract_features, freeze_base  # noqa: E402
-from common import forward_flops, matmul_peak_gflops  # noqa: E402
+from common import cpu_peak_gflops, forward_flops  # noqa: E402
 
 QUIET = lambda m: None  # noqa: E731
 
@@ -86,8 +86,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
     splits = load_splits(args.data, 224, 0.2, 0.1, 0, per_class=args.per_class)
-    peak = matmul_peak_gflops()
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32 matmul peak {peak:.1f} GFLOP/s")
+    peak = cpu_peak_gflops()
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32 peak {peak:.1f} GFLOP/s (best of GEMM and "
+          "3x3 convolution)")
     if "cache" not in skip:
         cached, recomputed = cache_vs_recompute(splits, args.epochs)
         print(f"\n1. frozen EfficientNet-Lite0 base, gap head, {args.epochs} epochs on {len(splits.train)} train + "

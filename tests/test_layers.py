@@ -57,7 +57,7 @@ def test_net_is_a_sequential_with_the_same_keys_and_outputs():
     x = torch.rand(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         fused.eval()
-        assert torch.equal(fused(x), stock.eval()(x))  # not training: the stock layers run
+        assert torch.equal(fused(x), stock.eval()(x))  # not training: stock layers, ReLU after pooling
     fused.train()
     for layer in fused:
         if isinstance(layer, Dropout):
@@ -99,3 +99,24 @@ def test_conv_preset_trains_in_nchw_and_the_others_channels_last():
     from cnnlab.train import resolve_config
     assert resolve_config("conv", data="-").channels_last is False
     assert all(resolve_config(name, data="-").channels_last for name in PRESETS if name != "conv")
+
+
+def test_relu_after_pooling_is_bit_identical_to_relu_before():
+    """Where the fused step does not run (bfloat16 activations, evaluation, GPUs), Net pools
+    before the ReLU: the same values and gradients, bit for bit, with the ReLU on a quarter."""
+    torch.manual_seed(0)
+    net = Net(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+              nn.Flatten(), nn.Linear(8 * 8 * 8, 4)).to(memory_format=torch.channels_last)
+    stock = nn.Sequential(*net)
+    x = torch.randn(6, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    results = []
+    for model in (net, stock):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        results.append((out.detach().clone(), [p.grad.clone() for p in model.parameters()]))
+    (out_net, grads_net), (out_stock, grads_stock) = results
+    assert torch.equal(out_net, out_stock)
+    assert all(torch.equal(a, b) for a, b in zip(grads_net, grads_stock))
