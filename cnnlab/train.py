@@ -284,21 +284,27 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(1)
 
 
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), not by emulation."""
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively, not by emulation: an Ampere or newer GPU, or
+    a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # older PyTorch: no emulation to tell apart
+            return torch.cuda.is_bf16_supported()
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The dtype that convolutions and matrix products run in (autocast; weights, optimizer and
-    loss stay float32), or None for float32 throughout. ``auto``: bfloat16 on CUDA, and on CPUs
-    with native bfloat16, where oneDNN runs the seed presets' convolutions about 2x and their
-    matrix products about 4x faster than in float32 (bench/train_throughput.py); float32 on
-    other CPUs, which would only emulate it."""
+    loss stay float32), or None for float32 throughout. ``auto``: bfloat16 where ``device``
+    computes it natively (on this project's CPU oneDNN runs the seed presets' convolutions about
+    2x and their matrix products about 4x faster than in float32: bench/train_throughput.py),
+    float32 where it would only be emulated."""
     if precision == "fp32":
         return None
-    if precision == "bf16" or device.type == "cuda" or native_bf16_cpu():
+    if precision == "bf16" or native_bf16(device):
         return torch.bfloat16
     return None
 

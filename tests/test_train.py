@@ -214,15 +214,23 @@ def test_a_graph_ready_optimizer_follows_its_schedule_in_place_and_saves_plain_n
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # the live optimizer keeps its tensor
 
 
-def test_precision_auto_is_bfloat16_on_cuda_and_on_cpus_with_native_bfloat16(monkeypatch):
+def test_precision_auto_is_bfloat16_where_the_device_computes_it_natively(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert compute_dtype("fp32", cpu) is None and compute_dtype("fp32", cuda) is None
     assert compute_dtype("bf16", cpu) == torch.bfloat16
-    assert compute_dtype("auto", cuda) == torch.bfloat16
-    monkeypatch.setattr(train_module, "native_bf16_cpu", lambda: True)
-    assert compute_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(train_module, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
+    assert compute_dtype("auto", cpu) == torch.bfloat16 and compute_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
     assert compute_dtype("auto", cpu) is None  # emulated bfloat16 would be slower than float32
+    assert compute_dtype("bf16", cpu) == torch.bfloat16  # asked for: given
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not train_module.native_bf16(torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert train_module.native_bf16(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
