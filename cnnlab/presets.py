@@ -66,7 +66,8 @@ PRESETS: dict[str, Preset] = {
               + ["pool3", "flatten", "dense:nobias", "scale0.111"]),
         "airbench-style net for time-to-accuracy on CPU: whitening, SGD-Nesterov one-cycle, "
         "label smoothing, flip/translate, flip test-time augmentation",
-        {"epochs": 21, "batch_size": 256, "optimizer": "sgd", "lr": 0.2, "momentum": 0.85,
+        # 36 epochs: ~10 minutes on 2 cores of a CPU with native bfloat16 (~16 in float32)
+        {"epochs": 36, "batch_size": 256, "optimizer": "sgd", "lr": 0.2, "momentum": 0.85,
          "nesterov": True, "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.2,
          "augment": True, "tta": True, "normalize": "cifar10", "monitor": "val_accuracy"}),
 }
