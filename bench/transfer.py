@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab.backbones import build, get_backbone  # noqa: E402
 from cnnlab.data import ImageSet, Splits, load_splits  # noqa: E402
-from cnnlab.train import TrainConfig, fit  # noqa: E402
+from cnnlab.train import TrainConfig, compute_dtype, fit  # noqa: E402
 from cnnlab.transfer import Head, TransferModel, extract_features, freeze_base  # noqa: E402
 from common import cpu_peak_gflops, forward_flops  # noqa: E402
 
@@ -87,8 +87,11 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     splits = load_splits(args.data, 224, 0.2, 0.1, 0, per_class=args.per_class)
     peak = cpu_peak_gflops()
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32 peak {peak:.1f} GFLOP/s (best of GEMM and "
-          "3x3 convolution)")
+    bf16 = compute_dtype("auto", torch.device("cpu")) is not None
+    ours_peak = cpu_peak_gflops(torch.bfloat16) if bf16 else peak
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32 peak {peak:.1f} GFLOP/s"
+          + (f", bf16 peak {ours_peak:.1f} GFLOP/s (cnnlab extracts in bfloat16 here)" if bf16 else "")
+          + " (best of GEMM and 3x3 convolution)")
     if "cache" not in skip:
         cached, recomputed = cache_vs_recompute(splits, args.epochs)
         print(f"\n1. frozen EfficientNet-Lite0 base, gap head, {args.epochs} epochs on {len(splits.train)} train + "
@@ -108,8 +111,8 @@ def main() -> None:
         ours_extract(built.features, images[:8], prep)  # warm-up
         ours = ours_extract(built.features, images, prep)
         plain = plain_extract(built.features, images, prep)
-        frac = lambda v: v * flops / (peak * 1e9)  # noqa: E731
-        print(f"   {name:<20}{flops / 1e9:>10.2f}{ours:>14.1f}{frac(ours):>8.1%}{plain:>13.1f}{frac(plain):>8.1%}"
+        frac = lambda v, top=peak: v * flops / (top * 1e9)  # noqa: E731
+        print(f"   {name:<20}{flops / 1e9:>10.2f}{ours:>14.1f}{frac(ours, ours_peak):>8.1%}{plain:>13.1f}{frac(plain):>8.1%}"
               f"{ours / plain:>6.2f}x", flush=True)
 
 

@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=_number(int, "--patience", 0), metavar="P")
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="auto (default): the base and the head in bfloat16 where the device computes it natively")
     p.add_argument("--out", metavar="DIR", help="folder for run directories (default runs/)")
     p.add_argument("--name", help="run directory name (default transfer-BACKBONE)")
 

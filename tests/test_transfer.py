@@ -145,17 +145,32 @@ def test_vgg19_random_weights_from_a_file_frozen_run(vgg19_file, pets, tmp_path)
 
 
 def test_feature_cache_is_reused_and_invalidated(pets, tmp_path):
-    def run(name):
+    def run(name, precision="bf16"):
         cfg = TransferConfig(data=str(pets), backbone="efficientnet_lite0", head="gap", epochs=1, batch_size=4,
-                             val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), name=name)
+                             val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), name=name,
+                             precision=precision)
         return json.loads((transfer(cfg, log=lambda m: None) / "metrics.json").read_text())["feature_cache"]
     assert run("a") == "written"
     assert run("b") == "hit"
+    assert run("c", "fp32") == "written"  # float32 features are other features
+    assert run("d", "fp32") == "hit"
     from PIL import Image
     Image.new("RGB", (48, 48), (1, 2, 3)).save(pets / "class_0" / "img_000.png")
     import os
     os.utime(pets / "class_0" / "img_000.png", ns=(1, 2))
-    assert run("c") == "written"
+    assert run("e") == "written"
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_features_are_computed_in_the_asked_precision(precision, dtype):
+    from cnnlab.transfer import extract_features
+    features = torch.nn.Conv2d(3, 4, 3)
+    seen = set()
+    features.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    out = extract_features(features, images, lambda batch, device: batch.float().to(device), torch.device("cpu"),
+                           pool=True, batch_size=4, precision=precision)
+    assert seen == {dtype} and out.shape == (6, 4) and out.dtype == torch.float16
 
 
 def test_a_signal_stops_feature_extraction_at_the_next_batch():
