@@ -111,8 +111,8 @@ def _add_train_options(p):
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T", help="CPU threads")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                   help="auto (default): bfloat16 convolutions and matrix products on CUDA and on CPUs with "
-                        "native bfloat16 (AVX512-BF16, AMX), float32 elsewhere; fp32 or bf16 to choose")
+                   help="auto (default): bfloat16 convolutions and matrix products where the device computes "
+                        "bfloat16 natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX), float32 elsewhere")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="on CUDA, replay each training step as one CUDA graph (default; --no-cuda-graph "
                         "runs it op by op)")
@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov", "weight_decay", "schedule",
               "label_smoothing", "monitor", "patience", "min_delta", "mode", "start_from_epoch",
-              "restore_best_weights", "augment", "tta", "threads", "device", "precision", "cuda_graph", "out", "name", "val_split",
-              "test_split", "seed")
+              "restore_best_weights", "augment", "tta", "threads", "device", "precision", "cuda_graph", "out", "name",
+              "val_split", "test_split", "seed")
 
 
 def _resume(run_dir: str):
