@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="FILE", help="weights file for the backbone")
     p.add_argument("--seed", type=_number(int, "--seed", 0), default=0)
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto (default): bfloat16 where the device computes it natively, float32 elsewhere")
 
     sub.add_parser("presets", help="list the presets with their layers and parameter counts",
                    formatter_class=fmt, epilog=EPILOGS["presets"])
@@ -231,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_number(int, "--batch-size", 1), metavar="B",
                    help="batch size for every run (default: the seed's 128)")
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto (default): bfloat16 where the device computes it natively, float32 elsewhere")
     p.add_argument("--out", metavar="DIR", default="runs")
     return parser
 
@@ -299,7 +303,8 @@ def cmd_reproduce(args) -> int:
     get_backbone(args.backbone)  # an unknown name fails here, before any work
     if args.threads:
         torch.set_num_threads(args.threads)
-    report, failures = reproduce(args.data_root, args.out, args.quick, args.backbone, args.weights, args.seed, _log)
+    report, failures = reproduce(args.data_root, args.out, args.quick, args.backbone, args.weights, args.seed, _log,
+                                 precision=args.precision)
     if failures:
         print(f"cnnlab reproduce: {len(failures)} part(s) failed (the report lists them): " + "; ".join(failures),
               file=sys.stderr)
@@ -363,7 +368,7 @@ def cmd_study(args) -> int:
         torch.set_num_threads(args.threads)
     runs = run_cifar10_study(args.data, args.out, args.epochs_scale, args.seed or 0, presets, log=_log,
                              val_split=args.val_split, test_split=args.test_split,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, precision=args.precision)
     table, path = write_study_table(runs, args.out)
     print("\n" + table)
     print(f"\ntable saved to {path}")

@@ -114,9 +114,10 @@ def _pets_folder(cache: Path) -> Path:
 
 def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: bool = False,
               backbone: str = "vgg19", weights: str | None = None, seed: int = 0,
-              log: Callable[[str], None] = print) -> tuple[Path, list[str]]:
-    """Runs SEED-STUDY.md end to end: the four CIFAR-10 runs, the transfer run, then the report.
-    A failing run is recorded and the others go on; returns the report's path and the failures."""
+              log: Callable[[str], None] = print, precision: str = "auto") -> tuple[Path, list[str]]:
+    """Runs SEED-STUDY.md end to end: the four CIFAR-10 runs, the transfer run, then the report
+    (every run in ``precision``). A failing run is recorded and the others go on; returns the
+    report's path and the failures."""
     from .report import build_report
     from .train import RunInterrupted
     from .transfer import TransferConfig, transfer
@@ -146,12 +147,12 @@ def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: 
         splits = None
         failures.append(f"CIFAR-10 could not be loaded: {exc}")
     for preset in SEED_PRESETS if splits is not None else ():
-        cfg = scaled_config(preset, settings["epochs_scale"], data=cifar, out=out, seed=seed)
+        cfg = scaled_config(preset, settings["epochs_scale"], data=cifar, out=out, seed=seed, precision=precision)
         log(f"\n=== {preset} ({cfg.epochs} epochs) ===")
         attempt(preset, lambda cfg=cfg: train(cfg, log=log, splits=splits))
     tcfg = TransferConfig(data=pets, backbone=backbone, weights=weights, head="flatten",
                           epochs=settings["transfer_epochs"], fine_tune_epochs=settings["fine_tune_epochs"],
-                          seed=seed, out=out, name=f"transfer-{backbone}")
+                          seed=seed, out=out, name=f"transfer-{backbone}", precision=precision)
     log(f"\n=== transfer: {backbone} on {pets} ===")
     if settings["pets_per_class"]:
         tsplits = lambda: load_splits(pets, 224, 0.1, 0.1, seed, per_class=settings["pets_per_class"])  # noqa: E731

@@ -100,10 +100,13 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
 
 def test_study_runs_the_four_seed_variants_and_prints_one_table(tmp_path):
     data = make_folder(tmp_path / "tiny", per_class=12)
-    result = cnnlab("study", "cifar10", "--data", data, "--epochs-scale", "0.05", "--batch-size", "8", "--out", tmp_path / "runs")
+    result = cnnlab("study", "cifar10", "--data", data, "--epochs-scale", "0.05", "--batch-size", "8", "--out", tmp_path / "runs",
+                    "--precision", "fp32")
     assert result.returncode == 0, result.stderr
     table = result.stdout.split("preset ")[-1]
     for preset in ("conv", "pool-bn", "dropout", "early-stop"):
         assert f"\n{preset} " in table
     assert "test acc" in result.stdout and (tmp_path / "runs" / "study-cifar10.csv").is_file()
     assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 4
+    for config in (tmp_path / "runs").glob("*/config.json"):  # --precision reached every run
+        assert json.loads(config.read_text())["environment"]["compute_dtype"] == "float32"

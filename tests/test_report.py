@@ -20,7 +20,7 @@ def reproduced(tmp_path_factory):
     (root / "data" / "cats-vs-dogs" / "class_0").rename(root / "data" / "cats-vs-dogs" / "cat")
     (root / "data" / "cats-vs-dogs" / "class_1").rename(root / "data" / "cats-vs-dogs" / "dog")
     result = cnnlab("reproduce", "--data-root", root / "data", "--quick", "--backbone", "efficientnet_lite0",
-                    "--out", root / "out")
+                    "--out", root / "out", "--precision", "bf16")
     assert result.returncode == 0, result.stderr
     return root / "out", result
 
@@ -34,6 +34,9 @@ def test_reproduce_quick_runs_every_part_and_writes_one_report(reproduced):
     page = report.read_text()
     assert "efficientnet_lite0" in page and "the original used VGG19" in page
     assert "57.19%" in page and "97.29%" in page  # the seed's figures beside ours
+    for config in out.glob("*/config.json"):  # --precision reached every run, and the report says so
+        assert json.loads(config.read_text())["environment"]["compute_dtype"] == "bfloat16"
+    assert "<th>compute dtype</th>" in page and "<td>bfloat16</td>" in page
     assert report.stat().st_size < 10 * 2**20
     assert "https://" not in page.split("<body>")[1].split("<script")[0]  # nothing fetched to show the page
 
