@@ -7,21 +7,26 @@ import torch
 from torch import nn
 
 
+def _best_gflops(run, flops: float, repeats: int, device="cpu") -> float:
+    """Best-of GFLOP/s of ``run()`` (one warm-up call first; CUDA synchronized around each)."""
+    run()
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        run()
+        sync(device)
+        best = max(best, flops / (time.perf_counter() - t) / 1e9)
+    return best
+
+
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu",
                        dtype: torch.dtype = torch.float32) -> float:
     """Best-of GEMM throughput (single precision on the CPU with the current thread count; on
     CUDA pass the dtype the training computes in, bfloat16 under cnnlab's autocast)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    return best
+    return _best_gflops(lambda: torch.mm(a, b), 2 * n ** 3, repeats, device)
 
 
 def conv_peak_gflops(repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
@@ -31,13 +36,7 @@ def conv_peak_gflops(repeats: int = 5, dtype: torch.dtype = torch.float32) -> fl
     x = torch.randn(32, 256, 16, 16, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(256, 256, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
     flops = 2 * 32 * 16 * 16 * 256 * 256 * 9
-    torch.nn.functional.conv2d(x, w, padding=1)
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.nn.functional.conv2d(x, w, padding=1)
-        best = max(best, flops / (time.perf_counter() - t) / 1e9)
-    return best
+    return _best_gflops(lambda: torch.nn.functional.conv2d(x, w, padding=1), flops, repeats)
 
 
 def cpu_peak_gflops(dtype: torch.dtype = torch.float32) -> float:

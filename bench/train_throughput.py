@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab.data import ImageSet, load_folder, preprocess  # noqa: E402
 from cnnlab.layers import Dropout  # noqa: E402
 from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
-from cnnlab.train import (TrainStep, compute_dtype, graph_ready, keep_freed_memory, make_optimizer,  # noqa: E402
-                          memory_format, pick_device, resolve_config, train_one_epoch)
+from cnnlab.train import (TrainStep, compute_dtype, keep_freed_memory, make_optimizer, memory_format,  # noqa: E402
+                          pick_device, resolve_config, train_one_epoch)
 from common import cpu_peak_gflops, forward_flops, matmul_peak_gflops, sync  # noqa: E402
 
 
@@ -55,7 +55,6 @@ def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: to
     subset = data.subset(torch.arange(steps * batch)).to(device)
     step = TrainStep(model, opt, subset, cfg, device)  # as fit() keeps it, so its CUDA graph too
     if step.graphed:
-        graph_ready(opt, device)
         train_one_epoch(model, opt, sched, subset, cfg, device, generator, 1, step=step)  # warms up, captures
     else:
         warm = data.subset(torch.arange(3 * batch)).to(device)

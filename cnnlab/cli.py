@@ -82,6 +82,12 @@ def _add_data_options(p, required=True):
     p.add_argument("--seed", type=_number(int, "--seed", 0), metavar="S", help="seed of splits, init, order (default 0)")
 
 
+def _add_precision(p, auto: str, default: str | None = "auto") -> None:
+    """``--precision`` (train.PRECISIONS), ``auto`` described as ``auto``; ``default=None`` lets a
+    config's own default apply."""
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=default, help=f"auto (default): {auto}")
+
+
 def _add_train_options(p):
     p.add_argument("--epochs", type=_number(int, "--epochs", 1), metavar="N", help="epochs (default: the preset's)")
     p.add_argument("--batch-size", type=_number(int, "--batch-size", 1), metavar="B", help="batch size (default 128)")
@@ -110,9 +116,8 @@ def _add_train_options(p):
                    help="average predictions with the mirrored image when scoring")
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T", help="CPU threads")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                   help="auto (default): bfloat16 convolutions and matrix products where the device computes "
-                        "bfloat16 natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX), float32 elsewhere")
+    _add_precision(p, "bfloat16 convolutions and matrix products where the device computes bfloat16 natively "
+                      "(Ampere+ GPUs; CPUs with AVX512-BF16 or AMX), float32 elsewhere", default=None)
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="on CUDA, replay each training step as one CUDA graph (default; --no-cuda-graph "
                         "runs it op by op)")
@@ -176,8 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=_number(int, "--patience", 0), metavar="P")
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                   help="auto (default): the base and the head in bfloat16 where the device computes it natively")
+    _add_precision(p, "the base and the head in bfloat16 where the device computes it natively", default=None)
     p.add_argument("--out", metavar="DIR", help="folder for run directories (default runs/)")
     p.add_argument("--name", help="run directory name (default transfer-BACKBONE)")
 
@@ -210,8 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="FILE", help="weights file for the backbone")
     p.add_argument("--seed", type=_number(int, "--seed", 0), default=0)
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto (default): bfloat16 where the device computes it natively, float32 elsewhere")
+    _add_precision(p, "bfloat16 where the device computes it natively, float32 elsewhere")
 
     sub.add_parser("presets", help="list the presets with their layers and parameter counts",
                    formatter_class=fmt, epilog=EPILOGS["presets"])
@@ -233,8 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_number(int, "--batch-size", 1), metavar="B",
                    help="batch size for every run (default: the seed's 128)")
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto (default): bfloat16 where the device computes it natively, float32 elsewhere")
+    _add_precision(p, "bfloat16 where the device computes it natively, float32 elsewhere")
     p.add_argument("--out", metavar="DIR", default="runs")
     return parser
 

@@ -309,8 +309,9 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
-    # no weight-cast cache inside a CUDA graph (and a training forward uses each weight once anyway)
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
+    """Autocast to ``dtype`` (from ``compute_dtype``) on ``device``; off for None. ``cache=False``
+    inside a CUDA graph (and a training forward uses each weight once anyway)."""
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None,
                           cache_enabled=cache)
 
@@ -335,7 +336,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, normalization: "str |
     out = []
     for start in range(0, len(images), batch_size):
         x = to_input(images[start:start + batch_size], normalization, device)
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             logits = model(x).float()
             if tta:
                 logits = (logits + model(x.flip(3)).float()) / 2
@@ -387,7 +388,8 @@ class TrainStep:
     ordinary steps the step is captured once as a CUDA graph and then replayed: these small nets
     leave a GPU idle while the host queues a step's few hundred kernels, and a replay queues
     them all at once. The replay reads its batch indices, augmentation draws and learning rate
-    from fixed device tensors, refreshed before each replay. A smaller last batch runs as an
+    from fixed device tensors, refreshed before each replay (``opt`` is made ``graph_ready`` here:
+    make the step after loading a checkpoint into ``opt``). A smaller last batch runs as an
     ordinary step."""
     WARMUP = 3
 
@@ -401,6 +403,8 @@ class TrainStep:
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.graphed = (device.type == "cuda" and cfg.cuda_graph and prepare is None
                         and train.images.dtype == torch.uint8)
+        if self.graphed:
+            graph_ready(opt, device)
         self.graph: "torch.cuda.CUDAGraph | None" = None
         self.warm_steps = 0
         self.inputs: tuple = ()
@@ -428,7 +432,7 @@ class TrainStep:
         if draws is not None:
             x = apply_augment(x, draws)
         y = self.labels[index]
-        with _autocast(self.device, self.dtype, cache=False):
+        with autocast(self.device, self.dtype, cache=False):
             logits = self.model(x)
             loss = loss_fn(logits, y, self.cfg.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
@@ -588,8 +592,6 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
         first, history = _restore(state, model, opt, sched, stopper, generator)
     on_device = splits.train.to(device)
     step = TrainStep(model, opt, on_device, cfg, device, prepare)
-    if step.graphed:
-        graph_ready(opt, device)
     stop = stopper.stopped_epoch is not None
     for epoch in range(first, cfg.epochs + 1):
         if stop:

@@ -20,8 +20,8 @@ from .data import ImageSet, Splits, default_cache_dir, load_splits
 from .errors import CnnlabError
 from .presets import count_parameters
 from .runs import atomic_write_bytes, create_run_dir, write_history, write_json
-from .train import (PRECISIONS, InterruptGuard, Interrupted, RunInterrupted, TrainConfig, compute_dtype, environment,
-                    finish_run, fit, inference_batch, note_late_signal, pick_device)
+from .train import (PRECISIONS, InterruptGuard, Interrupted, RunInterrupted, TrainConfig, autocast, compute_dtype,
+                    environment, finish_run, fit, inference_batch, note_late_signal, pick_device)
 
 HEADS = ("flatten", "gap")
 
@@ -153,7 +153,7 @@ def extract_features(features: nn.Module, images: torch.Tensor, prep: Preprocess
     for i in range(0, len(images), batch_size):
         if guard is not None and guard.signum is not None:
             raise Interrupted(guard.signum, 0, i // batch_size, math.ceil(len(images) / batch_size))
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast(device, dtype):
             y = features(prep(images[i:i + batch_size], device)).float()
         out.append((y.mean((2, 3)) if pool else y).half().cpu())
         if log and (i // batch_size) % 250 == 249:
