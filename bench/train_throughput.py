@@ -9,6 +9,8 @@ For each preset, the same model and batch size is trained for a fixed number of 
             (jit_compile="auto"), timed from the end of its first batch to the end of its last
             (if installed: pip install -e '.[bench]')
   keras-noXLA  the same with jit_compile=False (a plain TensorFlow graph, as Keras 2 ran)
+  no-native cnnlab with CNNLAB_NATIVE=0: PyTorch's kernels instead of cnnlab's native batch norm ->
+            ReLU -> pooling (cnnlab/kernels.cpp; on CPU)
 cnnlab runs in the precision `--precision auto` picks: bfloat16 autocast on CUDA and on CPUs with native
 bfloat16 (AVX512-BF16, AMX), where a `cnnlab-fp32` column adds the same loop in float32; `keras-bf16` is
 Keras with its "mixed_bfloat16" policy. With --device cuda: cnnlab (each step replayed as a CUDA graph),
@@ -33,6 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cnnlab import kernels  # noqa: E402
 from cnnlab.data import ImageSet, load_folder, preprocess  # noqa: E402
 from cnnlab.layers import Dropout  # noqa: E402
 from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
@@ -42,7 +45,22 @@ from common import cpu_peak_gflops, forward_flops, matmul_peak_gflops, sync  # n
 
 
 def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: torch.device,
-                 cuda_graph: bool = True, precision: str = "auto") -> float:
+                 cuda_graph: bool = True, precision: str = "auto", native: bool = True) -> float:
+    if native:
+        return _bench_cnnlab(preset, data, steps, batch, device, cuda_graph, precision)
+    before = os.environ.get("CNNLAB_NATIVE")
+    os.environ["CNNLAB_NATIVE"] = "0"  # PyTorch's kernels instead of cnnlab's native ones
+    try:
+        return _bench_cnnlab(preset, data, steps, batch, device, cuda_graph, precision)
+    finally:
+        if before is None:
+            del os.environ["CNNLAB_NATIVE"]
+        else:
+            os.environ["CNNLAB_NATIVE"] = before
+
+
+def _bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: torch.device,
+                  cuda_graph: bool, precision: str) -> float:
     cfg = resolve_config(preset, data="-", epochs=1, batch_size=batch, cuda_graph=cuda_graph, precision=precision)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as cnnlab's pick_device sets it
     torch.manual_seed(0)
@@ -214,8 +232,11 @@ def main() -> None:
     else:
         peak = cpu_peak_gflops()
         peaks = {"cnnlab": cpu_peak_gflops(torch.bfloat16) if ours_dtype else peak}
+        peaks["no-native"] = peaks["cnnlab"]
         where = (f"{args.threads} threads, malloc {args.malloc}, fp32 peak {peak:.0f} GFLOP/s"
                  + (f", bf16 peak {peaks['cnnlab']:.0f} GFLOP/s (cnnlab computes in bfloat16 here)" if ours_dtype else ""))
+    if device.type == "cpu":
+        where += f", native kernels {kernels.status()}"
     print(f"torch {torch.__version__}, {where}, {args.steps} timed steps per figure")
     print("images/s, best of --repeats (in brackets: nominal FLOP/s as a fraction of the peak of the column's "
           "precision, the best of GEMM and 3x3 convolution throughput measured above); ratios are cnnlab / column")
@@ -225,8 +246,10 @@ def main() -> None:
         runs = {"cnnlab": lambda: bench_cnnlab(preset, data, args.steps, batch, device)}
         if device.type == "cuda":
             runs["no-graph"] = lambda: bench_cnnlab(preset, data, args.steps, batch, device, cuda_graph=False)
-        elif ours_dtype:
-            runs["cnnlab-fp32"] = lambda: bench_cnnlab(preset, data, args.steps, batch, device, precision="fp32")
+        else:
+            runs["no-native"] = lambda: bench_cnnlab(preset, data, args.steps, batch, device, native=False)
+            if ours_dtype:
+                runs["cnnlab-fp32"] = lambda: bench_cnnlab(preset, data, args.steps, batch, device, precision="fp32")
         if "eager" not in skip:
             runs["eager"] = lambda: bench_eager(preset, data, args.steps, batch, device)
         if "keras" not in skip:

@@ -1,6 +1,10 @@
 """cnnlab's own layers: a cheaper dropout, airbench's whitening conv, a constant scale, and
 ``Net``, the ``nn.Sequential`` every preset builds, which runs batch norm -> ReLU -> 2x2 max-pool
-as one fused step when training on CPU in float32, and pools before the ReLU everywhere else.
+as one fused step when training on CPU, and pools before the ReLU everywhere else.
+
+The fused step is cnnlab's native kernel (``kernels.py``, float32 and bfloat16, channels_last)
+where it is built, else, in float32, ``BNReLUPool2`` below, made of PyTorch operations; bfloat16
+without the native kernel runs the stock layers.
 
 Why the fusion: on 2 CPU cores the seed presets' step time goes mostly to memory-bound passes over
 the first block's 128x32x32x32 activations (batch-norm forward and backward, ReLU backward, pooling
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .errors import CnnlabError
 
 
@@ -123,7 +128,7 @@ class BNReLUPool2(torch.autograd.Function):
 
 def _fusable(layers: list[nn.Module], i: int, x: torch.Tensor) -> bool:
     """Whether layers[i:i+3] are BatchNorm2d (training, affine, tracked), ReLU, MaxPool2d(2) and
-    ``x`` is a float32 CPU batch that needs gradients."""
+    ``x`` is a CPU batch that needs gradients, in float32 or in a form the native kernels take."""
     if i + 2 >= len(layers):
         return False
     bn, relu, pool = layers[i:i + 3]
@@ -131,16 +136,19 @@ def _fusable(layers: list[nn.Module], i: int, x: torch.Tensor) -> bool:
             and isinstance(relu, nn.ReLU) and type(pool) is nn.MaxPool2d
             and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
             and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
-            and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.device.type == "cpu" and x.dim() == 4
             and x.requires_grad and torch.is_grad_enabled()
-            and x.shape[0] * x.shape[2] * x.shape[3] > 1)
+            and x.shape[0] * x.shape[2] * x.shape[3] > 1
+            and (x.dtype == torch.float32 or kernels.supports(x, bn)))
 
 
 def bn_relu_pool(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """``MaxPool2d(2)(relu(bn(x)))`` for a training-mode ``bn``, fused (updates its statistics)."""
+    """``MaxPool2d(2)(relu(bn(x)))`` for a training-mode ``bn``, fused (updates its statistics):
+    by the native kernels where they take ``x``, else (float32) by ``BNReLUPool2``."""
     bn.num_batches_tracked.add_(1)
     momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    return BNReLUPool2.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
+    fused = kernels.BNReLUPool2Native if kernels.supports(x, bn) else BNReLUPool2
+    return fused.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
 
 
 def _relu_then_pool(layers: list[nn.Module], i: int) -> bool:
@@ -152,8 +160,8 @@ def _relu_then_pool(layers: list[nn.Module], i: int) -> bool:
 
 class Net(nn.Sequential):
     """An ``nn.Sequential`` (same layers, same state-dict keys) whose forward fuses each
-    batch norm -> ReLU -> 2x2 max-pool run when training on CPU in float32 (see ``BNReLUPool2``),
-    and elsewhere pools before the ReLU (see ``_relu_then_pool``)."""
+    batch norm -> ReLU -> 2x2 max-pool run when training on CPU (see ``bn_relu_pool``), and
+    elsewhere pools before the ReLU (see ``_relu_then_pool``)."""
 
     def forward(self, x):
         layers = list(self)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
+from . import __version__, kernels
 from .data import ImageSet, Splits, apply_augment, augment_draws, load_splits, normalizer, preprocess, to_device
 from .errors import CnnlabError
 from .metrics import confusion_matrix, summarize
@@ -656,11 +656,14 @@ def _epoch_line(row: dict, epochs: int, stopper: EarlyStopping) -> str:
 # ---------------------------------------------------------------- a whole run
 
 def environment(device: torch.device, precision: str = "auto") -> dict:
-    """Where a run ran: versions, device, threads, and the dtype its precision setting gave here."""
+    """Where a run ran: versions, device, threads, the dtype its precision setting gave here and,
+    on a CPU, whether cnnlab's native kernels were in use (built here on first use)."""
     dtype = compute_dtype(precision, device)
+    cpu = device.type == "cpu"
     return {"cnnlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "device": str(device) if cpu else torch.cuda.get_device_name(device),
             "compute_dtype": str(dtype or torch.float32).removeprefix("torch."),
+            "native_kernels": kernels.status() if cpu else "not used on GPUs",
             "threads": torch.get_num_threads(), "platform": platform.platform(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 

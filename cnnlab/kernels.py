@@ -1,0 +1,173 @@
+"""Native CPU kernels (``kernels.cpp``): training-mode batch norm -> ReLU -> 2x2 max-pool in one
+step, for channels_last float32 and bfloat16 batches.
+
+The library is compiled on first use with the machine's C++ compiler (``$CXX``, else ``c++``,
+``g++`` or ``clang++``; about a second) into ``$CNNLAB_CACHE/kernels/`` (else
+``~/.cache/cnnlab/kernels/``), keyed by the source, the compiler, its flags and this CPU, then
+reused. Without a compiler, or with ``CNNLAB_NATIVE=0``, training runs PyTorch's own kernels
+instead (the same function, slower on CPU); ``status()`` says which, and every run records it.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+# best first: -march=native for this CPU's vector width, then portable, then without OpenMP
+FLAG_SETS = (
+    ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"],
+    ["-O3", "-fno-trapping-math", "-fopenmp"],
+    ["-O3", "-fno-trapping-math"],
+)
+COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC"]
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+SIGNATURES = {
+    "forward": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _F, _F, _P, _P, _P, _P, _P, ctypes.c_int],
+    "backward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int],
+}
+
+
+def find_compiler() -> str | None:
+    """``$CXX``, else the first of c++, g++, clang++ on the PATH."""
+    if os.environ.get("CXX"):
+        return os.environ["CXX"]
+    return next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: this CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _compiler_version(compiler: str) -> str | None:
+    try:
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def build(cache_dir: Path, compiler: str | None) -> tuple[Path | None, str]:
+    """Compiles ``kernels.cpp`` into ``cache_dir`` (or finds it there, already built); returns
+    the library's path and a note, or None and why it could not be built."""
+    if sys.platform == "win32":
+        return None, "not built on Windows"
+    version = _compiler_version(compiler) if compiler else None
+    if version is None:
+        return None, "no C++ compiler found (set CXX, or install g++ or clang++)"
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), version.encode(), " ".join(flags).encode(),
+                                         _cpu_signature().encode(), torch.__version__.encode()])).hexdigest()[:16]
+        target = cache_dir / f"cnnlab_kernels_{key}.so"
+        if target.exists():
+            return target, f"cached {target.name}"
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # then an atomic rename: no half-written library
+                partial = Path(tmp) / target.name
+                done = subprocess.run([compiler, *flags, *COMMON_FLAGS, str(SOURCE), "-o", str(partial)],
+                                      capture_output=True, text=True, timeout=300)
+                if done.returncode == 0:
+                    os.replace(partial, target)
+                    return target, f"built {target.name} with {' '.join(flags)}"
+                errors.append((done.stderr.strip().splitlines() or ["failed"])[-1][:200])
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(str(exc)[:200])
+    return None, f"{compiler} could not build it: {errors[-1]}"
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The library, built or found once per process, and a note saying how."""
+    from .data import default_cache_dir  # late: data imports much more than this module needs
+    path, note = build(default_cache_dir() / "kernels", find_compiler())
+    if path is None:
+        return None, note
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        return None, f"could not load {path}: {exc}"
+    for suffix in SUFFIX.values():
+        for name, argtypes in SIGNATURES.items():
+            function = getattr(lib, f"cnnlab_bn_relu_pool2_{name}_{suffix}")
+            function.argtypes, function.restype = argtypes, None
+    return lib, note
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None when they are switched off (``CNNLAB_NATIVE=0``) or cannot
+    be built here."""
+    if os.environ.get("CNNLAB_NATIVE", "1") == "0":
+        return None
+    return _load()[0]
+
+
+def status() -> str:
+    """One line for a run's record: whether the native kernels are in use, and if not, why."""
+    if os.environ.get("CNNLAB_NATIVE", "1") == "0":
+        return "off (CNNLAB_NATIVE=0)"
+    lib, note = _load()
+    return "on" if lib is not None else f"off: {note}"
+
+
+def supports(x: torch.Tensor, bn: torch.nn.BatchNorm2d) -> bool:
+    """Whether ``bn_relu_pool2`` can take this batch and batch norm: a channels_last float32 or
+    bfloat16 CPU tensor of at least 2x2 pixels, float32 parameters, and the kernels built."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in SUFFIX
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and x.shape[2] >= 2 and x.shape[3] >= 2 and x.shape[1] > 0
+            and all(t is not None and t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+                    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+            and library() is not None)
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+class BNReLUPool2Native(torch.autograd.Function):
+    """``MaxPool2d(2)(relu(BatchNorm2d(x)))`` in training mode, by the native kernels; updates
+    ``running_mean``/``running_var`` in place (unbiased variance), as ``nn.BatchNorm2d`` does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
+        n, c, h, w = x.shape
+        out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
+        flags = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
+        pooled = torch.empty((n, h // 2, w // 2, c), dtype=x.dtype)
+        mean, invstd = torch.empty(c), torch.empty(c)
+        ctx.lib = _load()[0]  # kept for the backward, whatever CNNLAB_NATIVE says by then
+        getattr(ctx.lib, f"cnnlab_bn_relu_pool2_forward_{SUFFIX[x.dtype]}")(
+            _ptr(x), n, h, w, c, _ptr(weight), _ptr(bias), _ptr(running_mean), _ptr(running_var), momentum, eps,
+            _ptr(out), _ptr(flags), _ptr(pooled), _ptr(mean), _ptr(invstd), torch.get_num_threads())
+        ctx.save_for_backward(x, weight, flags, pooled, mean, invstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, flags, pooled, mean, invstd = ctx.saved_tensors
+        n, c, h, w = x.shape
+        grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+        grad_weight, grad_bias = torch.empty(c), torch.empty(c)
+        getattr(ctx.lib, f"cnnlab_bn_relu_pool2_backward_{SUFFIX[x.dtype]}")(
+            _ptr(x), _ptr(grad), _ptr(flags), _ptr(pooled), n, h, w, c, _ptr(weight), _ptr(mean), _ptr(invstd),
+            _ptr(grad_weight), _ptr(grad_bias), _ptr(grad_x), torch.get_num_threads())
+        return grad_x, grad_weight, grad_bias, None, None, None, None

@@ -1,0 +1,159 @@
+"""The native batch norm -> ReLU -> 2x2 max-pool kernels compute what the stock layers compute,
+are built once and reused, and training falls back to PyTorch's kernels without them."""
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cnnlab import kernels
+from cnnlab.layers import BNReLUPool2, Net, bn_relu_pool
+from cnnlab.presets import PRESETS, build_model
+from cnnlab.train import environment
+
+HAVE_COMPILER = kernels.find_compiler() is not None
+needs_kernels = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler here: native kernels not built")
+
+
+def _bn(channels, seed, momentum=0.1):
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(channels, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(channels))  # about half the scales negative
+        bn.bias.copy_(torch.randn(channels))
+        bn.running_mean.copy_(torch.randn(channels))
+    return bn
+
+
+def _reference(x, bn, grad):
+    """Stock layers in float64 on the same input values: output, input/weight/bias gradients,
+    and the batch norm's state afterwards."""
+    ref_bn = nn.BatchNorm2d(bn.num_features, momentum=bn.momentum).double()
+    ref_bn.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in bn.state_dict().items()})
+    x64 = x.detach().double().requires_grad_()
+    y = nn.Sequential(ref_bn, nn.ReLU(), nn.MaxPool2d(2))(x64)
+    y.backward(grad.double())
+    return y, x64.grad, ref_bn.weight.grad, ref_bn.bias.grad, ref_bn.state_dict()
+
+
+@needs_kernels
+def test_a_compiler_here_builds_the_kernels():
+    assert kernels.library() is not None, kernels.status()
+    assert kernels.status() == "on"
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,momentum", [
+    ((8, 16, 12, 12), 0.1),
+    ((3, 5, 7, 9), None),   # odd sizes: pooling drops the last row/column, the statistics do not
+    ((2, 3, 2, 2), 0.3),
+    ((4, 70, 6, 4), 0.1),   # more channels than one vector register holds
+])
+def test_native_matches_stock_layers(dtype, shape, momentum):
+    torch.manual_seed(1)
+    x = (torch.randn(*shape) * 3 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[0, :, :2, :2] = 0.25  # a window of ties: the first position wins, as in PyTorch
+    bn = _bn(shape[1], 2, momentum)
+    assert (bn.weight < 0).any() and (bn.weight > 0).any()
+    grad = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2).to(dtype)
+    y_ref, dx_ref, dw_ref, db_ref, state_ref = _reference(x, bn, grad)
+    assert kernels.supports(x, bn)
+    xn = x.clone().requires_grad_()
+    y = bn_relu_pool(xn, bn)
+    y.backward(grad)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert xn.grad.dtype == dtype and xn.grad.is_contiguous(memory_format=torch.channels_last)
+    # float32 agrees to float32 rounding; bfloat16 to the rounding of its stored outputs
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    torch.testing.assert_close(y.detach().double(), y_ref, rtol=tol, atol=tol * float(y_ref.abs().max()))
+    torch.testing.assert_close(xn.grad.double(), dx_ref, rtol=tol, atol=tol * float(dx_ref.abs().max()))
+    torch.testing.assert_close(bn.weight.grad.double(), dw_ref, rtol=1e-4, atol=1e-4 * float(dw_ref.abs().max()))
+    torch.testing.assert_close(bn.bias.grad.double(), db_ref, rtol=1e-4, atol=1e-4 * float(db_ref.abs().max()))
+    for key, value in state_ref.items():
+        torch.testing.assert_close(bn.state_dict()[key].double() if value.is_floating_point() else bn.state_dict()[key],
+                                   value, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+def test_native_is_repeatable_and_passes_nan_on():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    outs = [bn_relu_pool(x.clone().requires_grad_(), _bn(8, 3)) for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+    x[1, 2, 3, 3] = float("nan")  # a NaN poisons its channel's statistics, so its outputs are NaN
+    y = bn_relu_pool(x.requires_grad_(), _bn(8, 3))
+    assert y[:, 2].isnan().all() and not y[:, :2].isnan().any()
+
+
+@needs_kernels
+def test_native_runs_inside_net_in_bfloat16_and_matches_the_fallback(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(PRESETS["pool-bn"].layers, 10).to(memory_format=torch.channels_last)
+    x = torch.rand(32, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    original = kernels.BNReLUPool2Native.forward
+    monkeypatch.setattr(kernels.BNReLUPool2Native, "forward",
+                        staticmethod(lambda ctx, *a: calls.append(a[0].dtype) or original(ctx, *a)))
+
+    def step():
+        model.load_state_dict(state)
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = model(x.clone().requires_grad_()).float().logsumexp(1).mean()
+        loss.backward()
+        return loss.item(), model[0].weight.grad.clone()
+
+    native = step()
+    assert calls == [torch.bfloat16, torch.bfloat16]  # both blocks, in bfloat16 under autocast
+    monkeypatch.setenv("CNNLAB_NATIVE", "0")
+    fallback = step()
+    assert len(calls) == 2  # switched off: the stock layers ran
+    assert native[0] == pytest.approx(fallback[0], rel=2e-2)
+    cos = torch.nn.functional.cosine_similarity(native[1].flatten(), fallback[1].flatten(), dim=0)
+    assert cos > 0.98
+
+
+def test_switched_off_training_uses_pytorch_kernels(monkeypatch):
+    monkeypatch.setenv("CNNLAB_NATIVE", "0")
+    assert kernels.library() is None and kernels.status() == "off (CNNLAB_NATIVE=0)"
+    assert environment(torch.device("cpu"))["native_kernels"] == "off (CNNLAB_NATIVE=0)"
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    bn = _bn(3, 0)
+    assert not kernels.supports(x, bn)
+    used = []
+    monkeypatch.setattr(BNReLUPool2, "apply", lambda *a: used.append(1) or torch.zeros(4, 3, 4, 4))
+    bn_relu_pool(x.requires_grad_(), bn)  # float32: cnnlab's fused PyTorch version
+    assert used == [1]
+    net = Net(nn.Conv2d(3, 4, 3, padding=1), _bn(4, 0), nn.ReLU(), nn.MaxPool2d(2))
+    with torch.autocast("cpu", torch.bfloat16):
+        y = net(torch.randn(2, 3, 8, 8, requires_grad=True))  # bfloat16: the stock layers
+    assert y.shape == (2, 4, 4, 4) and used == [1]
+
+
+@needs_kernels
+def test_build_compiles_once_then_reuses(tmp_path):
+    compiler = kernels.find_compiler()
+    path, note = kernels.build(tmp_path, compiler)
+    assert path is not None and path.exists() and note.startswith("built"), note
+    assert "-march=native" in note
+    mtime = path.stat().st_mtime_ns
+    again, note = kernels.build(tmp_path, compiler)
+    assert again == path and note.startswith("cached") and path.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_build_without_a_working_compiler_says_why(tmp_path):
+    assert kernels.build(tmp_path, None)[0] is None
+    assert "no C++ compiler" in kernels.build(tmp_path, str(tmp_path / "missing-c++"))[1]
+    broken = tmp_path / "broken-c++"  # answers --version, fails to compile
+    broken.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo broken 1.0; exit 0; fi\n"
+                      "echo 'error: cannot compile' >&2; exit 1\n")
+    broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+    cache = tmp_path / "cache"
+    path, note = kernels.build(cache, str(broken))
+    assert path is None and "could not build it: error: cannot compile" in note
+    assert not list(cache.glob("*.so"))
