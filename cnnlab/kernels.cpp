@@ -1,11 +1,13 @@
 // cnnlab's native CPU kernels, built on first use by cnnlab/kernels.py with the machine's C++
-// compiler: training-mode batch norm -> ReLU -> 2x2 max-pool as one step, forward and backward,
-// for channels_last float32 and bfloat16 tensors (see cnnlab/layers.py for why it pays).
+// compiler: training-mode batch norm -> ReLU -> 2x2 max-pool (-> dropout) as one step, forward
+// and backward, for channels_last float32 and bfloat16 tensors (see cnnlab/layers.py for why it pays).
 //
 // x is (N, H, W, C) in memory. Forward: one pass for the per-channel mean and variance, one pass
-// that normalizes each 2x2 window, takes its maximum and applies the ReLU; it stores per output
-// value the window's argmax and whether the ReLU passed it (flags) and the raw input there
-// (pooled). Backward: one pass over the pooled values for the two per-channel sums, one pass
+// that normalizes each 2x2 window, takes its maximum, applies the ReLU and the dropout mask; it
+// stores per output value the window's argmax and whether a gradient passes the ReLU and the mask
+// (flags) and the raw input there (pooled). The dropout mask is a hash of each output value's
+// index and a key drawn from torch's generator per call, so seeded runs repeat and no mask tensor
+// is drawn or stored. Backward: one pass over the pooled values for the two per-channel sums, one pass
 // writing the input gradient a * (g - mean(g) - xhat * mean(g * xhat)), where g is non-zero only
 // at each window's argmax. Arithmetic is float32 with double-precision per-channel totals.
 #include <cmath>
@@ -51,7 +53,21 @@ int team_size() {
 #endif
 }
 
-constexpr int64_t kFlush = 256;  // rows summed in float32 before adding to the double totals
+constexpr int64_t kFlush = 256;
+
+inline uint32_t mix(uint32_t h) {  // a 32-bit integer hash with low bias (Chris Wellons' lowbias32)
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    h *= 0x846ca68bu;
+    h ^= h >> 16;
+    return h;
+}
+
+struct Dropout {
+    uint32_t key0, key1, threshold;  // a value is dropped when its hash is below threshold
+    float scale;                     // 1 / (1 - p)
+};  // rows summed in float32 before adding to the double totals
 
 // The pointers of one pixel's C channels never alias: restrict lets the compiler vectorize.
 template <typename T>
@@ -64,10 +80,10 @@ void stats_row(int64_t C, const T *__restrict__ row, const T *__restrict__ shift
     }
 }
 
-template <typename T>
+template <typename T, bool Drop>
 void pool_row(int64_t C, const float *__restrict__ a, const float *__restrict__ b, const T *__restrict__ q0,
               const T *__restrict__ q1, const T *__restrict__ q2, const T *__restrict__ q3, T *__restrict__ out,
-              uint8_t *__restrict__ flags, T *__restrict__ pooled) {
+              uint8_t *__restrict__ flags, T *__restrict__ pooled, uint32_t index, Dropout drop) {
     for (int64_t c = 0; c < C; c++) {
         T x0 = q0[c], x1 = q1[c], x2 = q2[c], x3 = q3[c];
         float y0 = a[c] * load(x0) + b[c], y1 = a[c] * load(x1) + b[c];
@@ -79,6 +95,10 @@ void pool_row(int64_t C, const float *__restrict__ a, const float *__restrict__ 
         int mb = yb > ya;
         float y = mb ? yb : ya;
         int pass = !(y <= 0.0f);  // the ReLU keeps positives and NaN
+        if (Drop) {
+            pass &= mix(mix((index + uint32_t(c)) ^ drop.key0) + drop.key1) >= drop.threshold;
+            y *= drop.scale;
+        }
         out[c] = store<T>(pass ? y : 0.0f);
         flags[c] = uint8_t((mb ? 2 + m3 : m1) | (pass << 2));
         T xa = m1 ? x1 : x0, xb = m3 ? x3 : x2;
@@ -88,9 +108,9 @@ void pool_row(int64_t C, const float *__restrict__ a, const float *__restrict__ 
 
 template <typename T>
 void grad_sums_row(int64_t C, const T *__restrict__ grad, const uint8_t *__restrict__ flags,
-                   const T *__restrict__ pooled, float *__restrict__ s, float *__restrict__ q) {
+                   const T *__restrict__ pooled, float scale, float *__restrict__ s, float *__restrict__ q) {
     for (int64_t c = 0; c < C; c++) {
-        float g = (flags[c] & 4) ? load(grad[c]) : 0.0f;
+        float g = (flags[c] & 4) ? scale * load(grad[c]) : 0.0f;
         s[c] += g;
         q[c] += g * load(pooled[c]);
     }
@@ -99,10 +119,10 @@ void grad_sums_row(int64_t C, const T *__restrict__ grad, const uint8_t *__restr
 template <typename T>
 void dx_row(int64_t C, const float *__restrict__ a, const float *__restrict__ c2, const float *__restrict__ c3,
             const T *__restrict__ x, const T *__restrict__ grad, const uint8_t *__restrict__ flags, uint8_t here,
-            T *__restrict__ dx) {
+            float scale, T *__restrict__ dx) {
     for (int64_t c = 0; c < C; c++) {
         float dense = c2[c] + c3[c] * load(x[c]);
-        dx[c] = store<T>(flags[c] == here ? dense + a[c] * load(grad[c]) : dense);
+        dx[c] = store<T>(flags[c] == here ? dense + scale * a[c] * load(grad[c]) : dense);
     }
 }
 
@@ -145,8 +165,8 @@ void channel_sums(int64_t rows, int64_t C, int threads, double *sum, double *sum
 
 template <typename T>
 void forward(const T *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *weight, const float *bias,
-             float *running_mean, float *running_var, float momentum, float eps, T *out, uint8_t *flags, T *pooled,
-             float *mean, float *invstd, int threads) {
+             float *running_mean, float *running_var, float momentum, float eps, Dropout drop, T *out,
+             uint8_t *flags, T *pooled, float *mean, float *invstd, int threads) {
     int64_t count = N * H * W, OH = H / 2, OW = W / 2;
     std::vector<double> sum(C), sum2(C);
     channel_sums(count, C, threads, sum.data(), sum2.data(),
@@ -169,19 +189,24 @@ void forward(const T *x, int64_t N, int64_t H, int64_t W, int64_t C, const float
         for (int64_t ow = 0; ow < OW; ow++) {
             const T *q0 = x + ((n * H + 2 * oh) * W + 2 * ow) * C;
             int64_t o = (nr * OW + ow) * C;
-            pool_row(C, a.data(), b.data(), q0, q0 + C, q0 + W * C, q0 + W * C + C, out + o, flags + o, pooled + o);
+            if (drop.threshold > 0)
+                pool_row<T, true>(C, a.data(), b.data(), q0, q0 + C, q0 + W * C, q0 + W * C + C, out + o, flags + o,
+                                  pooled + o, uint32_t(o), drop);
+            else
+                pool_row<T, false>(C, a.data(), b.data(), q0, q0 + C, q0 + W * C, q0 + W * C + C, out + o, flags + o,
+                                   pooled + o, uint32_t(o), drop);
         }
     }
 }
 
 template <typename T>
 void backward(const T *x, const T *grad, const uint8_t *flags, const T *pooled, int64_t N, int64_t H, int64_t W,
-              int64_t C, const float *weight, const float *mean, const float *invstd, float *grad_weight,
+              int64_t C, const float *weight, const float *mean, const float *invstd, float scale, float *grad_weight,
               float *grad_bias, T *dx, int threads) {
     int64_t count = N * H * W, OH = H / 2, OW = W / 2;
     std::vector<double> gsum(C), gpsum(C);
     channel_sums(N * OH * OW, C, threads, gsum.data(), gpsum.data(), [&](int64_t r, float *s, float *q) {
-        grad_sums_row(C, grad + r * C, flags + r * C, pooled + r * C, s, q);
+        grad_sums_row(C, grad + r * C, flags + r * C, pooled + r * C, scale, s, q);
     });
     std::vector<float> a(C), c2(C), c3(C);
     for (int64_t c = 0; c < C; c++) {
@@ -199,7 +224,7 @@ void backward(const T *x, const T *grad, const uint8_t *flags, const T *pooled, 
             if (h / 2 < OH && w / 2 < OW) {  // an odd last row or column is outside every window
                 int64_t o = ((n * OH + h / 2) * OW + w / 2) * C;
                 uint8_t here = uint8_t(4 | ((h & 1) * 2 + (w & 1)));
-                dx_row(C, a.data(), c2.data(), c3.data(), x + i, grad + o, flags + o, here, dx + i);
+                dx_row(C, a.data(), c2.data(), c3.data(), x + i, grad + o, flags + o, here, scale, dx + i);
             } else {
                 dense_row(C, c2.data(), c3.data(), x + i, dx + i);
             }
@@ -211,22 +236,25 @@ void backward(const T *x, const T *grad, const uint8_t *flags, const T *pooled, 
 
 extern "C" {
 
-int cnnlab_kernels_version() { return 1; }
+int cnnlab_kernels_version() { return 2; }
 
-#define CNNLAB_KERNELS(SUFFIX, T)                                                                              \
-    void cnnlab_bn_relu_pool2_forward_##SUFFIX(const T *x, int64_t N, int64_t H, int64_t W, int64_t C,           \
-                                               const float *weight, const float *bias, float *running_mean,      \
-                                               float *running_var, float momentum, float eps, T *out,            \
-                                               uint8_t *flags, T *pooled, float *mean, float *invstd,            \
-                                               int threads) {                                                     \
-        forward<T>(x, N, H, W, C, weight, bias, running_mean, running_var, momentum, eps, out, flags, pooled,  \
-                   mean, invstd, threads);                                                                        \
-    }                                                                                                             \
+// key0, key1: the dropout mask's key; threshold: p * 2^32 (0: no dropout); scale: 1 / (1 - p)
+#define CNNLAB_KERNELS(SUFFIX, T)                                                                             \
+    void cnnlab_bn_relu_pool2_forward_##SUFFIX(const T *x, int64_t N, int64_t H, int64_t W, int64_t C,          \
+                                               const float *weight, const float *bias, float *running_mean,     \
+                                               float *running_var, float momentum, float eps, uint32_t key0,    \
+                                               uint32_t key1, uint32_t threshold, float scale, T *out,          \
+                                               uint8_t *flags, T *pooled, float *mean, float *invstd,           \
+                                               int threads) {                                                    \
+        forward<T>(x, N, H, W, C, weight, bias, running_mean, running_var, momentum, eps,                     \
+                   Dropout{key0, key1, threshold, scale}, out, flags, pooled, mean, invstd, threads);          \
+    }                                                                                                            \
     void cnnlab_bn_relu_pool2_backward_##SUFFIX(const T *x, const T *grad, const uint8_t *flags, const T *pooled, \
                                                 int64_t N, int64_t H, int64_t W, int64_t C, const float *weight, \
-                                                const float *mean, const float *invstd, float *grad_weight,       \
-                                                float *grad_bias, T *dx, int threads) {                           \
-        backward<T>(x, grad, flags, pooled, N, H, W, C, weight, mean, invstd, grad_weight, grad_bias, dx, threads); \
+                                                const float *mean, const float *invstd, float scale,             \
+                                                float *grad_weight, float *grad_bias, T *dx, int threads) {      \
+        backward<T>(x, grad, flags, pooled, N, H, W, C, weight, mean, invstd, scale, grad_weight, grad_bias, dx, \
+                    threads);                                                                                    \
     }
 
 CNNLAB_KERNELS(f32, float)

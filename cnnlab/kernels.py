@@ -1,5 +1,5 @@
-"""Native CPU kernels (``kernels.cpp``): training-mode batch norm -> ReLU -> 2x2 max-pool in one
-step, for channels_last float32 and bfloat16 batches.
+"""Native CPU kernels (``kernels.cpp``): training-mode batch norm -> ReLU -> 2x2 max-pool, and the
+dropout after it when there is one, in one step, for channels_last float32 and bfloat16 batches.
 
 The library is compiled on first use with the machine's C++ compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``; about a second) into ``$CNNLAB_CACHE/kernels/`` (else
@@ -31,10 +31,10 @@ FLAG_SETS = (
 )
 COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC"]
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_P, _I, _F, _U = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_uint32
 SIGNATURES = {
-    "forward": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _F, _F, _P, _P, _P, _P, _P, ctypes.c_int],
-    "backward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int],
+    "forward": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _F, _F, _U, _U, _U, _F, _P, _P, _P, _P, _P, ctypes.c_int],
+    "backward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _F, _P, _P, _P, ctypes.c_int],
 }
 
 
@@ -143,12 +143,17 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
 
 
 class BNReLUPool2Native(torch.autograd.Function):
-    """``MaxPool2d(2)(relu(BatchNorm2d(x)))`` in training mode, by the native kernels; updates
-    ``running_mean``/``running_var`` in place (unbiased variance), as ``nn.BatchNorm2d`` does."""
+    """``MaxPool2d(2)(relu(BatchNorm2d(x)))`` in training mode, then inverted dropout with rate
+    ``p`` (none for 0), by the native kernels; updates ``running_mean``/``running_var`` in place
+    (unbiased variance), as ``nn.BatchNorm2d`` does. The dropout mask is keyed by two draws from
+    torch's default generator, so ``torch.manual_seed`` makes it repeat."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, p: float = 0.0):
         n, c, h, w = x.shape
+        key0, key1 = (torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist() if p > 0 else (0, 0))
+        threshold = min(round(p * 2**32), 2**32 - 1)
+        ctx.scale = 1.0 / (1.0 - p)
         out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
         flags = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
         pooled = torch.empty((n, h // 2, w // 2, c), dtype=x.dtype)
@@ -156,7 +161,7 @@ class BNReLUPool2Native(torch.autograd.Function):
         ctx.lib = _load()[0]  # kept for the backward, whatever CNNLAB_NATIVE says by then
         getattr(ctx.lib, f"cnnlab_bn_relu_pool2_forward_{SUFFIX[x.dtype]}")(
             _ptr(x), n, h, w, c, _ptr(weight), _ptr(bias), _ptr(running_mean), _ptr(running_var), momentum, eps,
-            _ptr(out), _ptr(flags), _ptr(pooled), _ptr(mean), _ptr(invstd), torch.get_num_threads())
+            key0, key1, threshold, ctx.scale, _ptr(out), _ptr(flags), _ptr(pooled), _ptr(mean), _ptr(invstd), torch.get_num_threads())
         ctx.save_for_backward(x, weight, flags, pooled, mean, invstd)
         return out
 
@@ -169,5 +174,5 @@ class BNReLUPool2Native(torch.autograd.Function):
         grad_weight, grad_bias = torch.empty(c), torch.empty(c)
         getattr(ctx.lib, f"cnnlab_bn_relu_pool2_backward_{SUFFIX[x.dtype]}")(
             _ptr(x), _ptr(grad), _ptr(flags), _ptr(pooled), n, h, w, c, _ptr(weight), _ptr(mean), _ptr(invstd),
-            _ptr(grad_weight), _ptr(grad_bias), _ptr(grad_x), torch.get_num_threads())
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+            ctx.scale, _ptr(grad_weight), _ptr(grad_bias), _ptr(grad_x), torch.get_num_threads())
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None

@@ -142,13 +142,26 @@ def _fusable(layers: list[nn.Module], i: int, x: torch.Tensor) -> bool:
             and (x.dtype == torch.float32 or kernels.supports(x, bn)))
 
 
-def bn_relu_pool(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+def bn_relu_pool(x: torch.Tensor, bn: nn.BatchNorm2d, dropout: float = 0.0) -> torch.Tensor:
     """``MaxPool2d(2)(relu(bn(x)))`` for a training-mode ``bn``, fused (updates its statistics):
-    by the native kernels where they take ``x``, else (float32) by ``BNReLUPool2``."""
+    by the native kernels where they take ``x``, else (float32) by ``BNReLUPool2``. ``dropout``
+    (native kernels only) also applies a dropout of that rate to the result."""
     bn.num_batches_tracked.add_(1)
     momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    fused = kernels.BNReLUPool2Native if kernels.supports(x, bn) else BNReLUPool2
-    return fused.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
+    args = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
+    if kernels.supports(x, bn):
+        return kernels.BNReLUPool2Native.apply(*args, dropout)
+    if dropout:
+        raise ValueError("bn_relu_pool: dropout is fused by the native kernels only")
+    return BNReLUPool2.apply(*args)
+
+
+def _fused_dropout(layers: list[nn.Module], i: int, x: torch.Tensor) -> float:
+    """The rate of a training-mode ``Dropout`` at layers[i] that the native kernel can apply
+    along with the block before it (0 when there is none)."""
+    if i < len(layers) and type(layers[i]) is Dropout and layers[i].training and layers[i].p > 0:
+        return layers[i].p if kernels.supports(x, layers[i - 3]) else 0.0
+    return 0.0
 
 
 def _relu_then_pool(layers: list[nn.Module], i: int) -> bool:
@@ -172,8 +185,9 @@ class Net(nn.Sequential):
         i = 0
         while i < len(layers):
             if _fusable(layers, i, x):
-                x = bn_relu_pool(x, layers[i])
-                i += 3
+                p = _fused_dropout(layers, i + 3, x)
+                x = bn_relu_pool(x, layers[i], p)
+                i += 4 if p else 3
             elif _relu_then_pool(layers, i):
                 x = layers[i](layers[i + 1](x))
                 i += 2

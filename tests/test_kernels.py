@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cnnlab import kernels
-from cnnlab.layers import BNReLUPool2, Net, bn_relu_pool
+from cnnlab.layers import BNReLUPool2, Dropout, Net, bn_relu_pool
 from cnnlab.presets import PRESETS, build_model
 from cnnlab.train import environment
 
@@ -35,7 +35,7 @@ def _reference(x, bn, grad):
     x64 = x.detach().double().requires_grad_()
     y = nn.Sequential(ref_bn, nn.ReLU(), nn.MaxPool2d(2))(x64)
     y.backward(grad.double())
-    return y, x64.grad, ref_bn.weight.grad, ref_bn.bias.grad, ref_bn.state_dict()
+    return y.detach(), x64.grad, ref_bn.weight.grad, ref_bn.bias.grad, ref_bn.state_dict()
 
 
 @needs_kernels
@@ -75,6 +75,68 @@ def test_native_matches_stock_layers(dtype, shape, momentum):
     for key, value in state_ref.items():
         torch.testing.assert_close(bn.state_dict()[key].double() if value.is_floating_point() else bn.state_dict()[key],
                                    value, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_dropout_is_inverted_dropout_on_the_block_output(dtype):
+    torch.manual_seed(0)
+    n, c, h, w, p = 16, 24, 16, 16, 0.25
+    x = (torch.randn(n, c, h, w) * 2).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(n, c, h // 2, w // 2).to(dtype)
+    bn = _bn(c, 1)
+    with torch.no_grad():
+        bn.bias.add_(1.0)  # most outputs positive, so each channel's kept share is well measured
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    plain = bn_relu_pool(x.clone().requires_grad_(), bn)
+    bn.load_state_dict(state)
+    xd = x.clone().requires_grad_()
+    dropped = bn_relu_pool(xd, bn, p)
+    dropped.backward(grad)
+    kept = dropped != 0
+    alive = plain != 0
+    assert not (kept & ~alive).any()  # dropout only zeroes
+    torch.testing.assert_close(dropped[kept].float(), plain[kept].float() / (1 - p), rtol=2 ** -7, atol=0)
+    share = kept.sum() / alive.sum()
+    assert abs(float(share) - (1 - p)) < 0.01, share  # 1-p of the positive outputs kept
+    assert (alive.sum((0, 2, 3)) > 200).all()
+    per_channel = kept.sum((0, 2, 3)) / alive.sum((0, 2, 3))
+    assert float((per_channel - (1 - p)).abs().max()) < 0.08
+    # the gradient is the stock layers' through the same mask
+    bn.load_state_dict(state)
+    y_ref, dx_ref, dw_ref, db_ref, _ = _reference(x, bn, grad.double() * kept / (1 - p))
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    torch.testing.assert_close(xd.grad.double(), dx_ref, rtol=tol, atol=tol * float(dx_ref.abs().max()))
+    torch.testing.assert_close(bn.weight.grad.double(), dw_ref, rtol=1e-4, atol=1e-4 * float(dw_ref.abs().max()))
+
+
+@needs_kernels
+def test_fused_dropout_masks_repeat_with_the_seed_and_differ_between_calls():
+    x = torch.randn(8, 16, 8, 8).contiguous(memory_format=torch.channels_last) + 3  # all outputs positive
+    bn = nn.BatchNorm2d(16)
+    masks = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        masks.append(bn_relu_pool(x.clone().requires_grad_(), bn, 0.5) != 0)
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    both = (masks[0] & masks[2]).float().mean()
+    assert abs(float(both) - 0.25) < 0.03  # independent masks
+
+
+@needs_kernels
+def test_the_dropout_preset_fuses_its_two_block_dropouts(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(PRESETS["dropout"].layers, 10).to(memory_format=torch.channels_last)
+    rates, plain = [], []
+    apply = kernels.BNReLUPool2Native.apply
+    monkeypatch.setattr(kernels.BNReLUPool2Native, "apply", lambda *a: rates.append(a[-1]) or apply(*a))
+    forward = Dropout.forward
+    monkeypatch.setattr(Dropout, "forward", lambda self, x: plain.append(self.p) or forward(self, x))
+    x = torch.rand(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", torch.bfloat16):
+        model(x).float().sum().backward()
+    assert rates == [0.25, 0.25] and plain == [0.5]  # the dense layer's dropout stays a layer
+    assert all(p.grad is not None for p in model.parameters())
 
 
 @needs_kernels
