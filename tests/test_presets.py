@@ -36,7 +36,7 @@ def test_seed_presets_have_the_seed_studys_parameter_counts(name):
 def test_seed_presets_are_the_seed_studys_layers():
     assert PRESETS["conv"].layers[:4] == ("conv32:valid", "relu", "conv64:valid", "relu")
     assert PRESETS["dropout"].layers.count("drop0.25") == 2 and "drop0.5" in PRESETS["dropout"].layers
-    assert PRESETS["early-stop"].settings == {"epochs": 20, "monitor": "val_loss", "patience": 5}
+    assert PRESETS["early-stop"].settings == {"epochs": 60, "monitor": "val_loss", "patience": 5}
     assert PRESETS["dropout"].settings["epochs"] == 60
 
 

@@ -88,7 +88,7 @@ def test_one_cycle_schedule_rises_then_falls_to_zero():
 
 def test_preset_settings_sit_between_defaults_and_explicit_values():
     cfg = resolve_config("early-stop", data="x")
-    assert (cfg.epochs, cfg.patience, cfg.lr, cfg.batch_size, cfg.optimizer) == (20, 5, 1e-3, 128, "adam")
+    assert (cfg.epochs, cfg.patience, cfg.lr, cfg.batch_size, cfg.optimizer) == (60, 5, 1e-3, 128, "adam")
     assert resolve_config("early-stop", data="x", patience=2, epochs=None).patience == 2
 
 
