@@ -155,10 +155,11 @@ def _environment(infos: list[dict]) -> str:
         rows.append(f"<tr><td>{html.escape(info['name'])}</td><td>{env.get('cnnlab', '?')}</td><td>{env.get('torch', '?')}"
                     f"</td><td>{env.get('python', '?')}</td><td>{html.escape(str(env.get('device', '?')))}</td>"
                     f"<td>{html.escape(str(env.get('compute_dtype', 'float32' if env.get('device') == 'cpu' else '?')))}</td>"
+                    f"<td>{html.escape(str(env.get('native_kernels', '-')))}</td>"
                     f"<td>{env.get('threads', '?')}</td><td>{info['config'].get('seed', '?')}</td>"
                     f"<td>{html.escape(str(env.get('date', '?')))}</td></tr>")
     return ('<table class="grid small"><thead><tr><th>run</th><th>cnnlab</th><th>torch</th><th>python</th>'
-            f'<th>device</th><th>compute dtype</th><th>threads</th><th>seed</th><th>date</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+            f'<th>device</th><th>compute dtype</th><th>native kernels</th><th>threads</th><th>seed</th><th>date</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
 STYLE = """

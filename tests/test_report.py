@@ -37,6 +37,8 @@ def test_reproduce_quick_runs_every_part_and_writes_one_report(reproduced):
     for config in out.glob("*/config.json"):  # --precision reached every run, and the report says so
         assert json.loads(config.read_text())["environment"]["compute_dtype"] == "bfloat16"
     assert "<th>compute dtype</th>" in page and "<td>bfloat16</td>" in page
+    native = {json.loads(c.read_text())["environment"]["native_kernels"] for c in out.glob("*/config.json")}
+    assert len(native) == 1 and "<th>native kernels</th>" in page and f"<td>{native.pop()}</td>" in page
     assert report.stat().st_size < 10 * 2**20
     assert "https://" not in page.split("<body>")[1].split("<script")[0]  # nothing fetched to show the page
 
