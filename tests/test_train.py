@@ -233,6 +233,19 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch):
     assert train_module.native_bf16(torch.device("cpu"))
 
 
+def test_native_bf16_asks_a_gpu_without_counting_emulation(monkeypatch):
+    asked = []
+
+    def current(including_emulation=True):  # this PyTorch's signature: emulated bfloat16 counts by default
+        asked.append(including_emulation)
+        return including_emulation  # a pre-Ampere GPU: bfloat16 only by emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", current)
+    assert not train_module.native_bf16(torch.device("cuda")) and asked == [False]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # an older PyTorch: no such argument
+    assert train_module.native_bf16(torch.device("cuda"))
+
+
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_a_cpu_run_computes_in_its_precision_and_records_it(tmp_path, monkeypatch, precision, dtype):
     data = make_folder(tmp_path / "d", per_class=40)
