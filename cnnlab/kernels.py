@@ -70,11 +70,11 @@ def build(cache_dir: Path, compiler: str | None) -> tuple[Path | None, str]:
     version = _compiler_version(compiler) if compiler else None
     if version is None:
         return None, "no C++ compiler found (set CXX, or install g++ or clang++)"
-    source = SOURCE.read_bytes()
+    same_for_all_flags = b"\0".join([SOURCE.read_bytes(), compiler.encode(), version.encode(),
+                                      _cpu_signature().encode(), torch.__version__.encode()])
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), version.encode(), " ".join(flags).encode(),
-                                         _cpu_signature().encode(), torch.__version__.encode()])).hexdigest()[:16]
+        key = hashlib.sha256(same_for_all_flags + b"\0" + " ".join(flags).encode()).hexdigest()[:16]
         target = cache_dir / f"cnnlab_kernels_{key}.so"
         if target.exists():
             return target, f"cached {target.name}"
