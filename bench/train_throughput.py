@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -46,17 +47,9 @@ from common import cpu_peak_gflops, forward_flops, matmul_peak_gflops, sync  # n
 
 def bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: torch.device,
                  cuda_graph: bool = True, precision: str = "auto", native: bool = True) -> float:
-    if native:
+    # native=False: PyTorch's kernels instead of cnnlab's native ones, by the users' own switch
+    with mock.patch.dict(os.environ, {} if native else {"CNNLAB_NATIVE": "0"}):
         return _bench_cnnlab(preset, data, steps, batch, device, cuda_graph, precision)
-    before = os.environ.get("CNNLAB_NATIVE")
-    os.environ["CNNLAB_NATIVE"] = "0"  # PyTorch's kernels instead of cnnlab's native ones
-    try:
-        return _bench_cnnlab(preset, data, steps, batch, device, cuda_graph, precision)
-    finally:
-        if before is None:
-            del os.environ["CNNLAB_NATIVE"]
-        else:
-            os.environ["CNNLAB_NATIVE"] = before
 
 
 def _bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: torch.device,
