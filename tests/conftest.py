@@ -1,11 +1,14 @@
-"""Tiny generated image folders, and a private image cache for every test."""
+"""Tiny generated image folders, batch norms with random statistics, and a private image cache
+for every test."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COLORS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 50)]
@@ -25,6 +28,17 @@ def make_folder(root: Path, classes: int = 3, per_class: int = 20, size: int = 3
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"img_{j:03d}.{ext}")
     return root
 
+
+
+def random_bn(channels: int, seed: int, momentum: float | None = 0.1, dtype=torch.float32) -> nn.BatchNorm2d:
+    """A BatchNorm2d with random scales (about half negative), shifts and running mean."""
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(channels, momentum=momentum).to(dtype)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(channels))
+        bn.bias.copy_(torch.randn(channels))
+        bn.running_mean.copy_(torch.randn(channels))
+    return bn
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):

@@ -1,8 +1,6 @@
 """The native batch norm -> ReLU -> 2x2 max-pool kernels compute what the stock layers compute,
 are built once and reused, and training falls back to PyTorch's kernels without them."""
-import os
 import stat
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,19 +10,10 @@ from cnnlab import kernels
 from cnnlab.layers import BNReLUPool2, Dropout, Net, bn_relu_pool
 from cnnlab.presets import PRESETS, build_model
 from cnnlab.train import environment
+from conftest import random_bn
 
 HAVE_COMPILER = kernels.find_compiler() is not None
 needs_kernels = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler here: native kernels not built")
-
-
-def _bn(channels, seed, momentum=0.1):
-    torch.manual_seed(seed)
-    bn = nn.BatchNorm2d(channels, momentum=momentum)
-    with torch.no_grad():
-        bn.weight.copy_(torch.randn(channels))  # about half the scales negative
-        bn.bias.copy_(torch.randn(channels))
-        bn.running_mean.copy_(torch.randn(channels))
-    return bn
 
 
 def _reference(x, bn, grad):
@@ -56,7 +45,7 @@ def test_native_matches_stock_layers(dtype, shape, momentum):
     torch.manual_seed(1)
     x = (torch.randn(*shape) * 3 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
     x[0, :, :2, :2] = 0.25  # a window of ties: the first position wins, as in PyTorch
-    bn = _bn(shape[1], 2, momentum)
+    bn = random_bn(shape[1], 2, momentum)
     assert (bn.weight < 0).any() and (bn.weight > 0).any()
     grad = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2).to(dtype)
     y_ref, dx_ref, dw_ref, db_ref, state_ref = _reference(x, bn, grad)
@@ -84,7 +73,7 @@ def test_fused_dropout_is_inverted_dropout_on_the_block_output(dtype):
     n, c, h, w, p = 16, 24, 16, 16, 0.25
     x = (torch.randn(n, c, h, w) * 2).to(dtype).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(n, c, h // 2, w // 2).to(dtype)
-    bn = _bn(c, 1)
+    bn = random_bn(c, 1)
     with torch.no_grad():
         bn.bias.add_(1.0)  # most outputs positive, so each channel's kept share is well measured
     state = {k: v.clone() for k, v in bn.state_dict().items()}
@@ -143,10 +132,10 @@ def test_the_dropout_preset_fuses_its_two_block_dropouts(monkeypatch):
 def test_native_is_repeatable_and_passes_nan_on():
     torch.manual_seed(0)
     x = torch.randn(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
-    outs = [bn_relu_pool(x.clone().requires_grad_(), _bn(8, 3)) for _ in range(2)]
+    outs = [bn_relu_pool(x.clone().requires_grad_(), random_bn(8, 3)) for _ in range(2)]
     assert torch.equal(outs[0], outs[1])
     x[1, 2, 3, 3] = float("nan")  # a NaN poisons its channel's statistics, so its outputs are NaN
-    y = bn_relu_pool(x.requires_grad_(), _bn(8, 3))
+    y = bn_relu_pool(x.requires_grad_(), random_bn(8, 3))
     assert y[:, 2].isnan().all() and not y[:, :2].isnan().any()
 
 
@@ -184,13 +173,13 @@ def test_switched_off_training_uses_pytorch_kernels(monkeypatch):
     assert kernels.library() is None and kernels.status() == "off (CNNLAB_NATIVE=0)"
     assert environment(torch.device("cpu"))["native_kernels"] == "off (CNNLAB_NATIVE=0)"
     x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
-    bn = _bn(3, 0)
+    bn = random_bn(3, 0)
     assert not kernels.supports(x, bn)
     used = []
     monkeypatch.setattr(BNReLUPool2, "apply", lambda *a: used.append(1) or torch.zeros(4, 3, 4, 4))
     bn_relu_pool(x.requires_grad_(), bn)  # float32: cnnlab's fused PyTorch version
     assert used == [1]
-    net = Net(nn.Conv2d(3, 4, 3, padding=1), _bn(4, 0), nn.ReLU(), nn.MaxPool2d(2))
+    net = Net(nn.Conv2d(3, 4, 3, padding=1), random_bn(4, 0), nn.ReLU(), nn.MaxPool2d(2))
     with torch.autocast("cpu", torch.bfloat16):
         y = net(torch.randn(2, 3, 8, 8, requires_grad=True))  # bfloat16: the stock layers
     assert y.shape == (2, 4, 4, 4) and used == [1]

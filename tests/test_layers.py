@@ -5,16 +5,7 @@ from torch import nn
 
 from cnnlab.layers import Dropout, Net, bn_relu_pool
 from cnnlab.presets import PRESETS, build_model
-
-
-def _bn(channels, dtype, seed, momentum=0.1):
-    torch.manual_seed(seed)
-    bn = nn.BatchNorm2d(channels, momentum=momentum).to(dtype)
-    with torch.no_grad():
-        bn.weight.copy_(torch.randn(channels))  # about half the scales negative
-        bn.bias.copy_(torch.randn(channels))
-        bn.running_mean.copy_(torch.randn(channels))
-    return bn
+from conftest import random_bn
 
 
 @pytest.mark.parametrize("shape,channels_last,momentum", [
@@ -30,7 +21,7 @@ def test_fused_matches_stock_layers_in_float64(shape, channels_last, momentum):
     x[0, :, 0, 1] = -3.0
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    stock_bn, fused_bn = _bn(shape[1], torch.float64, 2, momentum), _bn(shape[1], torch.float64, 2, momentum)
+    stock_bn, fused_bn = random_bn(shape[1], 2, momentum, torch.float64), random_bn(shape[1], 2, momentum, torch.float64)
     assert (fused_bn.weight < 0).any() and (fused_bn.weight > 0).any()
     stock = nn.Sequential(stock_bn, nn.ReLU(), nn.MaxPool2d(2))
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
