@@ -53,7 +53,7 @@ int team_size() {
 #endif
 }
 
-constexpr int64_t kFlush = 256;
+constexpr int64_t kFlush = 256;  // rows summed in float32 before adding to the double totals
 
 inline uint32_t mix(uint32_t h) {  // a 32-bit integer hash with low bias (Chris Wellons' lowbias32)
     h ^= h >> 16;
@@ -67,7 +67,7 @@ inline uint32_t mix(uint32_t h) {  // a 32-bit integer hash with low bias (Chris
 struct Dropout {
     uint32_t key0, key1, threshold;  // a value is dropped when its hash is below threshold
     float scale;                     // 1 / (1 - p)
-};  // rows summed in float32 before adding to the double totals
+};
 
 // The pointers of one pixel's C channels never alias: restrict lets the compiler vectorize.
 template <typename T>

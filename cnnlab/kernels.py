@@ -111,24 +111,26 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     return lib, note
 
 
+def _switched_off() -> bool:
+    return os.environ.get("CNNLAB_NATIVE", "1") == "0"
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None when they are switched off (``CNNLAB_NATIVE=0``) or cannot
     be built here."""
-    if os.environ.get("CNNLAB_NATIVE", "1") == "0":
-        return None
-    return _load()[0]
+    return None if _switched_off() else _load()[0]
 
 
 def status() -> str:
     """One line for a run's record: whether the native kernels are in use, and if not, why."""
-    if os.environ.get("CNNLAB_NATIVE", "1") == "0":
+    if _switched_off():
         return "off (CNNLAB_NATIVE=0)"
     lib, note = _load()
     return "on" if lib is not None else f"off: {note}"
 
 
 def supports(x: torch.Tensor, bn: torch.nn.BatchNorm2d) -> bool:
-    """Whether ``bn_relu_pool2`` can take this batch and batch norm: a channels_last float32 or
+    """Whether ``BNReLUPool2Native`` can take this batch and batch norm: a channels_last float32 or
     bfloat16 CPU tensor of at least 2x2 pixels, float32 parameters, and the kernels built."""
     return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in SUFFIX
             and x.is_contiguous(memory_format=torch.channels_last)
@@ -161,7 +163,8 @@ class BNReLUPool2Native(torch.autograd.Function):
         ctx.lib = _load()[0]  # kept for the backward, whatever CNNLAB_NATIVE says by then
         getattr(ctx.lib, f"cnnlab_bn_relu_pool2_forward_{SUFFIX[x.dtype]}")(
             _ptr(x), n, h, w, c, _ptr(weight), _ptr(bias), _ptr(running_mean), _ptr(running_var), momentum, eps,
-            key0, key1, threshold, ctx.scale, _ptr(out), _ptr(flags), _ptr(pooled), _ptr(mean), _ptr(invstd), torch.get_num_threads())
+            key0, key1, threshold, ctx.scale, _ptr(out), _ptr(flags), _ptr(pooled), _ptr(mean), _ptr(invstd),
+            torch.get_num_threads())
         ctx.save_for_backward(x, weight, flags, pooled, mean, invstd)
         return out
 
