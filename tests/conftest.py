@@ -29,7 +29,6 @@ def make_folder(root: Path, classes: int = 3, per_class: int = 20, size: int = 3
     return root
 
 
-
 def random_bn(channels: int, seed: int, momentum: float | None = 0.1, dtype=torch.float32) -> nn.BatchNorm2d:
     """A BatchNorm2d with random scales (about half negative), shifts and running mean."""
     torch.manual_seed(seed)
