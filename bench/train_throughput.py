@@ -37,11 +37,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab import kernels  # noqa: E402
-from cnnlab.data import ImageSet, load_folder, preprocess  # noqa: E402
+from cnnlab.config import resolve_config  # noqa: E402
+from cnnlab.data import ImageSet, load_folder  # noqa: E402
 from cnnlab.layers import Dropout  # noqa: E402
 from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
-from cnnlab.train import (TrainStep, compute_dtype, keep_freed_memory, make_optimizer, memory_format,  # noqa: E402
-                          pick_device, resolve_config, train_one_epoch)
+from cnnlab.runtime import compute_dtype, keep_freed_memory, memory_format, pick_device  # noqa: E402
+from cnnlab.step import TrainStep  # noqa: E402
+from cnnlab.train import make_optimizer, train_one_epoch  # noqa: E402
 from common import cpu_peak_gflops, forward_flops, matmul_peak_gflops, sync  # noqa: E402
 
 
@@ -58,7 +60,7 @@ def _bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: t
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as cnnlab's pick_device sets it
     torch.manual_seed(0)
     model = build_model(PRESETS[preset].layers, 10)
-    init_whitening(model, preprocess(data.images[:2000], cfg.normalize, channels_last=False))
+    init_whitening(model, cfg.preprocessing(data.images[:2000], channels_last=False))
     model = model.to(device, memory_format=memory_format(cfg.channels_last))  # as cnnlab train lays it out
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -66,12 +68,12 @@ def _bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: t
     subset = data.subset(torch.arange(steps * batch)).to(device)
     step = TrainStep(model, opt, subset, cfg, device)  # as fit() keeps it, so its CUDA graph too
     if step.graphed:
-        train_one_epoch(model, opt, sched, subset, cfg, device, generator, 1, step=step)  # warms up, captures
+        train_one_epoch(step, sched, subset, cfg, generator, 1)  # warms up, captures
     else:
         warm = data.subset(torch.arange(3 * batch)).to(device)
-        train_one_epoch(model, opt, sched, warm, cfg, device, generator, 1)
+        train_one_epoch(TrainStep(model, opt, warm, cfg, device), sched, warm, cfg, generator, 1)
     start = time.perf_counter()
-    logs = train_one_epoch(model, opt, sched, subset, cfg, device, generator, 1, step=step)  # ends with a sync
+    logs = train_one_epoch(step, sched, subset, cfg, generator, 1)  # ends with a sync
     return logs["images"] / (time.perf_counter() - start)
 
 

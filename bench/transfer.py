@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab.backbones import build, get_backbone  # noqa: E402
 from cnnlab.data import ImageSet, Splits, load_splits  # noqa: E402
-from cnnlab.train import TrainConfig, compute_dtype, fit  # noqa: E402
+from cnnlab.config import TrainConfig  # noqa: E402
+from cnnlab.runtime import compute_dtype  # noqa: E402
+from cnnlab.train import fit  # noqa: E402
 from cnnlab.transfer import Head, TransferModel, extract_features, freeze_base  # noqa: E402
 from common import cpu_peak_gflops, forward_flops  # noqa: E402
 
@@ -52,7 +54,7 @@ def cache_vs_recompute(splits: Splits, epochs: int) -> tuple[float, float]:
     built = build("efficientnet_lite0")
     built.features.to(memory_format=torch.channels_last)  # as cnnlab transfer runs it, in both arms
     prep = get_backbone("efficientnet_lite0").weights[0].preprocessing
-    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=1e-3)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=1e-3, preprocessing=prep)
     device = torch.device("cpu")
     extract_features(built.features, splits.train.images[:16], prep, device, pool=True)  # warm-up
     # cnnlab: the base runs once, the head trains on the cached features
@@ -69,7 +71,7 @@ def cache_vs_recompute(splits: Splits, epochs: int) -> tuple[float, float]:
     model = TransferModel(built.features, Head("gap", built.channels, built.grid, 2))
     freeze_base(model, built.blocks, 0)
     start = time.perf_counter()
-    fit(model, splits, cfg, device, log=QUIET, prepare=prep)
+    fit(model, splits, cfg, device, log=QUIET)
     recomputed = time.perf_counter() - start
     return cached, recomputed
 

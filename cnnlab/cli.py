@@ -5,8 +5,11 @@ import argparse
 import json
 import sys
 import warnings
+from dataclasses import fields
 
-from .errors import CnnlabError
+from .config import (HEADS, MODES, MONITORS, OPTIMIZERS, PRECISIONS, SCHEDULES, WEIGHTS_VARIANTS, TrainConfig,
+                     TransferConfig, default)
+from .errors import CnnlabError, RunInterrupted
 
 EPILOGS = {
     "train": """examples:
@@ -76,36 +79,46 @@ def _add_data_options(p, required=True):
                    help="image folder (one subfolder per class; train/val/test subfolders honoured) "
                         "or 'cifar10' (torchvision's copy, downloaded into the cache when missing)")
     p.add_argument("--val-split", type=_number(float, "--val-split", 0, True, 1), metavar="F",
-                   help="fraction of each class held out for validation (default 0.1)")
+                   help=f"fraction of each class held out for validation (default {TrainConfig.val_split})")
     p.add_argument("--test-split", type=_number(float, "--test-split", 0, True, 1), metavar="F",
-                   help="fraction of each class held out for the final test (default 0.1)")
-    p.add_argument("--seed", type=_number(int, "--seed", 0), metavar="S", help="seed of splits, init, order (default 0)")
+                   help=f"fraction of each class held out for the final test (default {TrainConfig.test_split})")
+    p.add_argument("--seed", type=_number(int, "--seed", 0), metavar="S",
+                   help=f"seed of splits, init, order (default {TrainConfig.seed})")
 
 
 def _add_precision(p, auto: str, default: str | None = "auto") -> None:
-    """``--precision`` (train.PRECISIONS), ``auto`` described as ``auto``; ``default=None`` lets a
-    config's own default apply."""
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=default, help=f"auto (default): {auto}")
+    """``--precision``, ``auto`` described as ``auto``; ``default=None`` lets a config's own
+    default apply."""
+    p.add_argument("--precision", choices=PRECISIONS, default=default, help=f"auto (default): {auto}")
+
+
+def _monitor_help(what: str) -> str:
+    return f"metric for {what}: {', '.join(MONITORS)} (default {TrainConfig.monitor})"
 
 
 def _add_train_options(p):
+    preset = "; a preset may set its own"
     p.add_argument("--epochs", type=_number(int, "--epochs", 1), metavar="N", help="epochs (default: the preset's)")
-    p.add_argument("--batch-size", type=_number(int, "--batch-size", 1), metavar="B", help="batch size (default 128)")
-    p.add_argument("--lr", type=_number(float, "--lr", 0, True), metavar="LR", help="learning rate (default 1e-3)")
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="optimizer (default adam)")
-    p.add_argument("--momentum", type=_number(float, "--momentum", 0), help="SGD momentum (default 0.9)")
+    p.add_argument("--batch-size", type=_number(int, "--batch-size", 1), metavar="B",
+                   help=f"batch size (default {TrainConfig.batch_size}{preset})")
+    p.add_argument("--lr", type=_number(float, "--lr", 0, True), metavar="LR",
+                   help=f"learning rate (default {TrainConfig.lr:g}{preset})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer (default {TrainConfig.optimizer}{preset})")
+    p.add_argument("--momentum", type=_number(float, "--momentum", 0),
+                   help=f"SGD momentum (default {TrainConfig.momentum}{preset})")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum")
-    p.add_argument("--weight-decay", type=_number(float, "--weight-decay", 0), metavar="WD")
-    p.add_argument("--schedule", choices=["none", "onecycle", "cosine"], help="learning-rate schedule")
-    p.add_argument("--label-smoothing", type=_number(float, "--label-smoothing", 0, False, 1), metavar="E")
-    p.add_argument("--monitor", metavar="METRIC",
-                   help="metric for the best epoch and early stopping: val_loss (default), val_accuracy, "
-                        "val_precision, val_recall, val_f1, loss, accuracy")
+    p.add_argument("--weight-decay", type=_number(float, "--weight-decay", 0), metavar="WD",
+                   help=f"weight decay (default {TrainConfig.weight_decay:g}{preset})")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help=f"learning-rate schedule (default {TrainConfig.schedule}{preset})")
+    p.add_argument("--label-smoothing", type=_number(float, "--label-smoothing", 0, False, 1), metavar="E",
+                   help=f"label smoothing (default {TrainConfig.label_smoothing:g}{preset})")
+    p.add_argument("--monitor", metavar="METRIC", help=_monitor_help("the best epoch and early stopping"))
     p.add_argument("--patience", type=_number(int, "--patience", 0), metavar="P",
                    help="stop after P epochs without improvement of --monitor (default: never)")
     p.add_argument("--min-delta", type=_number(float, "--min-delta", 0), metavar="D",
-                   help="smallest change that counts as an improvement (default 0)")
-    p.add_argument("--mode", choices=["auto", "min", "max"], help="whether --monitor should go down or up")
+                   help=f"smallest change that counts as an improvement (default {TrainConfig.min_delta:g})")
+    p.add_argument("--mode", choices=MODES, help="whether --monitor should go down or up (default: from its name)")
     p.add_argument("--start-from-epoch", type=_number(int, "--start-from-epoch", 0), metavar="E",
                    help="ignore the first E epochs for the best epoch and patience")
     p.add_argument("--restore-best-weights", action=argparse.BooleanOptionalAction, default=None,
@@ -121,7 +134,7 @@ def _add_train_options(p):
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="on CUDA, replay each training step as one CUDA graph (default; --no-cuda-graph "
                         "runs it op by op)")
-    p.add_argument("--out", metavar="DIR", help="folder for run directories (default runs/)")
+    p.add_argument("--out", metavar="DIR", help=f"folder for run directories (default {TrainConfig.out}/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,30 +172,34 @@ def build_parser() -> argparse.ArgumentParser:
                        "as its weights require; the conv base frozen and a new head trained on cached features; "
                        "then, with --fine-tune-epochs, the last --unfreeze blocks trained at a lower learning rate.")
     _add_data_options(p)
-    p.add_argument("--backbone", default="vgg19", help="vgg19 (default), vgg16, efficientnet_lite0, or a torchvision "
-                   "model name (resnet50, convnext_tiny, ...)")
-    p.add_argument("--weights", metavar="FILE", help="weights file (.pth state dict, or Keras .h5 for VGG)")
-    p.add_argument("--weights-kind", choices=["torchvision", "keras", "pypi"],
+    p.add_argument("--backbone", help=f"vgg19, vgg16, efficientnet_lite0, or a torchvision model name (resnet50, "
+                   f"convnext_tiny, ...); default {TransferConfig.backbone}")
+    p.add_argument("--weights", dest="weights_file", metavar="FILE",
+                   help="weights file (.pth state dict, or Keras .h5 for VGG)")
+    p.add_argument("--weights-variant", "--weights-kind", dest="weights_variant", choices=WEIGHTS_VARIANTS,
                    help="which weights (and so which preprocessing); default: the backbone's first")
-    p.add_argument("--head", choices=["flatten", "gap"], help="flatten -> dense (the seed's, default) or "
-                   "global average pooling -> dense")
-    p.add_argument("--epochs", type=_number(int, "--epochs", 1), metavar="N", help="frozen-phase epochs (default 4)")
+    p.add_argument("--head", choices=HEADS, help=f"flatten -> dense (the seed's) or global average pooling -> dense "
+                   f"(default {TransferConfig.head})")
+    p.add_argument("--epochs", type=_number(int, "--epochs", 1), metavar="N",
+                   help=f"frozen-phase epochs (default {TransferConfig.epochs})")
     p.add_argument("--fine-tune-epochs", type=_number(int, "--fine-tune-epochs", 0), metavar="M",
-                   help="epochs of fine-tuning after the frozen phase (default 0)")
+                   help=f"epochs of fine-tuning after the frozen phase (default {TransferConfig.fine_tune_epochs})")
     p.add_argument("--unfreeze", type=_number(int, "--unfreeze", 1), metavar="K",
-                   help="blocks of the base to unfreeze for fine-tuning, from the top (default 1)")
-    p.add_argument("--batch-size", type=_number(int, "--batch-size", 1), metavar="B", help="batch size (default 32)")
-    p.add_argument("--lr", type=_number(float, "--lr", 0, True), metavar="LR", help="head learning rate (default 1e-3)")
+                   help=f"blocks of the base to unfreeze for fine-tuning, from the top (default {TransferConfig.unfreeze})")
+    p.add_argument("--batch-size", type=_number(int, "--batch-size", 1), metavar="B",
+                   help=f"batch size (default {TransferConfig.batch_size})")
+    p.add_argument("--lr", type=_number(float, "--lr", 0, True), metavar="LR",
+                   help=f"head learning rate (default {TransferConfig.lr:g})")
     p.add_argument("--fine-tune-lr", type=_number(float, "--fine-tune-lr", 0, True), metavar="LR",
                    help="fine-tuning learning rate (default: --lr / 10)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="flip/crop each batch (runs the base every step: no feature cache)")
-    p.add_argument("--monitor", metavar="METRIC", help="metric for the best epoch (default val_loss)")
+    p.add_argument("--monitor", metavar="METRIC", help=_monitor_help("the best epoch"))
     p.add_argument("--patience", type=_number(int, "--patience", 0), metavar="P")
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     _add_precision(p, "the base and the head in bfloat16 where the device computes it natively", default=None)
-    p.add_argument("--out", metavar="DIR", help="folder for run directories (default runs/)")
+    p.add_argument("--out", metavar="DIR", help=f"folder for run directories (default {TransferConfig.out}/)")
     p.add_argument("--name", help="run directory name (default transfer-BACKBONE)")
 
     p = sub.add_parser("predict", help="top-k classes for images, from a backbone or a run", formatter_class=fmt,
@@ -190,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "probabilities: ImageNet classes for a backbone, the run's classes for a run directory.")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--model", required=True, help="a backbone name (efficientnet_lite0, vgg19, ...) or a run directory")
-    p.add_argument("--weights", metavar="FILE", help="weights file for a backbone")
+    p.add_argument("--weights", dest="weights_file", metavar="FILE", help="weights file for a backbone")
     p.add_argument("--top", type=_number(int, "--top", 1), default=3, metavar="K", help="classes per image (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -209,9 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "$CNNLAB_DATA, else download CIFAR-10 and Oxford-IIIT Pet)")
     p.add_argument("--out", metavar="DIR", default="runs/reproduce", help="where runs and report.html go")
     p.add_argument("--quick", action="store_true", help="subsets and few epochs: the whole pipeline in minutes")
-    p.add_argument("--backbone", default="vgg19", help="transfer backbone (default vgg19, as the original; "
+    p.add_argument("--backbone", default=TransferConfig.backbone, help="transfer backbone (default vgg19, as the original; "
                    "efficientnet_lite0 where VGG19 weights cannot be had)")
-    p.add_argument("--weights", metavar="FILE", help="weights file for the backbone")
+    p.add_argument("--weights", dest="weights_file", metavar="FILE", help="weights file for the backbone")
     p.add_argument("--seed", type=_number(int, "--seed", 0), default=0)
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")
     _add_precision(p, "bfloat16 where the device computes it natively, float32 elsewhere")
@@ -234,17 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiply every preset's epochs by F (e.g. 0.1 for a quick look)")
     p.add_argument("--presets", help="comma-separated subset of conv,pool-bn,dropout,early-stop")
     p.add_argument("--batch-size", type=_number(int, "--batch-size", 1), metavar="B",
-                   help="batch size for every run (default: the seed's 128)")
+                   help=f"batch size for every run (default: the seed's {TrainConfig.batch_size})")
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")
     _add_precision(p, "bfloat16 where the device computes it natively, float32 elsewhere")
     p.add_argument("--out", metavar="DIR", default="runs")
     return parser
 
 
-TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "nesterov", "weight_decay", "schedule",
-              "label_smoothing", "monitor", "patience", "min_delta", "mode", "start_from_epoch",
-              "restore_best_weights", "augment", "tta", "threads", "device", "precision", "cuda_graph", "out", "name",
-              "val_split", "test_split", "seed")
+TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "preset")
+TRANSFER_KEYS = tuple(f.name for f in fields(TransferConfig))
+
+
+def _settings(args, keys) -> dict:
+    """The settings among ``keys`` that the command line set (None: the config's default)."""
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def _resume(run_dir: str):
@@ -257,37 +277,28 @@ def _resume(run_dir: str):
 
 
 def cmd_train(args) -> int:
-    from .train import resolve_config, train
+    from .config import resolve_config
+    from .train import train
     if args.resume:
         print(_resume(args.resume))
         return 0
     for option in ("preset", "data"):
         if getattr(args, option) is None:
             raise CnnlabError(f"--{option} is required (or --resume RUN_DIR to continue a run)")
-    cfg = resolve_config(args.preset, data=args.data, **{k: getattr(args, k) for k in TRAIN_KEYS})
-    run_dir = train(cfg, log=_log)
+    run_dir = train(resolve_config(args.preset, **_settings(args, TRAIN_KEYS)), log=_log)
     print(run_dir)
     return 0
 
 
 def cmd_transfer(args) -> int:
-    from dataclasses import fields
-    from .train import MONITORS
-    from .backbones import get_backbone
-    from .transfer import TransferConfig, transfer
-    keys = {f.name for f in fields(TransferConfig)}
-    values = {k: v for k, v in vars(args).items() if k in keys and v is not None}
-    cfg = TransferConfig(**values)
-    if cfg.monitor not in MONITORS:
-        raise CnnlabError(f"unknown monitor metric '{cfg.monitor}'; choose one of: {', '.join(MONITORS)}")
-    get_backbone(cfg.backbone)  # an unknown name fails here, before any work
-    print(transfer(cfg, log=_log))
+    from .transfer import transfer
+    print(transfer(TransferConfig(**_settings(args, TRANSFER_KEYS)), log=_log))
     return 0
 
 
 def cmd_predict(args) -> int:
     from .predict import format_predictions, predict
-    results = predict(args.images, args.model, args.weights, args.top)
+    results = predict(args.images, args.model, args.weights_file, args.top)
     print(json.dumps({"predictions": results}) if args.json else format_predictions(results))
     return 0
 
@@ -299,14 +310,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    import torch
-    from .backbones import get_backbone
     from .study import reproduce
-    get_backbone(args.backbone)  # an unknown name fails here, before any work
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report, failures = reproduce(args.data_root, args.out, args.quick, args.backbone, args.weights, args.seed, _log,
-                                 precision=args.precision)
+    report, failures = reproduce(args.data_root, args.out, args.quick, args.backbone, args.weights_file, args.seed,
+                                 _log, precision=args.precision, threads=args.threads)
     if failures:
         print(f"cnnlab reproduce: {len(failures)} part(s) failed (the report lists them): " + "; ".join(failures),
               file=sys.stderr)
@@ -331,46 +337,23 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .presets import PRESETS, build_model, count_parameters
-    for name, preset in PRESETS.items():
-        params = count_parameters(build_model(preset.layers, 10))
-        print(f"{name:<11} {params:>10,} params  {preset.description}")
-        print(f"{'':<11} layers: {' -> '.join(preset.layers)}")
-        if preset.settings:
-            print(f"{'':<11} settings: " + ", ".join(f"{k}={v}" for k, v in preset.settings.items()))
+    from .presets import presets_listing
+    print(presets_listing())
     return 0
 
 
 def cmd_summary(args) -> int:
-    from .presets import build_model, count_parameters, get_preset, summary_rows
-    shape = (3, args.image_size, args.image_size)
-    model = build_model(get_preset(args.preset).layers, args.classes, shape)
-    rows = summary_rows(model, shape)
-    width = max(len(r[0]) for r in rows) + 2
-    print(f'Model: "{args.preset}" (input {shape}, {args.classes} classes)')
-    print(f"{'Layer (type)':<{width}}{'Output Shape':<24}{'Param #':>10}")
-    print("=" * (width + 34))
-    for name, out_shape, params in rows:
-        print(f"{name:<{width}}{out_shape:<24}{params:>10,}")
-    print("=" * (width + 34))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = count_parameters(model)
-    print(f"Total params: {total:,}\nTrainable params: {trainable:,}\nNon-trainable params: {total - trainable:,}")
+    from .presets import summary_table
+    print(summary_table(args.preset, args.image_size, args.classes))
     return 0
 
 
 def cmd_study(args) -> int:
-    import torch
     from .study import SEED_PRESETS, run_cifar10_study, write_study_table
     presets = tuple(p.strip() for p in args.presets.split(",")) if args.presets else SEED_PRESETS
-    unknown = [p for p in presets if p not in SEED_PRESETS]
-    if unknown:
-        raise CnnlabError(f"--presets: '{unknown[0]}' is not in the seed study; choose from {','.join(SEED_PRESETS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     runs = run_cifar10_study(args.data, args.out, args.epochs_scale, args.seed or 0, presets, log=_log,
-                             val_split=args.val_split, test_split=args.test_split,
-                             batch_size=args.batch_size, precision=args.precision)
+                             val_split=args.val_split, test_split=args.test_split, batch_size=args.batch_size,
+                             precision=args.precision, threads=args.threads)
     table, path = write_study_table(runs, args.out)
     print("\n" + table)
     print(f"\ntable saved to {path}")
@@ -394,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     """The ``cnnlab`` command."""
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _warning
-    from .train import RunInterrupted, keep_freed_memory
+    from .runtime import keep_freed_memory
     keep_freed_memory()
     try:
         return COMMANDS[args.command](args)

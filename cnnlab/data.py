@@ -19,16 +19,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .atomic import WriteError, atomic_write_bytes
 from .errors import CnnlabError
-from .runs import WriteError, atomic_write_bytes
+from .runtime import default_cache_dir, to_device
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 CACHE_VERSION = 1
-# Per-channel statistics of the CIFAR-10 training set, on the [0, 1] scale.
-NORMALIZATIONS = {
-    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # scale to [0, 1] only (the seed study)
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -60,10 +56,11 @@ class Splits:
     class_names: list[str]
     info: dict = field(default_factory=dict)
 
-
-def default_cache_dir() -> Path:
-    """``$CNNLAB_CACHE``, else ``~/.cache/cnnlab``."""
-    return Path(os.environ.get("CNNLAB_CACHE") or Path.home() / ".cache" / "cnnlab")
+    def require_batch(self, batch_size: int) -> None:
+        """A one-line error when ``batch_size`` is larger than the training set."""
+        if batch_size > len(self.train):
+            raise CnnlabError(f"--batch-size {batch_size} is larger than the training set "
+                              f"({len(self.train)} images); use a smaller batch")
 
 
 # ---------------------------------------------------------------- folders
@@ -266,7 +263,6 @@ def _checked(splits: Splits) -> Splits:
                               f"--{'val' if name == 'val' else 'test'}-split" if name != "train" else
                               "the train split is empty; lower --val-split and --test-split")
     splits.info.update({f"{n}_size": len(getattr(splits, n)) for n in SPLIT_NAMES})
-    splits.info["skipped_count"] = len(splits.info.get("skipped", []))
     return splits
 
 
@@ -294,40 +290,11 @@ def _cifar10_splits(size, val_split, test_split, seed, cache_dir, per_class) -> 
         return ImageSet(images, targets[keep])
 
     sets = {"train": as_set(train), "test": as_set(test)}
-    info = {"root": str(root), "source": "torchvision CIFAR10", "skipped": [], "cache_hit": True}
+    info = {"root": str(root), "source": "torchvision CIFAR10", "skipped": []}
     return _fill_missing(sets, list(train.classes), info, val_split, test_split, seed)
 
 
 # ---------------------------------------------------------------- batches
-
-def normalizer(name: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) per channel, on ``device``, so that ``x_uint8 * scale + shift`` is the
-    normalized image. A training loop makes them once and passes them to ``preprocess``."""
-    if name not in NORMALIZATIONS:
-        raise CnnlabError(f"unknown normalization '{name}'; choose one of: {', '.join(NORMALIZATIONS)}")
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATIONS[name])
-    return to_device(1.0 / (255.0 * std), device), to_device(-mean / std, device)
-
-
-def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """``t`` on ``device``. A CPU -> CUDA copy goes through pinned memory without blocking: a plain
-    ``.to("cuda")`` waits for the GPU to finish its queue, so a training step that made one would
-    stop the host from queuing the next step's kernels while the GPU runs this one."""
-    device = torch.device(device)
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def preprocess(images: torch.Tensor, normalization: str | tuple[torch.Tensor, torch.Tensor],
-               device: torch.device | str = "cpu", channels_last: bool = True) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> normalized float32 on ``device``: the one preprocessing for every split.
-    ``normalization`` is a name, or ``normalizer``'s (scale, shift) for it made ahead on ``device``."""
-    scale, shift = normalizer(normalization, device) if isinstance(normalization, str) else normalization
-    x = images.to(device, non_blocking=True).float()
-    x = x.mul_(scale).add_(shift)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
 
 def augment_draws(n: int, generator: torch.Generator, pad: int = 4, flip: bool = True) -> tuple:
     """The random choices of ``augment_batch`` for ``n`` images, drawn on the CPU from

@@ -5,33 +5,31 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import load_weights_into
+from .config import TrainConfig, from_record
 from .data import check_folder, load_folder
+from .inference import score
 from .presets import build_model
 from .runs import load_run, load_torch
-from .errors import CnnlabError
-from .train import key_mismatch, memory_format, pick_device, score
+from .runtime import memory_format, pick_device
 
 
 def load_model(run_dir: str | Path, device: torch.device | None = None):
-    """(model in eval mode with the run's best weights, its config, its input preparation: a
-    normalization name for a trained run, the backbone's preprocessing for a transfer run)."""
+    """(model in eval mode with the run's best weights, its config, its preprocessing), all
+    from what the run directory recorded."""
     run_dir = Path(run_dir)
     config, _ = load_run(run_dir)
     if config.get("kind") == "transfer":
         from .transfer import build_from_config
-        model, prepare = build_from_config(config)
+        model, preprocessing = build_from_config(config)
     else:
         model = build_model(config["layers"], len(config["class_names"]), tuple(config["input_shape"]))
-        prepare = config["normalize"]
-    state = load_torch(run_dir / "model.pt")
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError):
-        raise CnnlabError(f"{run_dir / 'model.pt'} does not fit the run's layers ({key_mismatch(model, state)}); "
-                          "retrain the run or restore its model.pt") from None
+        preprocessing = from_record(TrainConfig, config).preprocessing
+    load_weights_into(model, load_torch(run_dir / "model.pt"), str(run_dir / "model.pt"), "the run's layers",
+                      "retrain the run or restore its model.pt")
     device = device or pick_device()
     layout = memory_format(config.get("channels_last", True))
-    return model.to(device, memory_format=layout).eval(), config, prepare
+    return model.to(device, memory_format=layout).eval(), config, preprocessing
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path) -> dict:
@@ -41,12 +39,11 @@ def evaluate_run(run_dir: str | Path, data: str | Path) -> dict:
     check_folder(root)
     if (root / "test").is_dir():
         root = root / "test"
-    model, config, prepare = load_model(run_dir)
-    size = config["input_shape"][-1]
-    images, _, info = load_folder(root, size, class_names=config["class_names"],
+    model, config, preprocessing = load_model(run_dir)
+    images, _, info = load_folder(root, preprocessing.size, class_names=config["class_names"],
                                   cache_dir=Path(config["cache_dir"]) if config.get("cache_dir") else None)
     device = next(model.parameters()).device
-    result = score(model, images, config["class_names"], prepare, device, tta=config.get("tta", False),
+    result = score(model, images, config["class_names"], preprocessing, device, tta=config.get("tta", False),
                    precision=config.get("precision", "auto"))
     return {"run": str(run_dir), "data": str(root), "images": len(images), "skipped": info["skipped"], **result}
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .runtime import default_cache_dir
+
 SOURCE = Path(__file__).with_name("kernels.cpp")
 # best first: -march=native for this CPU's vector width, then portable, then without OpenMP
 FLAG_SETS = (
@@ -96,7 +98,6 @@ def build(cache_dir: Path, compiler: str | None) -> tuple[Path | None, str]:
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """The library, built or found once per process, and a note saying how."""
-    from .data import default_cache_dir  # late: data imports much more than this module needs
     path, note = build(default_cache_dir() / "kernels", find_compiler())
     if path is None:
         return None, note

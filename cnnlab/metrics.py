@@ -1,7 +1,31 @@
-"""Accuracy, confusion matrix, and per-class precision, recall and F1."""
+"""What logits mean and how good they are: the loss, predicted classes and probabilities (for
+softmax heads and single-sigmoid heads alike), the confusion matrix, and accuracy and per-class
+precision, recall and F1."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over classes; with a single output unit, binary cross-entropy on its sigmoid."""
+    if logits.shape[1] == 1:
+        target = y.float() * (1 - label_smoothing) + label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits[:, 0].float(), target)
+    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+
+
+def predicted_class(logits: torch.Tensor) -> torch.Tensor:
+    """The class each row of ``logits`` predicts."""
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities, (N, classes), for softmax and single-sigmoid heads alike."""
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits.float())
+        return torch.cat([1 - p, p], dim=1)
+    return logits.float().softmax(1)
 
 
 def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:

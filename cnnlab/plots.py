@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .runs import atomic_write_bytes  # noqa: E402
+from .atomic import atomic_write_bytes  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:

@@ -9,7 +9,9 @@ import torch
 
 from .data import IMAGE_EXTENSIONS, decode_image
 from .errors import CnnlabError
-from .train import pick_device, predict_logits, probabilities
+from .inference import predict_logits
+from .metrics import probabilities
+from .runtime import pick_device
 
 
 def image_paths(inputs: list[str]) -> list[Path]:
@@ -44,18 +46,17 @@ def load_images(paths: list[Path], size: int) -> tuple[torch.Tensor, list[Path],
 
 
 def _model_for(model: str, weights: str | None):
-    """(model, prepare, class names, input size) for a run directory or a backbone name."""
+    """(model, preprocessing, class names) for a run directory or a backbone name."""
     if (Path(model) / "config.json").is_file():
         from .evaluate import load_model
-        net, config, prepare = load_model(model)
-        return net, prepare, config["class_names"], config["input_shape"][-1]
+        net, config, preprocessing = load_model(model)
+        return net, preprocessing, config["class_names"]
     if Path(model).exists():
         raise CnnlabError(f"{model} is not a run directory (no config.json); pass a run or a backbone name")
-    from .backbones import imagenet_classes, pretrained
-    built, entry, _ = pretrained(model, None, weights)
-    device = pick_device()
-    net = built.net.to(device, memory_format=torch.channels_last).eval()
-    return net, entry.preprocessing, imagenet_classes(), entry.preprocessing.size
+    from .backbones import get_backbone, pretrained
+    built, weights_used, _ = pretrained(model, None, weights)
+    net = built.net.to(pick_device(), memory_format=torch.channels_last).eval()
+    return net, weights_used.preprocessing, get_backbone(model).class_names()
 
 
 def predict(inputs: list[str], model: str, weights: str | None = None, top: int = 3) -> list[dict]:
@@ -63,8 +64,8 @@ def predict(inputs: list[str], model: str, weights: str | None = None, top: int 
     if top < 1:
         raise CnnlabError(f"--top must be at least 1 (got {top})")
     paths = image_paths(inputs)
-    net, prepare, classes, size = _model_for(model, weights)
-    images, good, bad = load_images(paths, size)
+    net, preprocessing, classes = _model_for(model, weights)
+    images, good, bad = load_images(paths, preprocessing.size)
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable file(s): {', '.join(map(str, bad[:5]))}"
                       + (" ..." if len(bad) > 5 else ""))
@@ -72,7 +73,7 @@ def predict(inputs: list[str], model: str, weights: str | None = None, top: int 
         raise CnnlabError("none of the given files could be read as an image")
     device = next(net.parameters()).device
     # float32: a few photos take no time, and the printed probabilities keep every digit
-    probs = probabilities(predict_logits(net, images, prepare, device, batch_size=32, precision="fp32"))
+    probs = probabilities(predict_logits(net, images, preprocessing, device, batch_size=32, precision="fp32"))
     k = min(top, probs.shape[1])
     values, indices = probs.topk(k, dim=1)
     return [{"image": str(p), "top": [{"class": classes[int(i)], "probability": float(v)}

@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import CnnlabError
 from .layers import Dropout, Net, Scale, Whiten
+from .preprocessing import CIFAR10
 
 SEED_BLOCKS = ["conv32", "bn", "relu", "pool2", "conv64", "bn", "relu", "pool2"]
 DROPOUT_LAYERS = ["conv32", "bn", "relu", "pool2", "drop0.25",
@@ -72,7 +73,7 @@ PRESETS: dict[str, Preset] = {
         # 36 epochs: ~10 minutes on 2 cores of a CPU with native bfloat16 (~16 in float32)
         {"epochs": 36, "batch_size": 256, "optimizer": "sgd", "lr": 0.2, "momentum": 0.85,
          "nesterov": True, "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.2,
-         "augment": True, "tta": True, "normalize": "cifar10", "monitor": "val_accuracy"}),
+         "augment": True, "tta": True, "preprocessing": CIFAR10, "monitor": "val_accuracy"}),
 }
 
 
@@ -174,3 +175,31 @@ def summary_rows(model: nn.Sequential, in_shape=(3, 32, 32)) -> list[tuple[str, 
             shape = "(None, " + ", ".join(str(d) for d in x.shape[1:]) + ")"
             rows.append((name, shape, sum(p.numel() for p in layer.parameters())))
     return rows
+
+
+def summary_table(preset: str, image_size: int = 32, classes: int = 10) -> str:
+    """Keras's ``model.summary()`` for ``preset``: layer, output shape, parameters, totals."""
+    shape = (3, image_size, image_size)
+    model = build_model(get_preset(preset).layers, classes, shape)
+    rows = summary_rows(model, shape)
+    width = max(len(r[0]) for r in rows) + 2
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = count_parameters(model)
+    return "\n".join([f'Model: "{preset}" (input {shape}, {classes} classes)',
+                      f"{'Layer (type)':<{width}}{'Output Shape':<24}{'Param #':>10}", "=" * (width + 34),
+                      *(f"{name:<{width}}{out_shape:<24}{params:>10,}" for name, out_shape, params in rows),
+                      "=" * (width + 34), f"Total params: {total:,}", f"Trainable params: {trainable:,}",
+                      f"Non-trainable params: {total - trainable:,}"])
+
+
+def presets_listing() -> str:
+    """Every preset: parameters (10 classes), what it adds, its layers and its settings."""
+    lines = []
+    for name, preset in PRESETS.items():
+        params = count_parameters(build_model(preset.layers, 10))
+        lines += [f"{name:<11} {params:>10,} params  {preset.description}",
+                  f"{'':<11} layers: {' -> '.join(preset.layers)}"]
+        if preset.settings:
+            lines.append(f"{'':<11} settings: " + ", ".join(f"{k}={getattr(v, 'describe', lambda: v)()}"
+                                                            for k, v in preset.settings.items()))
+    return "\n".join(lines)

@@ -1,55 +1,20 @@
-"""The run directory: the only record of a run, written atomically.
-
-Every file is written to a temporary name in the same folder, flushed to disk and
-renamed over the old one, so a crash leaves either the old or the new version.
-"""
+"""The run directory: the only record of a run. config.json when it starts, samples.png,
+history.csv and checkpoint.pt as it trains, and at the end model.pt, the metrics, the confusion
+matrix and the plots, with metrics.json last: its presence marks the run finished. Every file is
+written atomically (atomic.py)."""
 from __future__ import annotations
 
 import csv
 import io
 import json
 import os
-import tempfile
+import sys
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write_bytes
 from .errors import CnnlabError
-
-
-class WriteError(CnnlabError):
-    """A file could not be written (disk full, no permission); the previous version is intact."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temporary file, fsync and rename: a crash or a full
-    disk leaves the previous version of ``path`` whole."""
-    path = Path(path)
-    try:
-        _atomic_write(path, data)
-    except OSError as exc:
-        raise WriteError(f"could not write {path} ({exc.strerror or exc}); free some disk space or pass "
-                         "a writable --out (a stopped run continues with `cnnlab resume`)") from None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json(path: Path, obj) -> None:
@@ -105,6 +70,14 @@ def create_run_dir(out: str | Path, name: str) -> Path:
     raise CnnlabError(f"too many runs named {name} in {out}; pass another --name")
 
 
+def run_record(kind: str, settings: dict, splits, parameters: int, environment: dict, **extra) -> dict:
+    """What a run's config.json holds: its settings, what it is, the data it saw, where it ran
+    and the command that started it."""
+    return {**settings, "kind": kind, **extra, "class_names": splits.class_names,
+            "input_shape": list(splits.train.images.shape[1:]), "parameters": parameters, "data_info": splits.info,
+            "environment": environment, "command": " ".join(sys.argv)}
+
+
 def write_history(path: Path, history: list[dict]) -> None:
     """One row per epoch, columns in the order first seen."""
     columns: list[str] = []
@@ -135,3 +108,44 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict | None]:
     config = read_json(run_dir / "config.json")
     metrics_path = run_dir / "metrics.json"
     return config, (read_json(metrics_path) if metrics_path.is_file() else None)
+
+
+def unfinished_config(run_dir: Path, log) -> dict | None:
+    """The config of a run that has yet to finish; None, saying so, for a finished one."""
+    config, metrics = load_run(run_dir)
+    if metrics is not None:
+        log(f"{run_dir} is finished (test accuracy {metrics['test_accuracy']:.4f}); nothing to resume")
+        return None
+    return config
+
+
+def write_samples(run_dir: Path, train, class_names: list[str], seed: int) -> None:
+    """samples.png: 18 training images picked by ``seed``, once per run."""
+    from .plots import image_grid  # matplotlib loads only when a run is written
+
+    if not (run_dir / "samples.png").exists():
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:18]
+        image_grid(train.images[pick], train.labels[pick], class_names, run_dir / "samples.png",
+                   title="random training images")
+
+
+def write_results(run_dir: Path, weights: dict, history: list[dict], test: dict, mistakes: dict,
+                  test_images: torch.Tensor, class_names: list[str], metrics: dict,
+                  boundary: int | None = None) -> None:
+    """A finished run's files: model.pt (``weights``), mistakes.png (the ``mistakes`` among
+    ``test_images``), confusion_matrix.csv, the curves and heatmap of ``history`` and ``test``,
+    then metrics.json (``metrics``); the checkpoint and interrupt marker go."""
+    from .plots import image_grid, plot_run
+
+    save_torch(run_dir / "model.pt", weights)
+    image_grid(test_images[mistakes["index"]], mistakes["predicted"], class_names, run_dir / "mistakes.png",
+               title="most confident mistakes (test)",
+               captions=[f"{class_names[t]} → {class_names[p]} {q:.0%}" for t, p, q in
+                         zip(mistakes["true"], mistakes["predicted"], mistakes["probability"])])
+    write_csv(run_dir / "confusion_matrix.csv",
+              [[name] + row for name, row in zip(class_names, test["confusion_matrix"])],
+              ["true\\predicted"] + class_names)
+    plot_run(run_dir, history, metrics["best_epoch"], test["confusion_matrix"], class_names, boundary)
+    write_json(run_dir / "metrics.json", metrics)  # last: its presence marks the run finished
+    for leftover in ("checkpoint.pt", "interrupted.json"):
+        (run_dir / leftover).unlink(missing_ok=True)

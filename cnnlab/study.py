@@ -1,19 +1,35 @@
-"""The seed study (SEED-STUDY.md, part 1): four CIFAR-10 variants, then one comparison table."""
+"""The seed study (SEED-STUDY.md): four CIFAR-10 variants with one comparison table, then
+``reproduce``, the whole two-part study with the transfer run and the report, and the original's
+figures to put beside ours."""
 from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from .data import default_cache_dir, load_splits
-from .errors import CnnlabError
+from .config import TransferConfig, resolve_config
+from .data import load_splits
+from .errors import CnnlabError, RunInterrupted
 from .runs import load_run, write_csv
-from .train import resolve_config, train
+from .runtime import default_cache_dir
 
 SEED_PRESETS = ("conv", "pool-bn", "dropout", "early-stop")
 TABLE_COLUMNS = ("preset", "params", "epochs run", "best epoch", "train time", "best val acc", "test acc",
                  "test loss")
+# The original study's figures (SEED-STUDY.md), shown beside a run that reproduces one.
+SEED_FIGURES = {
+    "conv": {"epochs": "20", "time": "803.6 s (~40 s/epoch)", "val": "~66% (peak, epoch 5)", "test": "57.19%",
+             "notes": "train acc 98%: heavy overfitting"},
+    "pool-bn": {"epochs": "20", "time": "~12 s/epoch", "val": "~76% (epoch 13)", "test": "n/a", "notes": ""},
+    "dropout": {"epochs": "60", "time": "383.2 s (~6 s/epoch)", "val": "~69%", "test": "59.42%",
+                "notes": "test images scaled unlike training images"},
+    "early-stop": {"epochs": "stopped at 12", "time": "~3 s/epoch", "val": "~68%", "test": "n/a",
+                   "notes": "restored epoch 7"},
+    "transfer": {"epochs": "3-4", "time": "n/a", "val": "n/a", "test": "97.29%",
+                 "notes": "VGG19, frozen conv base, 1 sigmoid unit"},
+}
 
 
 def scaled_config(preset: str, epochs_scale: float, **settings):
@@ -24,16 +40,27 @@ def scaled_config(preset: str, epochs_scale: float, **settings):
 
 def run_cifar10_study(data: str, out: str = "runs", epochs_scale: float = 1.0, seed: int = 0,
                       presets: tuple[str, ...] = SEED_PRESETS, log: Callable[[str], None] = print,
-                      **overrides) -> list[Path]:
+                      splits=None, attempt: Callable | None = None, **overrides) -> list[Path]:
     """Trains each preset with the seed's settings (epochs scaled by ``epochs_scale``) on one
-    shared split of ``data``; returns the run directories."""
+    shared split of ``data`` (``splits`` when given); returns the run directories. With
+    ``attempt(label, job)``, each run goes through it (``reproduce`` records a failed run and
+    goes on)."""
+    from .train import train  # late: the report reads SEED_FIGURES without loading the loop
+
+    unknown = [p for p in presets if p not in SEED_PRESETS]
+    if unknown:
+        raise CnnlabError(f"--presets: '{unknown[0]}' is not in the seed study; choose from {','.join(SEED_PRESETS)}")
     configs = [scaled_config(preset, epochs_scale, data=data, out=out, seed=seed, **overrides) for preset in presets]
-    first = configs[0]
-    splits = load_splits(data, first.image_size, first.val_split, first.test_split, seed)
+    if splits is None:
+        first = configs[0]
+        splits = load_splits(data, first.preprocessing.size, first.val_split, first.test_split, seed)
     runs = []
     for cfg in configs:
         log(f"\n=== {cfg.preset} ({cfg.epochs} epochs) ===")
-        runs.append(train(cfg, log=log, splits=splits))
+        job = partial(train, cfg, log=log, splits=splits)
+        run = attempt(cfg.preset, job) if attempt else job()
+        if run is not None:
+            runs.append(run)
     return runs
 
 
@@ -96,32 +123,37 @@ def find_data(data_root: str | None, cache_dir: Path | None = None) -> tuple[str
 
 
 def _pets_folder(cache: Path) -> Path:
-    """Oxford-IIIT Pet downloaded by torchvision, laid out as cat/ and dog/ folders of links."""
+    """Oxford-IIIT Pet downloaded by torchvision, laid out as cat/ and dog/ folders of links. The
+    species of each photo comes from the data set's own annotation files (``annotations/SPLIT.txt``:
+    image, breed, species 1 for cats and 2 for dogs, breed index)."""
     import torchvision
     folder = cache / "oxford-pets-binary"
     if (folder / "cat").is_dir() and (folder / "dog").is_dir():
         return folder
     for split in ("trainval", "test"):
-        ds = torchvision.datasets.OxfordIIITPet(cache / "oxford-pets", split=split,
-                                                target_types="binary-category", download=True)
-        for image, label in zip(ds._images, ds._bin_labels):
-            target = folder / ("cat" if label == 0 else "dog") / Path(image).name
+        torchvision.datasets.OxfordIIITPet(cache / "oxford-pets", split=split, download=True)
+        base = cache / "oxford-pets" / "oxford-iiit-pet"
+        for line in (base / "annotations" / f"{split}.txt").read_text().splitlines():
+            image_id, _, species, _ = line.split()
+            target = folder / ("cat" if species == "1" else "dog") / f"{image_id}.jpg"
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
-                os.symlink(Path(image).resolve(), target)
+                os.symlink((base / "images" / f"{image_id}.jpg").resolve(), target)
     return folder
 
 
 def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: bool = False,
-              backbone: str = "vgg19", weights: str | None = None, seed: int = 0,
-              log: Callable[[str], None] = print, precision: str = "auto") -> tuple[Path, list[str]]:
+              backbone: str = "vgg19", weights_file: str | None = None, seed: int = 0,
+              log: Callable[[str], None] = print, precision: str = "auto",
+              threads: int | None = None) -> tuple[Path, list[str]]:
     """Runs SEED-STUDY.md end to end: the four CIFAR-10 runs, the transfer run, then the report
-    (every run in ``precision``). A failing run is recorded and the others go on; returns the
-    report's path and the failures."""
+    (every run in ``precision``, on ``threads`` CPU threads). A failing run is recorded and the
+    others go on; returns the report's path and the failures."""
+    from .backbones import choose_weights, get_backbone
     from .report import build_report
-    from .train import RunInterrupted
-    from .transfer import TransferConfig, transfer
+    from .transfer import transfer
 
+    get_backbone(backbone)  # an unknown name fails here, before any work
     settings = QUICK if quick else FULL
     cifar, pets, origin = find_data(data_root)
     log(f"data: {cifar} and {pets} ({origin}); {'quick' if quick else 'full'} study into {out}")
@@ -129,9 +161,10 @@ def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: 
     failures: list[str] = []
     report_path = Path(out) / "report.html"
 
-    def attempt(label: str, job: Callable[[], Path]) -> None:
+    def attempt(label: str, job: Callable[[], Path]) -> Path | None:
         try:
             runs.append(job())
+            return runs[-1]
         except RunInterrupted:
             if runs:
                 build_report(runs, report_path, failures=failures + [f"{label}: interrupted"])
@@ -140,25 +173,28 @@ def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: 
             message = str(exc) if isinstance(exc, CnnlabError) else f"{type(exc).__name__}: {exc}"
             failures.append(f"{label} failed: {message}")
             log(f"{label} failed: {message}")
+            return None
 
     try:
         splits = load_splits(cifar, 32, 0.1, 0.1, seed, per_class=settings["cifar_per_class"])
     except CnnlabError as exc:
         splits = None
         failures.append(f"CIFAR-10 could not be loaded: {exc}")
-    for preset in SEED_PRESETS if splits is not None else ():
-        cfg = scaled_config(preset, settings["epochs_scale"], data=cifar, out=out, seed=seed, precision=precision)
-        log(f"\n=== {preset} ({cfg.epochs} epochs) ===")
-        attempt(preset, lambda cfg=cfg: train(cfg, log=log, splits=splits))
-    tcfg = TransferConfig(data=pets, backbone=backbone, weights=weights, head="flatten",
+    if splits is not None:
+        run_cifar10_study(cifar, out, settings["epochs_scale"], seed, log=log, splits=splits, attempt=attempt,
+                          precision=precision, threads=threads)
+    tcfg = TransferConfig(data=pets, backbone=backbone, weights_file=weights_file, head="flatten",
                           epochs=settings["transfer_epochs"], fine_tune_epochs=settings["fine_tune_epochs"],
-                          seed=seed, out=out, name=f"transfer-{backbone}", precision=precision)
+                          seed=seed, out=out, name=f"transfer-{backbone}", precision=precision, threads=threads)
     log(f"\n=== transfer: {backbone} on {pets} ===")
-    if settings["pets_per_class"]:
-        tsplits = lambda: load_splits(pets, 224, 0.1, 0.1, seed, per_class=settings["pets_per_class"])  # noqa: E731
-        attempt(f"transfer ({backbone})", lambda: transfer(tcfg, log=log, splits=tsplits()))
-    else:
-        attempt(f"transfer ({backbone})", lambda: transfer(tcfg, log=log))
+
+    def transfer_run() -> Path:
+        tsplits = None
+        if settings["pets_per_class"]:
+            size = choose_weights(backbone, None, weights_file).preprocessing.size
+            tsplits = load_splits(pets, size, 0.1, 0.1, seed, per_class=settings["pets_per_class"])
+        return transfer(tcfg, log=log, splits=tsplits)
+    attempt(f"transfer ({backbone})", transfer_run)
     if not runs:
         raise CnnlabError("; ".join(failures) or "nothing ran")
     build_report(runs, report_path, title="cnnlab: the seed study reproduced" + (" (quick)" if quick else ""),

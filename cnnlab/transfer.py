@@ -4,71 +4,29 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .backbones import Preprocessing, build, pretrained
-from .data import ImageSet, Splits, default_cache_dir, load_splits
-from .errors import CnnlabError
+from .atomic import WriteError, atomic_write_bytes
+from .backbones import build, pretrained
+from .config import TrainConfig, TransferConfig, from_record, validate_transfer
+from .data import ImageSet, Splits, load_splits
+from .early_stopping import EarlyStopping
+from .inference import inference_batch
+from .interrupts import InterruptGuard, Interrupted, guarded_run
+from .preprocessing import Preprocessing
 from .presets import count_parameters
-from .runs import atomic_write_bytes, create_run_dir, write_history, write_json
-from .train import (PRECISIONS, InterruptGuard, Interrupted, RunInterrupted, TrainConfig, autocast, compute_dtype,
-                    environment, finish_run, fit, inference_batch, note_late_signal, pick_device)
-
-HEADS = ("flatten", "gap")
-
-
-@dataclass
-class TransferConfig:
-    """Everything needed to rerun a transfer run."""
-    data: str = ""
-    backbone: str = "vgg19"
-    weights: str | None = None  # a weights file; None: the backbone's default source
-    weights_kind: str | None = None  # torchvision | keras | pypi; None: the backbone's default
-    head: str = "flatten"
-    epochs: int = 4
-    batch_size: int = 32
-    lr: float = 1e-3
-    fine_tune_epochs: int = 0
-    unfreeze: int = 1
-    fine_tune_lr: float | None = None  # default lr / 10
-    augment: bool = False
-    val_split: float = 0.1
-    test_split: float = 0.1
-    seed: int = 0
-    monitor: str = "val_loss"
-    patience: int | None = None
-    threads: int | None = None
-    device: str = "auto"
-    precision: str = "auto"  # as train's: bfloat16 where the device computes it natively
-    out: str = "runs"
-    name: str | None = None
-    feature_cache: bool = True
-
-
-def validate(cfg: TransferConfig) -> None:
-    checks = [
-        (cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})"),
-        (cfg.fine_tune_epochs >= 0, f"--fine-tune-epochs must be 0 or more (got {cfg.fine_tune_epochs})"),
-        (cfg.unfreeze >= 1, f"--unfreeze must be at least 1 (got {cfg.unfreeze})"),
-        (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
-        (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),
-        (cfg.head in HEADS, f"--head must be one of {', '.join(HEADS)} (got {cfg.head})"),
-        (0 < cfg.val_split < 1 and 0 < cfg.test_split < 1 and cfg.val_split + cfg.test_split < 1,
-         "--val-split and --test-split must each be in (0, 1) and sum to below 1"),
-        (cfg.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)} (got {cfg.precision})"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise CnnlabError(message)
+from .runs import create_run_dir, run_record, unfinished_config, write_history, write_json, write_samples
+from .runtime import autocast, compute_dtype, default_cache_dir, environment, setup
+from .train import finish_run, fit
 
 
 class Head(nn.Module):
@@ -142,19 +100,19 @@ def extract_features(features: nn.Module, images: torch.Tensor, prep: Preprocess
                      pool: bool, batch_size: int | None = None, log: Callable[[str], None] | None = None,
                      guard: InterruptGuard | None = None, precision: str = "auto") -> torch.Tensor:
     """The base's outputs for uint8 images, float16, (N, C) when ``pool`` else (N, C, H, W), its
-    convolutions in ``compute_dtype(precision)`` (bfloat16 doubles VGG19's rate on a CPU with
-    native bfloat16). With ``guard``, a signal stops it at the end of a batch (raises
-    ``Interrupted`` with epoch 0): on a CPU the whole extraction can take minutes."""
+    convolutions in ``compute_dtype(precision)``. With ``guard``, a signal stops it at the end of
+    a batch (raises ``Interrupted`` with epoch 0): on a CPU the whole extraction can take minutes."""
     features.eval()
     dtype = compute_dtype(precision, device)
     batch_size = batch_size or inference_batch(images)
+    prepare = prep.on(device)
     out = []
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
         if guard is not None and guard.signum is not None:
             raise Interrupted(guard.signum, 0, i // batch_size, math.ceil(len(images) / batch_size))
         with autocast(device, dtype):
-            y = features(prep(images[i:i + batch_size], device)).float()
+            y = features(prepare(images[i:i + batch_size])).float()
         out.append((y.mean((2, 3)) if pool else y).half().cpu())
         if log and (i // batch_size) % 250 == 249:
             done = i + batch_size
@@ -162,9 +120,11 @@ def extract_features(features: nn.Module, images: torch.Tensor, prep: Preprocess
     return torch.cat(out)
 
 
-def cached_features(cfg, features, prep, device, splits, weights_path, log,
+def cached_features(cfg: TransferConfig, features: nn.Module, prep: Preprocessing, device: torch.device,
+                    splits: Splits, weights_path: Path, log: Callable[[str], None],
                     guard: InterruptGuard | None = None) -> tuple[dict, bool]:
-    """{'train'|'val'|'test': features} from the disk cache, or computed once and cached."""
+    """({'train'|'val'|'test': features}, whether they came from the disk cache): read from the
+    cache, or computed once and cached."""
     key = _feature_key(cfg, weights_path, prep, splits, compute_dtype(cfg.precision, device))
     path = default_cache_dir() / f"features-{key}.pt"
     if path.is_file():
@@ -181,80 +141,61 @@ def cached_features(cfg, features, prep, device, splits, weights_path, log,
         f"({n / (time.perf_counter() - start):.1f} images/s)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        import io
         buf = io.BytesIO()
         torch.save(result, buf)
         atomic_write_bytes(path, buf.getvalue())
-    except (OSError, CnnlabError) as exc:
+    except (OSError, WriteError) as exc:
         log(f"warning: could not cache features ({exc})")
     return result, False
 
 
 # ---------------------------------------------------------------- a run
 
-def phase_config(cfg: TransferConfig, epochs: int, lr: float) -> TrainConfig:
-    return TrainConfig(preset="transfer", data=cfg.data, epochs=epochs, batch_size=cfg.batch_size, lr=lr,
-                       optimizer="adam", val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed,
-                       monitor=cfg.monitor, patience=cfg.patience, augment=cfg.augment, device=cfg.device,
-                       precision=cfg.precision, out=cfg.out)
+def phase_config(cfg: TransferConfig, epochs: int, lr: float, prep: Preprocessing) -> TrainConfig:
+    """The loop's settings for one phase (frozen or fine-tuning) of a transfer run."""
+    # cuda_graph off: the captured step is tuned for the CIFAR-10 presets, not a whole pretrained base
+    return TrainConfig(data=cfg.data, epochs=epochs, batch_size=cfg.batch_size, lr=lr, optimizer="adam",
+                       val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, monitor=cfg.monitor,
+                       patience=cfg.patience, augment=cfg.augment, preprocessing=prep, device=cfg.device,
+                       cuda_graph=False, precision=cfg.precision, out=cfg.out)
 
 
 def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Splits | None = None,
              run_dir: Path | None = None) -> Path:
     """Frozen phase (cached features unless augmenting), optional fine-tuning, one test, a run
     directory (a new one, or ``run_dir`` when restarting a stopped run)."""
-    from .plots import image_grid
-
-    validate(cfg)
-    device = pick_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    validate_transfer(cfg)
+    device = setup(cfg.device, cfg.threads)
     started = time.perf_counter()
-    built, weights, weights_path = pretrained(cfg.backbone, cfg.weights_kind, cfg.weights)
+    built, weights, weights_path = pretrained(cfg.backbone, cfg.weights_variant, cfg.weights_file)
     prep = weights.preprocessing
     if splits is None:
         splits = load_splits(cfg.data, prep.size, cfg.val_split, cfg.test_split, cfg.seed)
-    if cfg.batch_size > len(splits.train):
-        raise CnnlabError(f"--batch-size {cfg.batch_size} is larger than the training set "
-                          f"({len(splits.train)} images); use a smaller batch")
+    splits.require_batch(cfg.batch_size)
     torch.manual_seed(cfg.seed)
     head = Head(cfg.head, built.channels, built.grid, len(splits.class_names))
     model = TransferModel(built.features, head).to(device, memory_format=torch.channels_last)
     freeze_base(model, built.blocks, 0)
     run_dir = run_dir or create_run_dir(cfg.out, cfg.name or f"transfer-{cfg.backbone}")
-    config = {**asdict(cfg), "kind": "transfer", "weights_kind": weights.name, "weights_file": str(weights_path),
-              "preprocessing": asdict(prep), "class_names": splits.class_names,
-              "input_shape": [3, prep.size, prep.size], "feature_shape": [built.channels, built.grid, built.grid],
-              "blocks": len(built.blocks), "parameters": count_parameters(model), "data_info": splits.info,
-              "environment": environment(device, cfg.precision), "command": " ".join(sys.argv)}
-    write_json(run_dir / "config.json", config)
-    g = torch.Generator().manual_seed(cfg.seed)
-    pick = torch.randperm(len(splits.train), generator=g)[:18]
-    with InterruptGuard() as guard:  # from here on, a signal stops the run at the end of a batch
-        image_grid(splits.train.images[pick], splits.train.labels[pick], splits.class_names,
-                   run_dir / "samples.png", title="random training images")
+    write_json(run_dir / "config.json", run_record(
+        "transfer", asdict(cfg), splits, count_parameters(model), environment(device, cfg.precision),
+        weights_variant=weights.variant, weights_path=str(weights_path), preprocessing=asdict(prep),
+        feature_shape=[built.channels, built.grid, built.grid], blocks=len(built.blocks)))
+    with guarded_run(run_dir, log, checkpoints=False) as guard:
+        write_samples(run_dir, splits.train, splits.class_names, cfg.seed)
         log(f"{cfg.backbone} ({weights.describe()}), {cfg.head} head, {len(splits.train)} train / "
             f"{len(splits.val)} val / {len(splits.test)} test images, {device}; "
             f"ready in {time.perf_counter() - started:.1f}s")
         log(f"run directory: {run_dir}")
-        try:
-            history, stopper, boundary, extra = _phases(cfg, model, built, prep, splits, weights_path, device,
-                                                        run_dir, guard, log)
-        except Interrupted as stop:
-            during, after = ((f"epoch {stop.epoch}", "; its cached features make the frozen phase take seconds")
-                             if stop.epoch else ("feature extraction", ""))
-            raise RunInterrupted(f"signal {stop.signum} during {during}; continue with: cnnlab resume {run_dir} "
-                                 f"(a transfer run restarts from its first epoch, with the same result{after})",
-                                 128 + stop.signum) from None
-        last = phase_config(cfg, 1, cfg.lr)
-        finish_run(last, run_dir, model, splits, device, history, stopper, log, prepare=prep,
+        history, stopper, boundary, extra = _phases(cfg, model, built, prep, splits, weights_path, device,
+                                                    run_dir, guard, log)
+        finish_run(run_dir, model, splits, device, history, stopper, prep, False, cfg.precision, log,
                    boundary=boundary, extra=extra)
-        note_late_signal(guard, log)
     return run_dir
 
 
 def _phases(cfg, model, built, prep, splits, weights_path, device, run_dir, guard, log):
-    frozen_cfg = phase_config(cfg, cfg.epochs, cfg.lr)
+    frozen_cfg = phase_config(cfg, cfg.epochs, cfg.lr, prep)
     extra = {"feature_cache": None}
     if cfg.feature_cache and not cfg.augment:
         start = time.perf_counter()
@@ -267,7 +208,7 @@ def _phases(cfg, model, built, prep, splits, weights_path, device, run_dir, guar
         history, stopper = fit(model.head, feature_splits, frozen_cfg, device, None, log, guard=guard)
     else:
         log(f"frozen phase: base run every step ({cfg.epochs} epochs)")
-        history, stopper = fit(model, splits, frozen_cfg, device, None, log, guard=guard, prepare=prep)
+        history, stopper = fit(model, splits, frozen_cfg, device, None, log, guard=guard)
     for row in history:
         row["phase"] = "frozen"
     write_history(run_dir / "history.csv", history)
@@ -279,29 +220,27 @@ def _phases(cfg, model, built, prep, splits, weights_path, device, run_dir, guar
     return history, stopper, boundary, extra
 
 
-def _fine_tune(cfg, model, built, prep, splits, device, guard, log, history, frozen_stopper, extra):
+def _fine_tune(cfg, model, built, prep, splits, device, guard, log, history, frozen: EarlyStopping, extra):
     trainable = freeze_base(model, built.blocks, cfg.unfreeze)
     lr = cfg.fine_tune_lr or cfg.lr / 10
     log(f"fine-tuning: last {trainable} of {len(built.blocks)} blocks unfrozen, lr {lr:g}, batch-norm statistics "
         f"frozen ({cfg.fine_tune_epochs} epochs)")
     before = copy.deepcopy(model.state_dict())
-    tune_cfg = replace(phase_config(cfg, cfg.fine_tune_epochs, lr), seed=cfg.seed + 1)
-    tuned, stopper = fit(model, splits, tune_cfg, device, None, log, guard=guard, prepare=prep)
+    tune_cfg = replace(phase_config(cfg, cfg.fine_tune_epochs, lr, prep), seed=cfg.seed + 1)
+    tuned, stopper = fit(model, splits, tune_cfg, device, None, log, guard=guard)
     offset = len(history)
     for row in tuned:
         row["epoch"] += offset
         row["phase"] = "fine-tune"
     boundary = offset + 1
-    extra.update({"fine_tune_epochs": len(tuned), "unfrozen_blocks": trainable,
-                  "frozen_best_value": frozen_stopper.best})
-    if stopper.best is not None and frozen_stopper.best is not None and \
-            not stopper.improves(stopper.best, frozen_stopper.best):
+    extra.update({"fine_tune_epochs": len(tuned), "unfrozen_blocks": trainable, "frozen_best_value": frozen.best})
+    if stopper.best is not None and frozen.best is not None and not stopper.improves(stopper.best, frozen.best):
         log(f"fine-tuning did not beat the frozen phase's best {cfg.monitor}; keeping the frozen phase's weights")
         model.load_state_dict(before)
-        stopper.best, stopper.best_epoch = frozen_stopper.best, frozen_stopper.best_epoch
+        stopper.best, stopper.best_epoch = frozen.best, frozen.best_epoch
     elif stopper.best_epoch is not None:
         stopper.best_epoch += offset
-    stopper.stopped_epoch = frozen_stopper.stopped_epoch if stopper.stopped_epoch is None else stopper.stopped_epoch
+    stopper.stopped_epoch = frozen.stopped_epoch if stopper.stopped_epoch is None else stopper.stopped_epoch
     return history + tuned, stopper, boundary
 
 
@@ -309,22 +248,15 @@ def build_from_config(config: dict) -> tuple[TransferModel, Preprocessing]:
     """A transfer run's model (architecture only: weights come from its model.pt) and preprocessing."""
     built = build(config["backbone"])
     head = Head(config["head"], built.channels, built.grid, len(config["class_names"]))
-    model = TransferModel(built.features, head)
-    return model, Preprocessing(**{**config["preprocessing"], "mean": tuple(config["preprocessing"]["mean"]),
-                                   "std": tuple(config["preprocessing"]["std"])})
+    return TransferModel(built.features, head), Preprocessing.from_dict(config["preprocessing"])
 
 
 def resume_transfer(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
     """Restarts a stopped transfer run in its own directory. Seeded on the CPU it ends as an
     uninterrupted run would; the feature cache makes the frozen phase quick."""
-    from .runs import load_run
     run_dir = Path(run_dir)
-    config, metrics = load_run(run_dir)
-    if metrics is not None:
-        log(f"{run_dir} is finished (test accuracy {metrics['test_accuracy']:.4f}); nothing to resume")
+    config = unfinished_config(run_dir, log)
+    if config is None:
         return run_dir
-    keys = {f for f in TransferConfig.__dataclass_fields__}
-    cfg = TransferConfig(**{k: v for k, v in config.items() if k in keys})
     log(f"restarting transfer run {run_dir} from its first epoch")
-    return transfer(cfg, log, run_dir=run_dir)
-
+    return transfer(from_record(TransferConfig, config), log, run_dir=run_dir)

@@ -1,12 +1,14 @@
 """Every bad input: one line naming the problem and the fix, a non-zero exit, no traceback,
 and the runs already written left byte-for-byte as they were."""
 import errno
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from cnnlab import cli, runs
+from cnnlab import cli
 from conftest import make_folder
 from test_cli import assert_one_line_error, cnnlab
 
@@ -104,16 +106,16 @@ def test_resume_with_a_checkpoint_of_another_architecture(world, tmp_path):
 
 
 def test_disk_full_mid_run_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch, capsys):
-    real = runs._atomic_write
+    real = os.replace
     writes = {"checkpoint": 0}
 
-    def fill_up(path, data):
-        if path.name == "checkpoint.pt":
+    def fill_up(source, target):  # the disk fills up as the third checkpoint is written
+        if Path(target).name == "checkpoint.pt":
             writes["checkpoint"] += 1
             if writes["checkpoint"] == 3:
                 raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
-    monkeypatch.setattr(runs, "_atomic_write", fill_up)
+        real(source, target)
+    monkeypatch.setattr(os, "replace", fill_up)
     code = cli.main(T[:-2] + ["--epochs", "5", "--data", str(world / "data"), "--out", str(tmp_path),
                               "--name", "full", "--threads", "1"])
     err = capsys.readouterr().err

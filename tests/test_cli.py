@@ -110,3 +110,33 @@ def test_study_runs_the_four_seed_variants_and_prints_one_table(tmp_path):
     assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 4
     for config in (tmp_path / "runs").glob("*/config.json"):  # --precision reached every run
         assert json.loads(config.read_text())["environment"]["compute_dtype"] == "float32"
+
+
+def _options(command: str) -> dict:
+    """dest -> action of every option of ``cnnlab COMMAND``."""
+    from cnnlab.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {a.dest: a for a in sub._actions}
+
+
+def test_the_command_line_offers_every_setting_with_the_configs_choices():
+    from dataclasses import fields
+    from cnnlab import config
+    train, transfer = _options("train"), _options("transfer")
+    assert {f.name for f in fields(config.TrainConfig)} - set(train) == {"cache_dir", "channels_last", "preprocessing"}
+    assert {f.name for f in fields(config.TransferConfig)} - set(transfer) == {"feature_cache"}
+    for action, choices in ((train["optimizer"], config.OPTIMIZERS), (train["schedule"], config.SCHEDULES),
+                            (train["mode"], config.MODES), (train["precision"], config.PRECISIONS),
+                            (transfer["head"], config.HEADS), (transfer["weights_variant"], config.WEIGHTS_VARIANTS)):
+        assert tuple(action.choices) == choices
+    assert f"default {config.TrainConfig.batch_size}" in train["batch_size"].help
+    assert f"default {config.TransferConfig.batch_size}" in transfer["batch_size"].help
+
+
+def test_predicting_does_not_load_the_training_loop_and_help_does_not_load_torch():
+    probe = ("import sys, cnnlab.predict, cnnlab.evaluate, cnnlab.report; "
+             "print(sorted(m for m in sys.modules if m in ('cnnlab.train', 'cnnlab.step', 'cnnlab.early_stopping')))")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
+    probe = "import sys, cnnlab.cli; cnnlab.cli.build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"

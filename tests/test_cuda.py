@@ -7,14 +7,18 @@ import warnings
 import pytest
 import torch
 
+from torch import nn
+
 from cnnlab import evaluate as evaluate_module
-from cnnlab import train as train_module
-from cnnlab.data import augment_batch, load_splits, preprocess, to_device
+from cnnlab.config import TrainConfig
+from cnnlab.data import augment_batch, load_splits
 from cnnlab.evaluate import evaluate_run
 from cnnlab.layers import Dropout
+from cnnlab.preprocessing import CIFAR10
 from cnnlab.presets import PRESETS, build_model
-from cnnlab.train import (TrainConfig, TrainStep, fit, graph_ready, make_optimizer, pick_device, train,
-                          train_one_epoch)
+from cnnlab.runtime import pick_device, to_device
+from cnnlab.step import TrainStep, graph_ready
+from cnnlab.train import fit, make_optimizer, train, train_one_epoch
 from conftest import make_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -31,7 +35,7 @@ def test_augment_batch_on_cuda_equals_the_cpu_result():
 
 def test_preprocess_on_cuda_equals_the_cpu_result():
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    assert torch.allclose(preprocess(images, "cifar10", CUDA).cpu(), preprocess(images, "cifar10"), atol=1e-6)
+    assert torch.allclose(CIFAR10(images, CUDA).cpu(), CIFAR10(images), atol=1e-6)
     assert to_device(torch.arange(3), CUDA).device.type == "cuda"
 
 
@@ -81,7 +85,8 @@ def test_an_eager_training_step_makes_no_host_device_sync(tmp_path):
 
     def syncs(images: int) -> list[str]:
         data = splits.train.subset(torch.arange(images)).to(CUDA)
-        return _count_syncs(lambda: train_one_epoch(model, opt, sched, data, cfg, CUDA, generator, 1))
+        return _count_syncs(lambda: train_one_epoch(TrainStep(model, opt, data, cfg, CUDA), sched, data, cfg,
+                                                    generator, 1))
 
     syncs(16)  # warm-up: cuDNN's first calls
     few, many = syncs(16), syncs(128)
@@ -94,10 +99,10 @@ def test_a_graphed_epoch_replays_one_graph_without_syncs(tmp_path):
     data = splits.train.subset(torch.arange(128)).to(CUDA)
     step = TrainStep(model, opt, data, cfg, CUDA)
     generator = torch.Generator().manual_seed(0)
-    train_one_epoch(model, opt, sched, data, cfg, CUDA, generator, 1, step=step)  # 3 warm-up steps, capture
+    train_one_epoch(step, sched, data, cfg, generator, 1)  # 3 warm-up steps, capture
     assert step.graph is not None
     graph = step.graph
-    where = _count_syncs(lambda: train_one_epoch(model, opt, sched, data, cfg, CUDA, generator, 2, step=step))
+    where = _count_syncs(lambda: train_one_epoch(step, sched, data, cfg, generator, 2))
     assert step.graph is graph  # captured once, replayed from epoch to epoch
     assert len(where) <= 3, f"{len(where)} syncs in 16 replayed steps:\n" + "\n".join(where)
 
@@ -119,8 +124,7 @@ def test_replayed_steps_train_as_eager_steps_do(tmp_path):
             graph_ready(opt, CUDA)  # the same fused update in both runs
             data = splits.train.to(CUDA)  # 144 images: 9 steps of 16
             step = TrainStep(model, opt, data, cfg, CUDA)
-            logs = train_one_epoch(model, opt, sched, data, cfg, CUDA, torch.Generator().manual_seed(1), 1,
-                                   step=step)
+            logs = train_one_epoch(step, sched, data, cfg, torch.Generator().manual_seed(1), 1)
             assert (step.graph is not None) == graphed
             results.append((logs, {k: v.float().clone() for k, v in model.state_dict().items()}))
         (graph_logs, graph_weights), (eager_logs, eager_weights) = results
@@ -154,14 +158,15 @@ def test_a_cuda_run_trains_in_bfloat16_and_loads_on_the_cpu(tmp_path, monkeypatc
     cfg = TrainConfig(preset="pool-bn", data=str(data), epochs=4, batch_size=16, out=str(tmp_path / "runs"),
                       device="cuda")
     dtypes = set()
-    real_setup = train_module._setup
 
-    def spying_setup(*args):
-        device, splits, model = real_setup(*args)
-        model[0].register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if m.training else None)
-        return device, splits, model
-    monkeypatch.setattr(train_module, "_setup", spying_setup)
-    run = train(cfg, log=lambda line: None)
+    def first_conv(module, inputs, output):
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3 and module.training:
+            dtypes.add(output.dtype)
+    hook = nn.modules.module.register_module_forward_hook(first_conv)
+    try:
+        run = train(cfg, log=lambda line: None)
+    finally:
+        hook.remove()
     assert dtypes == {torch.bfloat16}  # the convolutions ran under autocast
     metrics = json.loads((run / "metrics.json").read_text())
     config = json.loads((run / "config.json").read_text())

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab.data import augment_batch, load_folder, load_splits, preprocess, stratified_split
+from cnnlab.data import augment_batch, load_folder, load_splits, stratified_split
+from cnnlab.preprocessing import CIFAR10
 from cnnlab.errors import CnnlabError
 from conftest import make_folder
 
@@ -60,7 +61,7 @@ def test_every_split_gets_the_same_pixels_for_the_same_file(tmp_path):
     assert torch.equal(twin, splits.test.images[0])
     direct = np.asarray(Image.open(splits.test.files[0]).convert("RGB")).transpose(2, 0, 1)
     assert torch.equal(splits.test.images[0], torch.from_numpy(direct.copy()))
-    a, b = preprocess(twin[None], "cifar10"), preprocess(splits.test.images[:1], "cifar10")
+    a, b = CIFAR10(twin[None]), CIFAR10(splits.test.images[:1])
     assert torch.equal(a, b)
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from cnnlab import kernels
 from cnnlab.layers import BNReLUPool2, Dropout, Net, bn_relu_pool
 from cnnlab.presets import PRESETS, build_model
-from cnnlab.train import environment
+from cnnlab.runtime import environment
 from conftest import random_bn
 
 HAVE_COMPILER = kernels.find_compiler() is not None

@@ -9,7 +9,6 @@ from conftest import SHARED_DATA, make_folder
 from test_cli import assert_one_line_error, cnnlab
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "report.png"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,7 @@ def test_reproduce_quick_runs_every_part_and_writes_one_report(reproduced):
     assert "https://" not in page.split("<body>")[1].split("<script")[0]  # nothing fetched to show the page
 
 
-def test_report_renders_in_a_real_browser(reproduced):
+def test_report_renders_in_a_real_browser(reproduced, tmp_path):
     if not CHROMIUM:
         pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")
     from playwright.sync_api import sync_playwright
@@ -65,8 +64,7 @@ def test_report_renders_in_a_real_browser(reproduced):
         page.click("#runs th:nth-child(10)")  # sort by test accuracy
         first = page.locator("#runs tbody tr:first-child td:nth-child(10)").get_attribute("data-v")
         values = [float(v) for v in page.eval_on_selector_all("#runs tbody td:nth-child(10)", "t => t.map(c => c.dataset.v)")]
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT), full_page=False)
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=False)
         browser.close()
     assert rows == 5
     assert images and all(images), images
@@ -74,6 +72,7 @@ def test_report_renders_in_a_real_browser(reproduced):
     assert values == sorted(values) and float(first) == min(values)
     assert not errors, errors
     assert not requests, requests
+    assert (tmp_path / "report.png").stat().st_size > 10_000
 
 
 def test_report_command_and_its_errors(reproduced, tmp_path):

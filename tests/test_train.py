@@ -8,12 +8,16 @@ import pytest
 import torch
 from torch import nn
 
+from cnnlab import runtime
+from cnnlab.checkpoint import portable
+from cnnlab.config import TrainConfig, resolve_config
+from cnnlab.early_stopping import EarlyStopping
 from cnnlab.errors import CnnlabError
-from conftest import make_folder
 from cnnlab.runs import read_history
-from cnnlab import train as train_module
-from cnnlab.train import (EarlyStopping, TrainConfig, compute_dtype, graph_ready, lr_factor, make_optimizer, portable,
-                          resolve_config, train)
+from cnnlab.runtime import compute_dtype
+from cnnlab.step import graph_ready
+from cnnlab.train import lr_factor, make_optimizer, train
+from conftest import make_folder
 
 
 def scripted(values, monitor="val_loss", **kwargs):
@@ -116,8 +120,9 @@ def test_short_training_lowers_the_loss_and_writes_the_run_directory(tiny_folder
     assert len(history) == 4
     assert history[-1]["loss"] < history[0]["loss"]
     metrics = json.loads((run / "metrics.json").read_text())
-    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["epochs_run"] == 4
-    assert sum(map(sum, metrics["confusion_matrix"])) == metrics["test_size"] == 12
+    cm = metrics["confusion_matrix"]
+    assert sum(map(sum, cm)) == metrics["test_size"] == 12 and metrics["epochs_run"] == 4
+    assert metrics["test_accuracy"] == sum(cm[i][i] for i in range(3)) / 12 > 0.5  # learnt, beyond chance
     for name in ("config.json", "loss.png", "accuracy.png", "confusion_matrix.png", "confusion_matrix.csv", "model.pt"):
         assert (run / name).stat().st_size > 0
     state = torch.load(run / "model.pt", weights_only=True)
@@ -134,17 +139,15 @@ def test_seeded_runs_are_repeatable_on_cpu(tiny_folder, tmp_path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
-def test_a_signal_after_the_last_batch_lets_the_run_write_its_results(tiny_folder, tmp_path, monkeypatch):
-    from cnnlab import train as train_module
-    real = train_module.finish_run
-
-    def finish_after_a_signal(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the test split is scored and the plots drawn
-        return real(*args, **kwargs)
-    monkeypatch.setattr(train_module, "finish_run", finish_after_a_signal)
+def test_a_signal_after_the_last_batch_lets_the_run_write_its_results(tiny_folder, tmp_path):
     lines = []
+
+    def log(line):
+        lines.append(line)
+        if line.startswith("epoch   1/1"):  # the last epoch is done: Ctrl-C while the results are written
+            os.kill(os.getpid(), signal.SIGINT)
     try:
-        run = train(tiny_config(tiny_folder, tmp_path / "runs", epochs=1), log=lines.append)
+        run = train(tiny_config(tiny_folder, tmp_path / "runs", epochs=1), log=log)
     except KeyboardInterrupt:
         pytest.fail("the signal escaped the interrupt guard")
     assert (run / "metrics.json").is_file() and not (run / "checkpoint.pt").exists()
@@ -169,7 +172,7 @@ def test_batch_larger_than_training_set_is_an_error(tiny_folder, tmp_path):
 
 FAULTS_SCRIPT = """
 import resource, sys, torch
-from cnnlab.train import keep_freed_memory
+from cnnlab.runtime import keep_freed_memory
 if sys.argv[1] == "kept":
     assert keep_freed_memory()
 def step():  # 48 MB buffers: above the 32 MB that glibc's own adaptive threshold can reach
@@ -218,9 +221,9 @@ def test_precision_auto_is_bfloat16_where_the_device_computes_it_natively(monkey
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert compute_dtype("fp32", cpu) is None and compute_dtype("fp32", cuda) is None
     assert compute_dtype("bf16", cpu) == torch.bfloat16
-    monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
     assert compute_dtype("auto", cpu) == torch.bfloat16 and compute_dtype("auto", cuda) == torch.bfloat16
-    monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
     assert compute_dtype("auto", cpu) is None  # emulated bfloat16 would be slower than float32
     assert compute_dtype("bf16", cpu) == torch.bfloat16  # asked for: given
 
@@ -228,9 +231,9 @@ def test_precision_auto_is_bfloat16_where_the_device_computes_it_natively(monkey
 def test_native_bf16_reads_the_cpu_flags(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert not train_module.native_bf16(torch.device("cpu"))
+    assert not runtime.native_bf16(torch.device("cpu"))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert train_module.native_bf16(torch.device("cpu"))
+    assert runtime.native_bf16(torch.device("cpu"))
 
 
 def test_native_bf16_asks_a_gpu_without_counting_emulation(monkeypatch):
@@ -241,28 +244,61 @@ def test_native_bf16_asks_a_gpu_without_counting_emulation(monkeypatch):
         return including_emulation  # a pre-Ampere GPU: bfloat16 only by emulation
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", current)
-    assert not train_module.native_bf16(torch.device("cuda")) and asked == [False]
+    assert not runtime.native_bf16(torch.device("cuda")) and asked == [False]
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # an older PyTorch: no such argument
-    assert train_module.native_bf16(torch.device("cuda"))
+    assert runtime.native_bf16(torch.device("cuda"))
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
-def test_a_cpu_run_computes_in_its_precision_and_records_it(tmp_path, monkeypatch, precision, dtype):
+def test_a_cpu_run_computes_in_its_precision_and_records_it(tmp_path, precision, dtype):
     data = make_folder(tmp_path / "d", per_class=40)
     cfg = resolve_config("pool-bn", data=str(data), epochs=3, batch_size=16, out=str(tmp_path / "runs"),
                          device="cpu", precision=precision)
     seen = set()
-    real_setup = train_module._setup
 
-    def spying_setup(*args):
-        device, splits, model = real_setup(*args)
-        model[0].register_forward_hook(lambda m, i, o: seen.add((m.training, o.dtype)))
-        return device, splits, model
-    monkeypatch.setattr(train_module, "_setup", spying_setup)
-    run = train(cfg, log=lambda line: None)
+    def first_conv(module, inputs, output):
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            seen.add((module.training, output.dtype))
+    hook = nn.modules.module.register_module_forward_hook(first_conv)  # PyTorch's hook on every module
+    try:
+        run = train(cfg, log=lambda line: None)
+    finally:
+        hook.remove()
     assert seen == {(True, dtype), (False, dtype)}  # training steps and scoring alike
     config = json.loads((run / "config.json").read_text())
     assert config["precision"] == precision
     assert config["environment"]["compute_dtype"] == str(dtype).removeprefix("torch.")
     assert json.loads((run / "metrics.json").read_text())["test_accuracy"] > 0.8
     assert read_history(run / "history.csv")[-1]["loss"] < read_history(run / "history.csv")[0]["loss"]
+
+
+def test_early_stopping_state_round_trips_through_a_checkpoint(tmp_path):
+    values = [1.0, 0.8, 0.85, 0.9, 0.7, 0.75, 0.76, 0.77]
+    whole, _, _ = scripted(values, patience=3)
+    first = EarlyStopping("val_loss", patience=3)
+    for epoch, value in enumerate(values[:4], start=1):
+        first.update(epoch, {"val_loss": value})
+    torch.save(first.state_dict(), tmp_path / "stopper.pt")
+    second = EarlyStopping("val_loss", patience=3)
+    second.load_state_dict(torch.load(tmp_path / "stopper.pt", weights_only=True))
+    stopped = next((e for e, v in enumerate(values[4:], start=5) if second.update(e, {"val_loss": v})), None)
+    assert (stopped, second.best_epoch, second.best, second.wait) == (whole, 5, 0.7, 3) == (8, 5, 0.7, 3)
+
+
+def test_resume_rebuilds_the_model_the_run_recorded_not_todays_preset(tiny_folder, tmp_path, monkeypatch):
+    from cnnlab import presets
+    from cnnlab.errors import RunInterrupted
+    from cnnlab.train import resume
+    reference = train(tiny_config(tiny_folder, tmp_path / "runs", name="reference"), log=lambda m: None)
+
+    def stop_after_epoch_2(line):
+        if line.startswith("epoch   2/4"):
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(RunInterrupted):
+        train(tiny_config(tiny_folder, tmp_path / "runs", name="stopped"), log=stop_after_epoch_2)
+    run = tmp_path / "runs" / "stopped"
+    assert (run / "checkpoint.pt").is_file() and not (run / "metrics.json").exists()
+    monkeypatch.setitem(presets.PRESETS, "pool-bn", presets.PRESETS["conv"])  # the preset changed since
+    resume(run, log=lambda m: None)
+    w0, w1 = (torch.load(r / "model.pt", weights_only=True) for r in (reference, run))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)

@@ -9,6 +9,7 @@ import torch
 from cnnlab.backbones import (BACKBONES, CAFFE_PREPROCESSING, TORCHVISION_PREPROCESSING, build, get_backbone,
                               keras_vgg_state)
 from cnnlab.errors import CnnlabError
+from cnnlab.preprocessing import Preprocessing
 from cnnlab.transfer import Head, TransferConfig, TransferModel, freeze_base, transfer
 from conftest import make_folder
 from test_cli import assert_one_line_error, cnnlab
@@ -29,8 +30,8 @@ def test_caffe_preprocessing_is_bgr_minus_mean_unscaled():
 
 def test_each_weights_entry_carries_its_own_preprocessing():
     vgg = get_backbone("vgg19")
-    assert vgg.weights_named("torchvision").preprocessing is TORCHVISION_PREPROCESSING
-    assert vgg.weights_named("keras").preprocessing is CAFFE_PREPROCESSING
+    assert vgg.weights_for("torchvision").preprocessing is TORCHVISION_PREPROCESSING
+    assert vgg.weights_for("keras").preprocessing is CAFFE_PREPROCESSING
     lite = get_backbone("efficientnet_lite0").weights[0].preprocessing
     assert lite(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).flatten().tolist() == [-1.0, -1.0, -1.0]
     assert lite(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)).max().item() == 1.0
@@ -119,7 +120,7 @@ def pets(tmp_path):
 
 
 def test_vgg19_random_weights_from_a_file_frozen_run(vgg19_file, pets, tmp_path):
-    cfg = TransferConfig(data=str(pets), backbone="vgg19", weights=str(vgg19_file), head="gap", epochs=2,
+    cfg = TransferConfig(data=str(pets), backbone="vgg19", weights_file=str(vgg19_file), head="gap", epochs=2,
                          batch_size=4, val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), threads=2)
     run = transfer(cfg, log=lambda m: None)
     saved = torch.load(run / "model.pt", weights_only=True)
@@ -135,7 +136,7 @@ def test_vgg19_random_weights_from_a_file_frozen_run(vgg19_file, pets, tmp_path)
     assert not torch.equal(saved["head.linear.weight"], fresh.linear.weight)  # the head trained
     metrics = json.loads((run / "metrics.json").read_text())
     config = json.loads((run / "config.json").read_text())
-    assert metrics["feature_cache"] == "written" and config["weights_kind"] == "torchvision"
+    assert metrics["feature_cache"] == "written" and config["weights_variant"] == "torchvision"
     assert saved["head.linear.weight"].shape == (1, 512)  # two classes: one sigmoid unit
     for name in ("samples.png", "loss.png", "accuracy.png", "confusion_matrix.png", "history.csv"):
         assert (run / name).stat().st_size > 0
@@ -168,17 +169,17 @@ def test_features_are_computed_in_the_asked_precision(precision, dtype):
     seen = set()
     features.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
-    out = extract_features(features, images, lambda batch, device: batch.float().to(device), torch.device("cpu"),
-                           pool=True, batch_size=4, precision=precision)
+    out = extract_features(features, images, Preprocessing(8), torch.device("cpu"), pool=True, batch_size=4,
+                           precision=precision)
     assert seen == {dtype} and out.shape == (6, 4) and out.dtype == torch.float16
 
 
 def test_a_signal_stops_feature_extraction_at_the_next_batch():
-    from cnnlab.train import InterruptGuard, Interrupted
+    from cnnlab.interrupts import InterruptGuard, Interrupted
     from cnnlab.transfer import extract_features
     features = torch.nn.Conv2d(3, 4, 3)
     images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
-    prep = lambda batch, device: batch.float().to(device)  # noqa: E731
+    prep = Preprocessing(8)
     guard = InterruptGuard()
     out = extract_features(features, images, prep, torch.device("cpu"), pool=True, batch_size=4, guard=guard)
     assert out.shape == (10, 4)

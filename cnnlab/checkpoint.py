@@ -1,0 +1,76 @@
+"""Checkpoints: everything needed to continue a run after an epoch exactly as if it had never
+stopped, and what to say when saved weights do not fit a model."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CnnlabError
+
+if TYPE_CHECKING:  # evaluate and predict load weights through here without the training loop's modules
+    from .early_stopping import EarlyStopping
+
+
+def checkpoint_state(epoch: int, model: nn.Module, opt, sched, stopper: EarlyStopping, generator: torch.Generator,
+                     history: list[dict], device: torch.device) -> dict:
+    """The state after ``epoch``: weights, optimizer, schedule, early stopping, random-number
+    states and history, and the cnnlab version and device type that wrote it."""
+    return {"epoch": epoch, "model": model.state_dict(), "optimizer": portable(opt.state_dict()),
+            "scheduler": sched.state_dict(), "stopper": stopper.state_dict(), "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "history": history, "cnnlab": __version__, "device": device.type}
+
+
+def portable(opt_state: dict) -> dict:
+    """An optimizer's state with plain-number learning rates (``step.graph_ready`` made them GPU
+    tensors), so that a checkpoint written on a GPU resumes anywhere."""
+    groups = [{**group, "lr": float(group["lr"])} for group in opt_state["param_groups"]]
+    return {**opt_state, "param_groups": groups}
+
+
+def restore(state: dict, model: nn.Module, opt, sched, stopper: EarlyStopping,
+            generator: torch.Generator) -> tuple[int, list[dict]]:
+    """Loads ``checkpoint_state``'s result into the run's objects; returns the epoch to start
+    from and the history so far."""
+    load_weights_into(model, state.get("model"), "the checkpoint", "this run's model",
+                      "delete checkpoint.pt to restart the run from epoch 1")
+    flags = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in opt.param_groups]
+    opt.load_state_dict(state["optimizer"])
+    for group, kept in zip(opt.param_groups, flags):  # how to step is this machine's choice, not the file's
+        group.update(kept)
+    sched.load_state_dict(state["scheduler"])
+    stopper.load_state_dict(state["stopper"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"] + 1, list(state["history"])
+
+
+def key_mismatch(expected: dict, found, optional: str | None = None) -> str | None:
+    """None when the state dict ``found`` fits ``expected``, else 'missing keys: ...; unexpected
+    keys: ...; other shapes: ...'. Keys that start with ``optional`` may be missing."""
+    weights = found if isinstance(found, dict) else {}
+    have = set(weights)
+    want = set(expected)
+    missing = sorted(k for k in want - have if not (optional and k.startswith(optional)))
+    unexpected = sorted(have - want)
+    shapes = [k for k in sorted(have & want)
+              if tuple(getattr(weights[k], "shape", ())) != tuple(expected[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    return (f"missing keys: {', '.join(missing[:4]) or 'none'}; unexpected keys: {', '.join(unexpected[:4]) or 'none'}"
+            + (f"; other shapes: {', '.join(shapes[:4])}" if shapes else ""))
+
+
+def load_weights_into(model: nn.Module, state, what: str, target: str, fix: str, optional: str | None = None) -> None:
+    """``model.load_state_dict(state)``, or a one-line error: '``what`` does not fit ``target``
+    (which keys); ``fix``'. Keys that start with ``optional`` may be missing from ``state``."""
+    problem = key_mismatch(model.state_dict(), state, optional)
+    if problem is None:
+        try:
+            model.load_state_dict(state, strict=optional is None)
+            return
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            problem = str(exc).strip().splitlines()[0][:200]
+    raise CnnlabError(f"{what} does not fit {target} ({problem}); {fix}")

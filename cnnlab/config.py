@@ -1,0 +1,167 @@
+"""Run settings as plain dataclasses: everything needed to rerun a train or a transfer run, the
+choices each setting takes, and the checks that turn a bad value into a one-line error. The command
+line takes its choices and defaults from here. Nothing here imports torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .errors import CnnlabError
+from .preprocessing import UNIT, Preprocessing
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "onecycle", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
+MONITORS = ("loss", "accuracy", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1")
+MODES = ("auto", "min", "max")
+HEADS = ("flatten", "gap")
+WEIGHTS_VARIANTS = ("torchvision", "keras", "pypi")
+
+
+@dataclass
+class TrainConfig:
+    """Everything needed to rerun a training run. Defaults are the seed study's (Adam 1e-3,
+    batch 128, inputs scaled to [0, 1]); a preset's settings override them, and explicit
+    values override the preset's."""
+    preset: str = ""  # empty where the model comes from elsewhere (a transfer run's phases)
+    data: str = ""
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "none"
+    label_smoothing: float = 0.0
+    val_split: float = 0.1
+    test_split: float = 0.1
+    seed: int = 0
+    monitor: str = "val_loss"
+    mode: str = "auto"
+    patience: int | None = None
+    min_delta: float = 0.0
+    restore_best_weights: bool = True
+    start_from_epoch: int = 0
+    augment: bool = False
+    tta: bool = False
+    preprocessing: Preprocessing = UNIT
+    channels_last: bool = True  # memory layout of weights and batches (conv sets False: see presets)
+    threads: int | None = None
+    device: str = "auto"
+    cuda_graph: bool = True  # on CUDA, replay each training step as one CUDA graph
+    precision: str = "auto"  # see runtime.compute_dtype
+    out: str = "runs"
+    name: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass
+class TransferConfig:
+    """Everything needed to rerun a transfer run."""
+    data: str = ""
+    backbone: str = "vgg19"
+    weights_file: str | None = None  # None: the backbone's shipped, cached or downloaded file
+    weights_variant: str | None = None  # one of WEIGHTS_VARIANTS; None: the backbone's first
+    head: str = "flatten"
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 1e-3
+    fine_tune_epochs: int = 0
+    unfreeze: int = 1
+    fine_tune_lr: float | None = None  # None: lr / 10
+    augment: bool = False
+    val_split: float = 0.1
+    test_split: float = 0.1
+    seed: int = 0
+    monitor: str = "val_loss"
+    patience: int | None = None
+    threads: int | None = None
+    device: str = "auto"
+    precision: str = "auto"  # as train's: bfloat16 where the device computes it natively
+    out: str = "runs"
+    name: str | None = None
+    feature_cache: bool = True
+
+
+def default(config: type, name: str):
+    """The default of setting ``name`` of a config dataclass (for --help texts)."""
+    return next(f.default for f in fields(config) if f.name == name)
+
+
+def resolve_config(preset: str, **overrides) -> TrainConfig:
+    """The preset's settings on top of the defaults, then every non-None override; validated."""
+    from .presets import get_preset  # late: building models needs torch
+
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise TypeError(f"unknown settings: {sorted(unknown)}")
+    values = {**get_preset(preset).settings, **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = TrainConfig(preset=preset, **values)
+    validate(cfg)
+    return cfg
+
+
+def from_record(config: type, record: dict):
+    """The config dataclass a run's config.json was written from (its other keys ignored)."""
+    values = {f.name: record[f.name] for f in fields(config) if f.name in record}
+    if config is TrainConfig:
+        if isinstance(values.get("preprocessing"), dict):
+            values["preprocessing"] = Preprocessing.from_dict(values["preprocessing"])
+        elif record.get("normalize") == "cifar10":  # a run written before preprocessing was recorded whole
+            from .preprocessing import CIFAR10
+            values["preprocessing"] = CIFAR10
+    return config(**values)
+
+
+def _check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise CnnlabError(message)
+
+
+def _choice(value, choices: tuple, what: str) -> tuple[bool, str]:
+    return value in choices, f"unknown {what} '{value}'; choose one of: {', '.join(choices)}"
+
+
+def _common(cfg) -> list[tuple[bool, str]]:
+    """The checks train and transfer settings share."""
+    return [
+        (cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})"),
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
+        (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),
+        (0 < cfg.val_split < 1, f"--val-split must be between 0 and 1 (got {cfg.val_split})"),
+        (0 < cfg.test_split < 1, f"--test-split must be between 0 and 1 (got {cfg.test_split})"),
+        (cfg.val_split + cfg.test_split < 1,
+         f"--val-split + --test-split must be below 1 (got {cfg.val_split + cfg.test_split:g})"),
+        _choice(cfg.monitor, MONITORS, "monitor metric"),
+        _choice(cfg.precision, PRECISIONS, "--precision"),
+        (cfg.patience is None or cfg.patience >= 0, f"--patience must be 0 or more (got {cfg.patience})"),
+        (cfg.threads is None or cfg.threads >= 1, f"--threads must be at least 1 (got {cfg.threads})"),
+    ]
+
+
+def validate(cfg: TrainConfig) -> None:
+    """One-line errors for training settings out of range."""
+    _check(_common(cfg) + [
+        _choice(cfg.optimizer, OPTIMIZERS, "optimizer"),
+        _choice(cfg.schedule, SCHEDULES, "schedule"),
+        _choice(cfg.mode, MODES, "--mode"),
+        (cfg.min_delta >= 0, f"--min-delta must be 0 or more (got {cfg.min_delta})"),
+        (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {cfg.label_smoothing})"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be 0 or more (got {cfg.weight_decay})"),
+        (cfg.preprocessing.size >= 8, f"the input size must be at least 8 (got {cfg.preprocessing.size})"),
+        (cfg.start_from_epoch >= 0, f"--start-from-epoch must be 0 or more (got {cfg.start_from_epoch})"),
+    ])
+
+
+def validate_transfer(cfg: TransferConfig) -> None:
+    """One-line errors for transfer settings out of range."""
+    _check(_common(cfg) + [
+        (cfg.fine_tune_epochs >= 0, f"--fine-tune-epochs must be 0 or more (got {cfg.fine_tune_epochs})"),
+        (cfg.unfreeze >= 1, f"--unfreeze must be at least 1 (got {cfg.unfreeze})"),
+        (cfg.fine_tune_lr is None or cfg.fine_tune_lr > 0, f"--fine-tune-lr must be positive (got {cfg.fine_tune_lr})"),
+        _choice(cfg.head, HEADS, "--head"),
+        (cfg.weights_variant is None or cfg.weights_variant in WEIGHTS_VARIANTS,
+         f"unknown --weights-variant '{cfg.weights_variant}'; choose one of: {', '.join(WEIGHTS_VARIANTS)}"),
+    ])

@@ -1,0 +1,65 @@
+"""Running a trained model over images: logits in batches (with test-time augmentation), scores
+on a labelled set, and the most confident mistakes. evaluate, predict and the end of every run
+use this; none of them needs the training loop."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import ImageSet
+from .metrics import confusion_matrix, loss_fn, predicted_class, probabilities, summarize
+from .preprocessing import Preprocessing, model_input
+from .runtime import autocast, compute_dtype
+
+
+def inference_batch(images: torch.Tensor) -> int:
+    """Images per inference batch: about 620,000 input values (4 images at 224x224, 200 at 32x32).
+    On a CPU, small batches keep activations in cache: EfficientNet-Lite0 and VGG19 run faster in
+    batches of 4 than of 64 (bench/transfer.py)."""
+    values = images[0].numel() if len(images) else 1
+    return max(1, min(500, 620_000 // values))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, preprocessing: Preprocessing, device: torch.device,
+                   batch_size: int | None = None, tta: bool = False, precision: str = "auto") -> torch.Tensor:
+    """Logits for uint8 images (or cached features), in eval mode; ``tta`` averages with the
+    mirrored images; ``precision`` as in ``runtime.compute_dtype``."""
+    model.eval()
+    dtype = compute_dtype(precision, device)
+    batch_size = batch_size or inference_batch(images)
+    prepare = preprocessing.on(device)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = model_input(images[start:start + batch_size], prepare)
+        with autocast(device, dtype):
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        out.append(logits.cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def score(model: nn.Module, data: ImageSet, class_names: list[str], preprocessing: Preprocessing,
+          device: torch.device, tta: bool = False, precision: str = "auto") -> dict:
+    """Loss (plain cross-entropy), accuracy, macro and per-class precision/recall/F1 and
+    the confusion matrix of ``model`` on ``data``."""
+    logits = predict_logits(model, data.images, preprocessing, device, tta=tta, precision=precision)
+    return score_logits(logits, data.labels, class_names)
+
+
+def score_logits(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:
+    """``score`` from logits already computed."""
+    loss = float(loss_fn(logits, labels)) if len(logits) else float("nan")
+    cm = confusion_matrix(labels, predicted_class(logits), len(class_names))
+    return {"loss": loss, **summarize(cm, class_names)}
+
+
+def confident_mistakes(logits: torch.Tensor, labels: torch.Tensor, count: int = 12) -> dict:
+    """The ``count`` wrong predictions made with the highest probability."""
+    probs = probabilities(logits)
+    confidence, predicted = probs.max(1)
+    wrong = torch.nonzero(predicted != labels).flatten()
+    order = wrong[confidence[wrong].argsort(descending=True)][:count]
+    return {"index": order, "true": labels[order].tolist(), "predicted": predicted[order].tolist(),
+            "probability": confidence[order].tolist()}

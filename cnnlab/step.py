@@ -1,0 +1,122 @@
+"""One training step, and on CUDA the same step captured once as a CUDA graph and replayed."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .data import ImageSet, apply_augment, augment_draws
+from .metrics import loss_fn, predicted_class
+from .preprocessing import model_input
+from .runtime import autocast, compute_dtype, to_device
+
+
+def graph_ready(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Makes ``opt`` safe to capture in a CUDA graph: its learning rate becomes a tensor on
+    ``device`` (a schedule then updates it in place, where the replayed step reads it) and its
+    update one fused kernel. Call after loading a checkpoint too: that brings float rates back."""
+    for group in opt.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        group["fused"] = True
+        if "capturable" in group:
+            group["capturable"] = True
+
+
+class TrainStep:
+    """One optimizer step on the batch that ``index`` picks from a training set already on
+    ``device``; sums the loss and the correct predictions on the device (no sync).
+
+    On CUDA (``cfg.cuda_graph``, uint8 images), after ``WARMUP`` ordinary steps the step is
+    captured once as a CUDA graph and then replayed: these small nets leave a GPU idle while the
+    host queues a step's few hundred kernels, and a replay queues them all at once. The replay
+    reads its batch indices, augmentation draws and learning rate from fixed device tensors,
+    refreshed before each replay (``opt`` is made ``graph_ready`` here: make the step after
+    loading a checkpoint into ``opt``). A smaller last batch runs as an ordinary step."""
+    WARMUP = 3
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, train: ImageSet, cfg: TrainConfig,
+                 device: torch.device):
+        self.model, self.opt, self.cfg, self.device = model, opt, cfg, device
+        self.images, self.labels = train.images, train.labels
+        self.prepare = cfg.preprocessing.on(device)
+        self.dtype = compute_dtype(cfg.precision, device)
+        self.total_loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.graphed = device.type == "cuda" and cfg.cuda_graph and train.images.dtype == torch.uint8
+        if self.graphed:
+            graph_ready(opt, device)
+        self.graph: "torch.cuda.CUDAGraph | None" = None
+        self.warm_steps = 0
+        self.inputs: tuple = ()
+        self.failure: str | None = None  # why the capture failed, when it did
+
+    def reset(self) -> None:
+        """Zeroes the sums at the start of an epoch."""
+        self.total_loss.zero_()
+        self.correct.zero_()
+
+    def __call__(self, index: torch.Tensor, generator: torch.Generator) -> None:
+        draws = augment_draws(len(index), generator) if self.cfg.augment else None
+        if not self.graphed or len(index) != self.cfg.batch_size:
+            self.run(index, draws)
+        elif self.graph is None and self.warm_steps < self.WARMUP:
+            self._warm(index, draws)
+        elif self.graph is not None or self._capture(index, draws):
+            self._replay(index, draws)
+        else:
+            self.run(index, draws)
+
+    def run(self, index: torch.Tensor, draws: tuple | None) -> None:
+        """The step itself, as ordinary (eager) PyTorch."""
+        x = model_input(self.images[index], self.prepare)
+        if draws is not None:
+            x = apply_augment(x, draws)
+        y = self.labels[index]
+        with autocast(self.device, self.dtype, cache=False):
+            logits = self.model(x)
+            loss = loss_fn(logits, y, self.cfg.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with warnings.catch_warnings():  # a graph-ready optimizer warns when stepped outside a graph
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            self.opt.step()
+        self.total_loss += loss.detach() * len(y)
+        self.correct += (predicted_class(logits) == y).sum()
+
+    def _warm(self, index, draws) -> None:
+        # PyTorch's recipe: warm-up steps on a side stream, so cuDNN's autotuning and lazy
+        # workspaces are done before capture; they are real steps of the run
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.run(index, draws)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.warm_steps += 1
+
+    def _capture(self, index, draws) -> bool:
+        """Records the step as a CUDA graph (running nothing); on failure (an operation that
+        cannot be captured, say from a newer or older PyTorch) the run goes on op by op."""
+        static_draws = None if draws is None else tuple(
+            None if t is None else to_device(t, self.device).clone() for t in draws)
+        self.inputs = (index.clone(), static_draws)
+        graph = torch.cuda.CUDAGraph()
+        self.opt.zero_grad(set_to_none=True)
+        try:
+            with torch.cuda.graph(graph):
+                self.run(*self.inputs)
+        except RuntimeError as exc:  # nothing ran during the capture, so no weight has changed
+            self.graphed = False
+            self.failure = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            return False
+        self.graph = graph
+        return True
+
+    def _replay(self, index, draws) -> None:
+        static_index, static_draws = self.inputs
+        static_index.copy_(index)
+        for static, new in zip(static_draws or (), draws or ()):
+            if static is not None:
+                static.copy_(new.pin_memory(), non_blocking=True)
+        self.graph.replay()
