@@ -2,6 +2,7 @@
 stopped, and what to say when saved weights do not fit a model."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -9,9 +10,21 @@ from torch import nn
 
 from . import __version__
 from .errors import CnnlabError
+from .runs import load_torch
 
 if TYPE_CHECKING:  # evaluate and predict load weights through here without the training loop's modules
     from .early_stopping import EarlyStopping
+
+
+DAMAGED = "checkpoint.pt is damaged ({}); delete it to restart the run from epoch 1"
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A run's checkpoint.pt, or a one-line error when it is not one."""
+    state = load_torch(path)
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        raise CnnlabError(DAMAGED.format("not a checkpoint"))
+    return state
 
 
 def checkpoint_state(epoch: int, model: nn.Module, opt, sched, stopper: EarlyStopping, generator: torch.Generator,
@@ -36,15 +49,18 @@ def restore(state: dict, model: nn.Module, opt, sched, stopper: EarlyStopping,
     from and the history so far."""
     load_weights_into(model, state.get("model"), "the checkpoint", "this run's model",
                       "delete checkpoint.pt to restart the run from epoch 1")
-    flags = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in opt.param_groups]
-    opt.load_state_dict(state["optimizer"])
-    for group, kept in zip(opt.param_groups, flags):  # how to step is this machine's choice, not the file's
-        group.update(kept)
-    sched.load_state_dict(state["scheduler"])
-    stopper.load_state_dict(state["stopper"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["epoch"] + 1, list(state["history"])
+    try:
+        flags = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in opt.param_groups]
+        opt.load_state_dict(state["optimizer"])
+        for group, kept in zip(opt.param_groups, flags):  # how to step is this machine's choice, not the file's
+            group.update(kept)
+        sched.load_state_dict(state["scheduler"])
+        stopper.load_state_dict(state["stopper"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["epoch"]) + 1, list(state["history"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CnnlabError(DAMAGED.format(f"{type(exc).__name__}: {str(exc)[:80]}")) from None
 
 
 def key_mismatch(expected: dict, found, optional: str | None = None) -> str | None:

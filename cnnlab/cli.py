@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from dataclasses import fields
@@ -65,6 +66,8 @@ def _number(kind, name, low=None, low_open=False, high_open=None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, "
                                              f"not '{text}'") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number, not '{text}'")
         if low is not None and (value < low or (low_open and value == low)):
             raise argparse.ArgumentTypeError(f"{name} must be {'above' if low_open else 'at least'} {low:g}, "
                                              f"got {text}")
@@ -267,21 +270,11 @@ def _settings(args, keys) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
-def _resume(run_dir: str):
-    from .runs import load_run
-    if load_run(run_dir)[0].get("kind") == "transfer":
-        from .transfer import resume_transfer
-        return resume_transfer(run_dir, log=_log)
-    from .train import resume
-    return resume(run_dir, log=_log)
-
-
 def cmd_train(args) -> int:
     from .config import resolve_config
     from .train import train
     if args.resume:
-        print(_resume(args.resume))
-        return 0
+        return cmd_resume(argparse.Namespace(run_dir=args.resume))
     for option in ("preset", "data"):
         if getattr(args, option) is None:
             raise CnnlabError(f"--{option} is required (or --resume RUN_DIR to continue a run)")
@@ -321,7 +314,11 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    print(_resume(args.run_dir))
+    from .runs import load_run
+    from .train import resume
+    from .transfer import resume_transfer
+    transfer_run = load_run(args.run_dir)[0].get("kind") == "transfer"
+    print((resume_transfer if transfer_run else resume)(args.run_dir, log=_log))
     return 0
 
 
@@ -329,10 +326,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run, format_report
     from .runs import load_run
     result = evaluate_run(args.run_dir, args.data)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(format_report(result, load_run(args.run_dir)[0]["class_names"]))
+    print(json.dumps(result) if args.json else format_report(result, load_run(args.run_dir)[0]["class_names"]))
     return 0
 
 
@@ -369,8 +363,8 @@ def _warning(message, category, filename, lineno, file=None, line=None):
 
 
 COMMANDS = {"train": cmd_train, "resume": cmd_resume, "transfer": cmd_transfer, "predict": cmd_predict,
-            "report": cmd_report, "reproduce": cmd_reproduce, "evaluate": cmd_evaluate, "presets": cmd_presets, "summary": cmd_summary,
-            "study": cmd_study}
+            "report": cmd_report, "reproduce": cmd_reproduce, "evaluate": cmd_evaluate, "presets": cmd_presets,
+            "summary": cmd_summary, "study": cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except CnnlabError as exc:
         print(f"cnnlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system said no somewhere no check foresaw: still one line
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"cnnlab {args.command}: error: {exc.strerror or exc}{where}; check the paths given and the free "
+              "disk space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cnnlab {args.command}: interrupted", file=sys.stderr)

@@ -3,7 +3,8 @@ choices each setting takes, and the checks that turn a bad value into a one-line
 line takes its choices and defaults from here. Nothing here imports torch."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, fields
 
 from .errors import CnnlabError
 from .preprocessing import UNIT, Preprocessing
@@ -124,9 +125,30 @@ def _choice(value, choices: tuple, what: str) -> tuple[bool, str]:
     return value in choices, f"unknown {what} '{value}'; choose one of: {', '.join(choices)}"
 
 
+def name_problem(name: str | None) -> str | None:
+    """Why ``name`` cannot name a run directory inside ``--out`` (None when it can): a name is one
+    plain folder name, never a path."""
+    if name is None:
+        return None
+    if not name.strip():
+        return "--name is empty; pass a name such as my-run"
+    if name in (".", "..") or any(c in name for c in "/\\\0") or name.startswith("~"):
+        return (f"--name {name!r} is not a plain name (no path separators, '.', '..' or '~'); pass a folder "
+                "name such as my-run, and --out DIR for where the run goes")
+    return None
+
+
+def _finite(cfg) -> list[tuple[bool, str]]:
+    """Every number setting must be finite: nan and inf pass every range check unnoticed."""
+    return [(math.isfinite(value), f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
+            for f in fields(cfg) if isinstance(value := getattr(cfg, f.name), float)]
+
+
 def _common(cfg) -> list[tuple[bool, str]]:
     """The checks train and transfer settings share."""
-    return [
+    name = name_problem(cfg.name)
+    return _finite(cfg) + [
+        (name is None, name),
         (cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})"),
         (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
         (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),

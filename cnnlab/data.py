@@ -7,7 +7,6 @@ and augmentation runs on whole batches.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -19,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .atomic import WriteError, atomic_write_bytes
+from . import cache
+from .atomic import WriteError
 from .errors import CnnlabError
 from .runtime import default_cache_dir, to_device
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries sealed with a manifest (cache.py)
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -163,19 +163,17 @@ def load_folder(root: str | Path, size: int, cache_dir: Path | None = None,
                           f"classes ({', '.join(class_names)}); use a folder with the same class names")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key = _cache_key(files, size)
-    array_path, meta_path = cache_dir / f"images-{key}.npy", cache_dir / f"images-{key}.json"
-    if array_path.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        array = np.load(array_path)
-        hit = True
-    else:
+    array_path = cache_dir / f"images-{key}.npy"
+    meta = cache.check(array_path)
+    array = _cached_array(array_path, meta, size) if meta is not None else None
+    hit = array is not None
+    if not hit:
         array, bad = decode_images([f for f, _ in files], size)
         kept = [item for i, item in enumerate(files) if i not in set(bad)]
         meta = {"root": str(root), "size": size, "classes": classes,
                 "labels": [label for _, label in kept], "files": [path for path, _ in kept],
                 "skipped": [files[i][0] for i in bad]}
-        _write_cache(cache_dir, array_path, meta_path, array, meta)
-        hit = False
+        _write_cache(cache_dir, array_path, array, meta)
     if meta["skipped"]:
         shown = ", ".join(meta["skipped"][:5]) + (" ..." if len(meta["skipped"]) > 5 else "")
         warnings.warn(f"skipped {len(meta['skipped'])} unreadable image file(s): {shown}")
@@ -186,11 +184,24 @@ def load_folder(root: str | Path, size: int, cache_dir: Path | None = None,
     return images, classes, info
 
 
-def _write_cache(cache_dir: Path, array_path: Path, meta_path: Path, array: np.ndarray, meta: dict) -> None:
+def _cached_array(path: Path, meta: dict, size: int) -> np.ndarray | None:
+    """The images of a sealed cache entry, or None (with the one warning) when the array in it is
+    not the one its manifest describes."""
+    try:
+        array = np.load(path)
+        if array.dtype == np.uint8 and array.shape == (len(meta["labels"]), 3, size, size):
+            return array
+        problem = f"an array of {array.dtype} {array.shape}"
+    except (ValueError, OSError, KeyError, TypeError, EOFError) as exc:
+        problem = type(exc).__name__
+    cache.warn_damaged(path, problem)
+    return None
+
+
+def _write_cache(cache_dir: Path, array_path: Path, array: np.ndarray, meta: dict) -> None:
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(array_path, _npy_bytes(array))
-        atomic_write_bytes(meta_path, json.dumps(meta).encode())
+        cache.store(array_path, _npy_bytes(array), meta)
     except (OSError, WriteError) as exc:
         warnings.warn(f"could not write the image cache in {cache_dir} ({exc}); "
                       "set CNNLAB_CACHE to a writable folder to start faster next time")

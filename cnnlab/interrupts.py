@@ -73,5 +73,8 @@ def guarded_run(run_dir: Path, log: Callable[[str], None], checkpoints: bool = T
 
 def read_marker(run_dir: Path) -> dict | None:
     """Where the run was interrupted last (``guarded_run``'s record), if it was."""
-    path = run_dir / MARKER
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        marker = json.loads((run_dir / MARKER).read_bytes())
+    except (OSError, ValueError):  # none, or damaged: it only adds a line to what resume says
+        return None
+    return marker if isinstance(marker, dict) else None

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import cache
 from .runtime import default_cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -78,7 +79,7 @@ def build(cache_dir: Path, compiler: str | None) -> tuple[Path | None, str]:
     for flags in FLAG_SETS:
         key = hashlib.sha256(same_for_all_flags + b"\0" + " ".join(flags).encode()).hexdigest()[:16]
         target = cache_dir / f"cnnlab_kernels_{key}.so"
-        if target.exists():
+        if cache.check(target) is not None:  # a truncated library would kill the process on loading (SIGBUS)
             return target, f"cached {target.name}"
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,7 @@ def build(cache_dir: Path, compiler: str | None) -> tuple[Path | None, str]:
                                       capture_output=True, text=True, timeout=300)
                 if done.returncode == 0:
                     os.replace(partial, target)
+                    cache.seal(target)
                     return target, f"built {target.name} with {' '.join(flags)}"
                 errors.append((done.stderr.strip().splitlines() or ["failed"])[-1][:200])
         except (OSError, subprocess.SubprocessError) as exc:

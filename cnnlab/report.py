@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CnnlabError
-from .atomic import atomic_write_bytes
+from .atomic import WriteError, atomic_write_bytes
 from .runs import load_run, read_history
 from .study import SEED_FIGURES
 
@@ -23,11 +23,22 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#17becf"]
 
 
+METRICS_READ = ("best_epoch", "parameters", "epochs_run", "train_time_s", "images_per_s", "test_accuracy",
+                "test_loss", "confusion_matrix", "per_class")
+HISTORY_READ = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+
+
 def _run_info(run_dir: Path) -> dict | None:
     config, metrics = load_run(run_dir)
     if metrics is None:
         return None
     history = read_history(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else []
+    missing = [f"metrics.json: {k}" for k in METRICS_READ if k not in metrics] + [
+        f"history.csv row {i + 1}: {k}" for i, row in enumerate(history) for k in HISTORY_READ
+        if not isinstance(row.get(k), (int, float))]
+    if missing or not isinstance(config.get("class_names"), list):
+        raise CnnlabError(f"{run_dir} is damaged ({(missing or ['config.json: class_names'])[0]} missing or not a "
+                          "number); restore the file from a copy, or leave the run out of the report")
     kind = config.get("kind", "train")
     best = metrics["best_epoch"]
     gap = history[best - 1]["accuracy"] - history[best - 1]["val_accuracy"] if history else None
@@ -216,6 +227,12 @@ accuracy at the best epoch; the last column is the original study's test accurac
 <h2>Environment</h2>{_environment(infos)}
 </body></html>"""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(output, page.encode())
+    if output.is_dir():
+        raise CnnlabError(f"-o {output} is a folder; pass a file name such as {output / 'report.html'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(output, page.encode())
+    except (OSError, WriteError) as exc:
+        raise CnnlabError(f"cannot write the report to {output} ({getattr(exc, 'strerror', None) or exc}); "
+                          "pass -o a file in a writable folder") from None
     return output

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write_bytes
+from .config import name_problem
 from .errors import CnnlabError
 
 
@@ -22,7 +23,12 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    """A JSON file cnnlab wrote, or a one-line error when it is damaged."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CnnlabError(f"{path} is damaged ({type(exc).__name__}); restore it from a copy, or train the "
+                          "run again") from None
 
 
 def write_csv(path: Path, rows: list[list], header: list[str] | None = None) -> None:
@@ -52,7 +58,11 @@ def load_torch(path: Path):
 
 
 def create_run_dir(out: str | Path, name: str) -> Path:
-    """Makes ``out/name``; if taken, ``out/name-2``, ``-3``... (never reuses a folder)."""
+    """Makes ``out/name``; if taken, ``out/name-2``, ``-3``... (never reuses a folder). ``name`` is one
+    folder name: nothing is ever written outside ``out``."""
+    problem = name_problem(name)
+    if problem:
+        raise CnnlabError(problem)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -87,8 +97,13 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 
 def read_history(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    """history.csv's rows, numbers as numbers; a one-line error when the file is damaged."""
+    try:
+        with open(path, newline="") as f:
+            return [{k: _number(v) if isinstance(v, str) else v for k, v in row.items()} for row in csv.DictReader(f)]
+    except (csv.Error, UnicodeDecodeError, OSError) as exc:
+        raise CnnlabError(f"{path} is damaged ({type(exc).__name__}); restore it from a copy, or train the run "
+                          "again") from None
 
 
 def _number(text: str):
@@ -107,7 +122,11 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict | None]:
                           "pass a folder made by `cnnlab train`")
     config = read_json(run_dir / "config.json")
     metrics_path = run_dir / "metrics.json"
-    return config, (read_json(metrics_path) if metrics_path.is_file() else None)
+    metrics = read_json(metrics_path) if metrics_path.is_file() else None
+    for path, record in ((run_dir / "config.json", config), (metrics_path, metrics)):
+        if record is not None and not isinstance(record, dict):
+            raise CnnlabError(f"{path} is damaged (not a JSON object); restore it from a copy, or train the run again")
+    return config, metrics
 
 
 def unfinished_config(run_dir: Path, log) -> dict | None:

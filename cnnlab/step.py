@@ -44,6 +44,8 @@ class TrainStep:
         self.dtype = compute_dtype(cfg.precision, device)
         self.total_loss = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.batches = torch.zeros((), device=device, dtype=torch.long)
+        self.first_nonfinite = torch.full((), -1, device=device, dtype=torch.long)  # batch of the epoch, from 1
         self.graphed = device.type == "cuda" and cfg.cuda_graph and train.images.dtype == torch.uint8
         if self.graphed:
             graph_ready(opt, device)
@@ -56,6 +58,8 @@ class TrainStep:
         """Zeroes the sums at the start of an epoch."""
         self.total_loss.zero_()
         self.correct.zero_()
+        self.batches.zero_()
+        self.first_nonfinite.fill_(-1)
 
     def __call__(self, index: torch.Tensor, generator: torch.Generator) -> None:
         draws = augment_draws(len(index), generator) if self.cfg.augment else None
@@ -84,6 +88,10 @@ class TrainStep:
             self.opt.step()
         self.total_loss += loss.detach() * len(y)
         self.correct += (predicted_class(logits) == y).sum()
+        # in place, on the device: no sync, and a replayed graph keeps updating the same tensors
+        self.batches += 1
+        diverged = (self.first_nonfinite < 0) & ~torch.isfinite(loss.detach())
+        self.first_nonfinite.copy_(torch.where(diverged, self.batches, self.first_nonfinite))
 
     def _warm(self, index, draws) -> None:
         # PyTorch's recipe: warm-up steps on a side stream, so cuDNN's autotuning and lazy

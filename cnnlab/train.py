@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import checkpoint_state, restore
+from .checkpoint import checkpoint_state, read_checkpoint, restore
 from .config import TrainConfig, from_record
 from .data import ImageSet, Splits, load_splits
 from .early_stopping import EarlyStopping
@@ -27,7 +27,7 @@ from .inference import confident_mistakes, predict_logits, score, score_logits
 from .interrupts import Interrupted, InterruptGuard, guarded_run, read_marker
 from .preprocessing import Preprocessing
 from .presets import build_model, count_parameters, get_preset, init_whitening
-from .runs import (create_run_dir, load_torch, run_record, save_torch, write_history, write_json,
+from .runs import (create_run_dir, run_record, save_torch, write_history, write_json,
                    unfinished_config, write_results, write_samples)
 from .runtime import environment, memory_format, setup
 from .step import TrainStep
@@ -73,11 +73,14 @@ def train_one_epoch(step: TrainStep, sched, train: ImageSet, cfg: TrainConfig, g
     step.reset()
     seen = 0
     bar = _progress(len(starts), epoch, cfg.epochs)
+    cpu = step.device.type == "cpu"  # on a CPU reading the flag costs nothing; a GPU is asked once an epoch
     for i, start in enumerate(starts):
         index = order[start:start + cfg.batch_size]
         step(index, generator)
         sched.step()
         seen += len(index)
+        if cpu and step.first_nonfinite >= 0:
+            break
         if bar is not None:
             bar.update(1)
             if i % 10 == 0:
@@ -88,7 +91,20 @@ def train_one_epoch(step: TrainStep, sched, train: ImageSet, cfg: TrainConfig, g
             raise Interrupted(guard.signum, epoch, i + 1, len(starts))
     if bar is not None:
         bar.close()
-    return {"loss": float(step.total_loss) / seen, "accuracy": float(step.correct) / seen, "images": seen}
+    sums = torch.stack([step.total_loss.double(), step.correct.double(), step.first_nonfinite.double()])
+    loss_sum, correct, nonfinite = sums.tolist()  # one read, so one wait for a GPU, an epoch
+    if nonfinite >= 0:
+        raise Diverged(epoch, int(nonfinite), len(starts), cfg.lr)
+    return {"loss": loss_sum / seen, "accuracy": correct / seen, "images": seen}
+
+
+class Diverged(CnnlabError):
+    """The training loss turned non-finite: the run stops there, its last good checkpoint kept."""
+
+    def __init__(self, epoch: int, batch: int, batches: int, lr: float):
+        kept = f"epoch {epoch - 1}'s checkpoint is kept" if epoch > 1 else "no epoch had finished"
+        super().__init__(f"training diverged: the loss became non-finite in epoch {epoch}, batch {batch}/{batches}; "
+                         f"the run stops ({kept}); train again with a lower --lr than {lr:g}")
 
 
 def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device,
@@ -193,7 +209,7 @@ def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
     device, splits, model = _start(cfg, config["layers"], None)
     if splits.class_names != config["class_names"]:
         raise CnnlabError(f"the data at {cfg.data} no longer has the run's classes; restore it or start a new run")
-    state = load_torch(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").is_file() else None
+    state = read_checkpoint(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").is_file() else None
     if state is None:
         log(f"{run_dir} has no checkpoint yet: starting its training from epoch 1")
     else:

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .atomic import WriteError, atomic_write_bytes
+from . import cache
+from .atomic import WriteError
 from .backbones import build, pretrained
 from .config import TrainConfig, TransferConfig, from_record, validate_transfer
 from .data import ImageSet, Splits, load_splits
@@ -127,11 +128,11 @@ def cached_features(cfg: TransferConfig, features: nn.Module, prep: Preprocessin
     cache, or computed once and cached."""
     key = _feature_key(cfg, weights_path, prep, splits, compute_dtype(cfg.precision, device))
     path = default_cache_dir() / f"features-{key}.pt"
-    if path.is_file():
+    if cache.check(path) is not None:
         try:
             return torch.load(path, weights_only=True), True
-        except Exception:
-            log(f"feature cache {path} is unreadable; computing it again")
+        except Exception as exc:  # sealed, yet not what torch.save wrote: rebuilt all the same
+            cache.warn_damaged(path, type(exc).__name__)
     start = time.perf_counter()
     result = {name: extract_features(features, getattr(splits, name).images, prep, device, cfg.head == "gap",
                                      log=log, guard=guard, precision=cfg.precision)
@@ -143,7 +144,7 @@ def cached_features(cfg: TransferConfig, features: nn.Module, prep: Preprocessin
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save(result, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        cache.store(path, buf.getvalue())
     except (OSError, WriteError) as exc:
         log(f"warning: could not cache features ({exc})")
     return result, False

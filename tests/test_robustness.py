@@ -1,0 +1,203 @@
+"""Nothing a user can break: damaged caches heal with one warning, a run's name stays inside --out,
+numbers must be finite, a diverging run stops with its last good checkpoint. Each case asserts the
+exit code, the one line, and that the runs written before are unchanged, byte for byte."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from cnnlab import cache
+from conftest import make_folder
+from test_bad_input import snapshot
+from test_cli import assert_one_line_error, cnnlab
+
+TRAIN = ["train", "--preset", "pool-bn", "--epochs", "1", "--batch-size", "8", "--threads", "1", "--device", "cpu"]
+TRANSFER = ["transfer", "--backbone", "efficientnet_lite0", "--head", "gap", "--epochs", "1", "--batch-size", "4",
+            "--threads", "1", "--device", "cpu"]
+
+
+def damage(path, how):
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "garbled":  # same size, 64 bytes flipped in the middle: only a checksum sees it
+        middle = bytearray(data)
+        for i in range(len(data) // 2, min(len(data), len(data) // 2 + 64)):
+            middle[i] ^= 0xFF
+        path.write_bytes(bytes(middle))
+    else:
+        path.write_bytes(b"")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Data, the caches a train and a transfer run filled, and those runs."""
+    root = tmp_path_factory.mktemp("robust")
+    data = make_folder(root / "data", per_class=10)
+    pets = make_folder(root / "pets", classes=2, per_class=10, size=48)
+    for args, folder, name in ((TRAIN, data, "train"), (TRANSFER, pets, "transfer")):
+        env = {**__import__("os").environ, "CNNLAB_CACHE": str(root / f"cache-{name}")}
+        done = subprocess.run([sys.executable, "-m", "cnnlab.cli", *args, "--data", str(folder),
+                               "--out", str(root / "runs"), "--name", name], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+    return root
+
+
+ENTRIES = [("train", "images-*.npy"), ("train", "images-*.npy.json"), ("train", "kernels/cnnlab_kernels_*.so"),
+           ("train", "kernels/cnnlab_kernels_*.so.json"), ("transfer", "features-*.pt"),
+           ("transfer", "features-*.pt.json")]
+CASES = [(kind, pattern, how) for kind, pattern in ENTRIES for how in ("truncated", "garbled", "zero-length")]
+
+
+@pytest.mark.parametrize("kind, pattern, how", CASES, ids=[f"{p.split('/')[-1]}-{h}" for _, p, h in CASES])
+def test_a_damaged_cache_entry_is_rebuilt_with_one_warning(world, tmp_path, monkeypatch, kind, pattern, how):
+    own = tmp_path / "cache"
+    shutil.copytree(world / f"cache-{kind}", own)
+    monkeypatch.setenv("CNNLAB_CACHE", str(own))
+    (target,) = own.glob(pattern)
+    damage(target, how)
+    before = snapshot(world / "runs")
+    args = TRAIN + ["--data", world / "data"] if kind == "train" else TRANSFER + ["--data", world / "pets"]
+    result = cnnlab(*args, "--out", tmp_path / "runs", "--name", "again")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is damaged" in lines[0] and "rebuilding it" in lines[0], result.stderr
+    assert snapshot(world / "runs") == before
+    entry = target.with_name(target.name.removesuffix(".json"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # healed: the entry now matches its manifest, with no warning
+        assert cache.check(entry) is not None
+    metrics = json.loads((tmp_path / "runs" / "again" / "metrics.json").read_text())
+    assert metrics == {**json.loads((world / "runs" / kind / "metrics.json").read_text()),
+                       **{k: metrics[k] for k in ("train_time_s", "images_per_s", "feature_extraction_s",
+                                                  "feature_cache") if k in metrics}}
+
+
+def test_two_processes_filling_an_empty_cache_both_end_with_a_good_entry(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-m", "cnnlab.cli", *TRAIN, "--data", str(world / "data"),
+                               "--out", str(tmp_path / "runs"), "--name", f"twin{i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+    for entry in [*(tmp_path / "cache").glob("images-*.npy"), *(tmp_path / "cache").glob("kernels/*.so")]:
+        assert cache.check(entry) is not None
+    third = cnnlab(*TRAIN, "--data", world / "data", "--out", tmp_path / "runs", "--name", "third")
+    assert third.returncode == 0 and third.stderr == ""
+    assert json.loads((tmp_path / "runs" / "third" / "config.json").read_text())["data_info"]["cache_hit"]
+
+
+NAMES = ["../../somewhere", "/tmp/elsewhere", "", "  ", "a/b", "..", ".", "~user", "sub\\dir"]
+
+
+@pytest.mark.parametrize("command", ["train", "transfer"])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_run_name_is_a_plain_folder_name_inside_out(world, tmp_path, command, name):
+    out = tmp_path / "deep" / "out"
+    args = (TRAIN + ["--data", world / "data"]) if command == "train" else (TRANSFER + ["--data", world / "pets"])
+    before = snapshot(world / "runs")
+    assert_one_line_error(cnnlab(*args, "--out", out, "--name", name), "--name")
+    assert list(tmp_path.rglob("*")) == [] and snapshot(world / "runs") == before
+
+
+FLOATS = {"train": ["--lr", "--momentum", "--weight-decay", "--label-smoothing", "--val-split", "--test-split",
+                    "--min-delta"],
+          "transfer": ["--lr", "--fine-tune-lr", "--val-split", "--test-split"],
+          "study": ["--epochs-scale", "--val-split", "--test-split"]}
+FLOAT_CASES = [(c, o, v) for c, options in FLOATS.items() for o in options for v in ("nan", "inf", "-inf")]
+
+
+@pytest.mark.parametrize("command, option, value", FLOAT_CASES, ids=[f"{c}{o}={v}" for c, o, v in FLOAT_CASES])
+def test_every_float_option_refuses_nan_and_inf(world, tmp_path, command, option, value):
+    base = {"train": TRAIN, "transfer": TRANSFER, "study": ["study", "cifar10"]}[command]
+    before = snapshot(world / "runs")
+    result = cnnlab(*base, "--data", world / "data", "--out", tmp_path / "runs", f"{option}={value}")
+    assert_one_line_error(result, f"{option} must be a finite number")
+    assert not (tmp_path / "runs").exists() and snapshot(world / "runs") == before
+
+
+def test_settings_given_in_code_refuse_non_finite_numbers_too():
+    from cnnlab.config import TransferConfig, resolve_config, validate_transfer
+    from cnnlab.errors import CnnlabError
+    with pytest.raises(CnnlabError, match="--weight-decay must be a finite number"):
+        resolve_config("pool-bn", data="x", weight_decay=math.nan)
+    with pytest.raises(CnnlabError, match="--fine-tune-lr must be a finite number"):
+        validate_transfer(TransferConfig(fine_tune_lr=math.inf))
+
+
+def test_a_diverging_run_stops_at_once_and_keeps_its_last_good_checkpoint(world, tmp_path, monkeypatch):
+    from cnnlab import train as train_module
+    from cnnlab.config import resolve_config
+    from cnnlab.errors import CnnlabError
+    steps_per_epoch = 3  # 24 training images in batches of 8
+    monkeypatch.setattr(train_module, "lr_factor", lambda schedule, step, total: 1.0 if step < steps_per_epoch else 1e30)
+    cfg = resolve_config("pool-bn", data=str(world / "data"), epochs=4, batch_size=8, optimizer="sgd", lr=0.01,
+                         out=str(tmp_path / "runs"), name="diverges", threads=1, device="cpu")
+    lines = []
+    with pytest.raises(CnnlabError, match=r"diverged: the loss became non-finite in epoch 2, batch \d/3.*"
+                                          r"epoch 1's checkpoint is kept.*lower --lr than 0.01"):
+        train_module.train(cfg, log=lines.append)
+    run = tmp_path / "runs" / "diverges"
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (run / "metrics.json").exists() and len((run / "history.csv").read_text().splitlines()) == 2
+
+
+def test_a_diverging_run_on_the_command_line_is_one_line_and_exit_2(world, tmp_path):
+    before = snapshot(world / "runs")
+    result = cnnlab(*TRAIN, "--data", world / "data", "--optimizer", "sgd", "--lr", "1e30", "--out", tmp_path / "runs")
+    assert_one_line_error(result, "training diverged")
+    assert "lower --lr than 1e+30" in result.stderr and snapshot(world / "runs") == before
+    assert not (tmp_path / "runs" / "pool-bn" / "metrics.json").exists()
+
+
+DAMAGED_RUN_FILES = [("config.json", b"{not json", "config.json is damaged"),
+                     ("config.json", b"[1, 2]", "config.json is damaged"),
+                     ("metrics.json", b"", "metrics.json is damaged"),
+                     ("model.pt", b"\x00" * 10, "not a readable weights file"),
+                     ("history.csv", b"epoch,loss\n1,0.5\n", "history.csv row 1: accuracy")]
+READERS = {"evaluate": ("config.json", "metrics.json", "model.pt"), "predict": ("config.json", "metrics.json", "model.pt"),
+           "report": ("config.json", "metrics.json", "history.csv"), "resume": ("config.json", "metrics.json")}
+RUN_FILE_CASES = [(command, *case) for command, files in READERS.items() for case in DAMAGED_RUN_FILES
+                  if case[0] in files]
+
+
+@pytest.mark.parametrize("command, name, content, message", RUN_FILE_CASES,
+                         ids=[f"{c}-{n}-{i}" for i, (c, n, _, _) in enumerate(RUN_FILE_CASES)])
+def test_a_damaged_run_file_is_one_line_for_every_command_that_reads_it(world, tmp_path, command, name, content,
+                                                                       message):
+    run = tmp_path / "run"
+    shutil.copytree(world / "runs" / "train", run)
+    (run / name).write_bytes(content)
+    args = {"evaluate": ["evaluate", run, "--data", world / "data"], "report": ["report", run, "-o", tmp_path / "r.html"],
+            "predict": ["predict", world / "data" / "class_0", "--model", run], "resume": ["resume", run]}[command]
+    assert_one_line_error(cnnlab(*args), message)
+    assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("state, message", [({"epoch": 1}, "does not fit this run's model"),
+                                            ("not a dict", "checkpoint.pt is damaged"),
+                                            (None, "checkpoint.pt is damaged")])
+def test_a_damaged_checkpoint_is_one_line(world, tmp_path, state, message):
+    run = tmp_path / "run"
+    shutil.copytree(world / "runs" / "train", run)
+    (run / "metrics.json").unlink()
+    if state is None:  # a checkpoint whose weights fit but whose optimizer state is gone
+        good = torch.load(run / "model.pt", weights_only=True)
+        state = {"epoch": 1, "model": good}
+    torch.save(state, run / "checkpoint.pt")
+    assert_one_line_error(cnnlab("resume", run), message)
+
+
+@pytest.mark.parametrize("output, message", [("{tmp}", "is a folder"), ("{tmp}/a-file/report.html", "cannot write the report")])
+def test_an_unwritable_report_path_is_one_line(world, tmp_path, output, message):
+    (tmp_path / "a-file").write_text("x")
+    result = cnnlab("report", world / "runs" / "train", "-o", output.format(tmp=tmp_path))
+    assert_one_line_error(result, message)
