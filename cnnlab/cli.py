@@ -95,6 +95,12 @@ def _add_precision(p, auto: str, default: str | None = "auto") -> None:
     p.add_argument("--precision", choices=PRECISIONS, default=default, help=f"auto (default): {auto}")
 
 
+def _add_tensorboard(p) -> None:
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="write TensorBoard event files into the run directory as it trains (default; see them "
+                        "with `tensorboard --logdir runs`)")
+
+
 def _monitor_help(what: str) -> str:
     return f"metric for {what}: {', '.join(MONITORS)} (default {TrainConfig.monitor})"
 
@@ -134,6 +140,7 @@ def _add_train_options(p):
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     _add_precision(p, "bfloat16 convolutions and matrix products where the device computes bfloat16 natively "
                       "(Ampere+ GPUs; CPUs with AVX512-BF16 or AMX), float32 elsewhere", default=None)
+    _add_tensorboard(p)
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="on CUDA, replay each training step as one CUDA graph (default; --no-cuda-graph "
                         "runs it op by op)")
@@ -202,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     _add_precision(p, "the base and the head in bfloat16 where the device computes it natively", default=None)
+    _add_tensorboard(p)
     p.add_argument("--out", metavar="DIR", help=f"folder for run directories (default {TransferConfig.out}/)")
     p.add_argument("--name", help="run directory name (default transfer-BACKBONE)")
 

@@ -51,6 +51,7 @@ class TrainConfig:
     device: str = "auto"
     cuda_graph: bool = True  # on CUDA, replay each training step as one CUDA graph
     precision: str = "auto"  # see runtime.compute_dtype
+    tensorboard: bool = True  # event files in the run directory (tensorboard_log.py)
     out: str = "runs"
     name: str | None = None
     cache_dir: str | None = None
@@ -79,6 +80,7 @@ class TransferConfig:
     threads: int | None = None
     device: str = "auto"
     precision: str = "auto"  # as train's: bfloat16 where the device computes it natively
+    tensorboard: bool = True
     out: str = "runs"
     name: str | None = None
     feature_cache: bool = True

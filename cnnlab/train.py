@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,7 @@ from .runs import (create_run_dir, run_record, save_torch, write_history, write_
                    unfinished_config, write_results, write_samples)
 from .runtime import environment, memory_format, setup
 from .step import TrainStep
+from .tensorboard_log import Board
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -63,9 +65,10 @@ def _progress(total: int, epoch: int, epochs: int):
 
 
 def train_one_epoch(step: TrainStep, sched, train: ImageSet, cfg: TrainConfig, generator: torch.Generator,
-                    epoch: int, guard: InterruptGuard | None = None) -> dict:
+                    epoch: int, guard: InterruptGuard | None = None, board: Board | None = None) -> dict:
     """One pass over ``train`` (already on the step's device) in a seeded random order; returns
-    loss and accuracy. ``step`` carries a captured CUDA graph from epoch to epoch."""
+    loss and accuracy. ``step`` carries a captured CUDA graph from epoch to epoch; ``board``
+    logs each step's learning rate."""
     step.model.train()
     n = len(train)
     order = torch.randperm(n, generator=generator).to(step.device)  # one copy an epoch, not one a step
@@ -77,6 +80,8 @@ def train_one_epoch(step: TrainStep, sched, train: ImageSet, cfg: TrainConfig, g
     for i, start in enumerate(starts):
         index = order[start:start + cfg.batch_size]
         step(index, generator)
+        if board is not None:  # the rate this step used, from the schedule: reading it off a GPU would wait
+            board.step(sched.last_epoch + 1, sched.base_lrs[0] * sched.lr_lambdas[0](sched.last_epoch))
         sched.step()
         seen += len(index)
         if cpu and step.first_nonfinite >= 0:
@@ -109,11 +114,12 @@ class Diverged(CnnlabError):
 
 def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device,
         run_dir: Path | None = None, log: Callable[[str], None] = print,
-        state: dict | None = None, guard: InterruptGuard | None = None) -> tuple[list[dict], EarlyStopping]:
+        state: dict | None = None, guard: InterruptGuard | None = None,
+        board: Board | None = None) -> tuple[list[dict], EarlyStopping]:
     """Trains ``model`` for up to ``cfg.epochs``, from ``state`` (a checkpoint) when given;
     returns the history and the early-stopping state (its best weights are restored into
     ``model`` when asked). With ``run_dir``, writes ``checkpoint.pt`` and ``history.csv``
-    after every epoch."""
+    after every epoch; with ``board``, TensorBoard events."""
     generator = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
     steps = max(1, math.ceil(len(splits.train) / cfg.batch_size)) * cfg.epochs
@@ -132,7 +138,7 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
             break
         lr = float(opt.param_groups[0]["lr"])
         start = time.perf_counter()
-        train_logs = train_one_epoch(step, sched, on_device, cfg, generator, epoch, guard)
+        train_logs = train_one_epoch(step, sched, on_device, cfg, generator, epoch, guard, board)
         if step.failure:
             log(f"note: the training step could not be captured as a CUDA graph ({step.failure}); "
                 "it runs op by op (--no-cuda-graph skips the attempt)")
@@ -151,6 +157,8 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
             save_torch(run_dir / "checkpoint.pt",
                        checkpoint_state(epoch, model, opt, sched, stopper, generator, history, device))
             write_history(run_dir / "history.csv", history)
+        if board is not None:
+            board.epoch(sched.last_epoch, row)
         log(_epoch_line(row, cfg.epochs, stopper))
         if stop:
             log(f"early stopping: {cfg.monitor} did not improve for {cfg.patience} epoch(s) after epoch "
@@ -195,7 +203,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: Splits |
     log(f"{cfg.preset}: {params:,} parameters, {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test images, {device}; loaded in {time.perf_counter() - started:.1f}s")
     log(f"run directory: {run_dir}")
-    return _run(cfg, run_dir, model, splits, device, None, log)
+    return _run(cfg, run_dir, model, splits, device, None, log, Board(run_dir, cfg.tensorboard, log=log))
 
 
 def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
@@ -221,24 +229,28 @@ def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
             log(f"epoch {interrupted['epoch']} was interrupted at batch {interrupted['batch']}/"
                 f"{interrupted['batches']}: it restarts from its beginning")
         log(f"resuming {run_dir} after epoch {state['epoch']}")
-    return _run(cfg, run_dir, model, splits, device, state, log)
+    # events after the checkpoint's last step came from the attempt that stopped: hidden, then written anew
+    done = state["scheduler"]["last_epoch"] if state is not None else 0
+    return _run(cfg, run_dir, model, splits, device, state, log, Board(run_dir, cfg.tensorboard, done + 1, log))
 
 
-def _run(cfg: TrainConfig, run_dir: Path, model, splits: Splits, device, state, log) -> Path:
+def _run(cfg: TrainConfig, run_dir: Path, model, splits: Splits, device, state, log, board: Board) -> Path:
     """Trains (a signal stops it at the end of a batch), then tests once and writes the results."""
-    with guarded_run(run_dir, log) as guard:
+    with guarded_run(run_dir, log) as guard, closing(board):
         write_samples(run_dir, splits.train, splits.class_names, cfg.seed)
-        history, stopper = fit(model, splits, cfg, device, run_dir, log, state, guard)
+        history, stopper = fit(model, splits, cfg, device, run_dir, log, state, guard, board)
         finish_run(run_dir, model, splits, device, history, stopper, cfg.preprocessing, cfg.tta, cfg.precision,
-                   log)
+                   log, board=board, settings=asdict(cfg))
     return run_dir
 
 
 def finish_run(run_dir: Path, model: nn.Module, splits: Splits, device: torch.device, history: list[dict],
                stopper: EarlyStopping, preprocessing: Preprocessing, tta: bool, precision: str,
-               log: Callable[[str], None], boundary: int | None = None, extra: dict | None = None) -> None:
-    """Tests once on the held-out split and writes the run's results (runs.write_results);
-    ``boundary`` marks where fine-tuning began on the curves, ``extra`` joins the metrics."""
+               log: Callable[[str], None], boundary: int | None = None, extra: dict | None = None,
+               board: Board | None = None, settings: dict | None = None) -> None:
+    """Tests once on the held-out split and writes the run's results (runs.write_results, and
+    to ``board`` the plots and ``settings`` with the test scores); ``boundary`` marks where
+    fine-tuning began on the curves, ``extra`` joins the metrics."""
     logits = predict_logits(model, splits.test.images, preprocessing, device, tta=tta, precision=precision)
     test = score_logits(logits, splits.test.labels, splits.class_names)
     best = stopper.best_epoch or len(history)
@@ -258,5 +270,7 @@ def finish_run(run_dir: Path, model: nn.Module, splits: Splits, device: torch.de
     write_results(run_dir, {k: v.cpu() for k, v in model.state_dict().items()}, history, test,
                   confident_mistakes(logits, splits.test.labels), splits.test.images, splits.class_names, metrics,
                   boundary)
+    if board is not None:
+        board.finish(run_dir, board.last_step, settings or {}, metrics)
     log(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  "
         f"({len(history)} epochs, best {best}, {train_time:.1f}s training)")

@@ -8,6 +8,7 @@ import io
 import math
 import os
 import time
+from contextlib import closing
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,7 @@ from .preprocessing import Preprocessing
 from .presets import count_parameters
 from .runs import create_run_dir, run_record, unfinished_config, write_history, write_json, write_samples
 from .runtime import autocast, compute_dtype, default_cache_dir, environment, setup
+from .tensorboard_log import Board
 from .train import finish_run, fit
 
 
@@ -177,25 +179,27 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
     head = Head(cfg.head, built.channels, built.grid, len(splits.class_names))
     model = TransferModel(built.features, head).to(device, memory_format=torch.channels_last)
     freeze_base(model, built.blocks, 0)
+    restart = run_dir is not None
     run_dir = run_dir or create_run_dir(cfg.out, cfg.name or f"transfer-{cfg.backbone}")
     write_json(run_dir / "config.json", run_record(
         "transfer", asdict(cfg), splits, count_parameters(model), environment(device, cfg.precision),
         weights_variant=weights.variant, weights_path=str(weights_path), preprocessing=asdict(prep),
         feature_shape=[built.channels, built.grid, built.grid], blocks=len(built.blocks)))
-    with guarded_run(run_dir, log, checkpoints=False) as guard:
+    board = Board(run_dir, cfg.tensorboard, 1 if restart else None, log)  # a restart hides the stopped attempt's
+    with guarded_run(run_dir, log, checkpoints=False) as guard, closing(board):
         write_samples(run_dir, splits.train, splits.class_names, cfg.seed)
         log(f"{cfg.backbone} ({weights.describe()}), {cfg.head} head, {len(splits.train)} train / "
             f"{len(splits.val)} val / {len(splits.test)} test images, {device}; "
             f"ready in {time.perf_counter() - started:.1f}s")
         log(f"run directory: {run_dir}")
         history, stopper, boundary, extra = _phases(cfg, model, built, prep, splits, weights_path, device,
-                                                    run_dir, guard, log)
+                                                    run_dir, guard, log, board)
         finish_run(run_dir, model, splits, device, history, stopper, prep, False, cfg.precision, log,
-                   boundary=boundary, extra=extra)
+                   boundary=boundary, extra=extra, board=board, settings=asdict(cfg))
     return run_dir
 
 
-def _phases(cfg, model, built, prep, splits, weights_path, device, run_dir, guard, log):
+def _phases(cfg, model, built, prep, splits, weights_path, device, run_dir, guard, log, board):
     frozen_cfg = phase_config(cfg, cfg.epochs, cfg.lr, prep)
     extra = {"feature_cache": None}
     if cfg.feature_cache and not cfg.augment:
@@ -206,29 +210,30 @@ def _phases(cfg, model, built, prep, splits, weights_path, device, run_dir, guar
         feature_splits = Splits(*(ImageSet(feats[n], getattr(splits, n).labels) for n in ("train", "val", "test")),
                                 splits.class_names)
         log(f"frozen phase: training the head on cached features ({cfg.epochs} epochs)")
-        history, stopper = fit(model.head, feature_splits, frozen_cfg, device, None, log, guard=guard)
+        history, stopper = fit(model.head, feature_splits, frozen_cfg, device, None, log, guard=guard, board=board)
     else:
         log(f"frozen phase: base run every step ({cfg.epochs} epochs)")
-        history, stopper = fit(model, splits, frozen_cfg, device, None, log, guard=guard)
+        history, stopper = fit(model, splits, frozen_cfg, device, None, log, guard=guard, board=board)
     for row in history:
         row["phase"] = "frozen"
     write_history(run_dir / "history.csv", history)
     boundary = None
     if cfg.fine_tune_epochs:
+        board.offset_steps, board.offset_epochs = board.last_step, len(history)
         history, stopper, boundary = _fine_tune(cfg, model, built, prep, splits, device, guard, log, history,
-                                                stopper, extra)
+                                                stopper, extra, board)
         write_history(run_dir / "history.csv", history)
     return history, stopper, boundary, extra
 
 
-def _fine_tune(cfg, model, built, prep, splits, device, guard, log, history, frozen: EarlyStopping, extra):
+def _fine_tune(cfg, model, built, prep, splits, device, guard, log, history, frozen: EarlyStopping, extra, board):
     trainable = freeze_base(model, built.blocks, cfg.unfreeze)
     lr = cfg.fine_tune_lr or cfg.lr / 10
     log(f"fine-tuning: last {trainable} of {len(built.blocks)} blocks unfrozen, lr {lr:g}, batch-norm statistics "
         f"frozen ({cfg.fine_tune_epochs} epochs)")
     before = copy.deepcopy(model.state_dict())
     tune_cfg = replace(phase_config(cfg, cfg.fine_tune_epochs, lr, prep), seed=cfg.seed + 1)
-    tuned, stopper = fit(model, splits, tune_cfg, device, None, log, guard=guard)
+    tuned, stopper = fit(model, splits, tune_cfg, device, None, log, guard=guard, board=board)
     offset = len(history)
     for row in tuned:
         row["epoch"] += offset

@@ -1,0 +1,89 @@
+"""TensorBoard event files, written into the run directory as a run trains, in Keras's layout:
+``RUN/train`` and ``RUN/validation``, so that ``tensorboard --logdir runs`` shows every run by its
+name with its train and validation curves overlaid on one chart per metric.
+
+Every scalar is logged against the optimizer step (as Lightning does): per epoch each history.csv
+column (``epoch_loss``, ``epoch_accuracy`` in both folders; ``epoch_precision``, ``epoch_recall``,
+``epoch_f1`` for validation; the epoch, its seconds and images/s), per step the learning rate; at
+the end the curves and the confusion matrix as images and the run's settings with its test scores
+as hparams. A resumed run purges what came after its checkpoint, so its curves go on without
+duplicated points. Without the ``tensorboard`` package a run says so once and trains on.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+TRAIN_COLUMNS = {"loss": "epoch_loss", "accuracy": "epoch_accuracy", "lr": "epoch_lr", "seconds": "epoch_seconds",
+                 "images_per_s": "epoch_images_per_s", "epoch": "epoch"}
+VALIDATION_COLUMNS = {"val_loss": "epoch_loss", "val_accuracy": "epoch_accuracy", "val_precision": "epoch_precision",
+                      "val_recall": "epoch_recall", "val_f1": "epoch_f1"}
+IMAGES = ("loss.png", "accuracy.png", "confusion_matrix.png")
+
+
+class Board:
+    """The event writers of one run (``enabled`` False: none, every call does nothing).
+    ``purge_step``: the first step to write again when a run continues (events from it on, left by
+    the interrupted attempt, are hidden)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, purge_step: int | None = None,
+                 log: Callable[[str], None] = print):
+        self.writers = None
+        self.offset_steps = self.offset_epochs = 0  # a later phase of one run (transfer's fine-tuning) goes on
+        self.last_step = 0
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log("note: the tensorboard package is not installed (pip install tensorboard): this run writes no "
+                "TensorBoard event files")
+            return
+        self.writers = {part: SummaryWriter(str(run_dir / part), purge_step=purge_step)
+                        for part in ("train", "validation")}
+
+    def step(self, step: int, lr: float) -> None:
+        """After optimizer step ``step`` (from 1), taken at learning rate ``lr``."""
+        self.last_step = step + self.offset_steps
+        if self.writers:
+            self.writers["train"].add_scalar("learning_rate", lr, self.last_step)
+
+    def epoch(self, step: int, row: dict) -> None:
+        """One history.csv row, logged at the step its epoch ended on; flushed, so a killed run
+        keeps every finished epoch's points."""
+        if not self.writers:
+            return
+        row = {**row, "epoch": row["epoch"] + self.offset_epochs}
+        for part, columns in (("train", TRAIN_COLUMNS), ("validation", VALIDATION_COLUMNS)):
+            for column, tag in columns.items():
+                if isinstance(row.get(column), (int, float)):
+                    self.writers[part].add_scalar(tag, row[column], step + self.offset_steps)
+            self.writers[part].flush()
+
+    def finish(self, run_dir: Path, step: int, settings: dict, metrics: dict) -> None:
+        """The run's plots as images and its settings with its test scores as hparams; closes."""
+        if not self.writers:
+            return
+        from PIL import Image
+        from torch.utils.tensorboard.summary import hparams
+
+        writer = self.writers["train"]
+        for name in IMAGES:
+            if (run_dir / name).is_file():
+                with Image.open(run_dir / name) as im:
+                    writer.add_image(name.removesuffix(".png"), np.asarray(im.convert("RGB")), step,
+                                     dataformats="HWC")
+        scores = {f"test/{k.removeprefix('test_')}": metrics[k] for k in ("test_accuracy", "test_loss", "test_f1")}
+        for tag, value in scores.items():
+            writer.add_scalar(tag, value, step)
+        plain = {k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))}
+        for summary in hparams(plain, scores):
+            writer.file_writer.add_summary(summary, step)
+        self.close()
+
+    def close(self) -> None:
+        for writer in (self.writers or {}).values():
+            writer.close()
+        self.writers = None
