@@ -10,47 +10,8 @@ from dataclasses import fields
 
 from .config import (HEADS, MODES, MONITORS, OPTIMIZERS, PRECISIONS, SCHEDULES, WEIGHTS_VARIANTS, TrainConfig,
                      TransferConfig, default)
+from .cli_examples import EPILOGS
 from .errors import CnnlabError, RunInterrupted
-
-EPILOGS = {
-    "train": """examples:
-  cnnlab train --preset pool-bn --data ../shared/data/cifar10/train
-  cnnlab train --preset fast --data ~/data/cifar10/train --name fast-try
-  cnnlab train --preset dropout --data cifar10 --epochs 30 --monitor val_accuracy --patience 5
-  cnnlab train --preset conv --data photos/ --val-split 0.2 --test-split 0.2 --seed 1""",
-    "evaluate": """examples:
-  cnnlab evaluate runs/pool-bn --data ../shared/data/cifar10/train
-  cnnlab evaluate runs/fast --data my-test-images/ --json""",
-    "resume": """examples:
-  cnnlab resume runs/dropout
-  cnnlab train --resume runs/dropout""",
-    "transfer": """examples:
-  cnnlab transfer --data ../shared/data/cats-vs-dogs --backbone efficientnet_lite0 --head gap
-  cnnlab transfer --data ../shared/data/cats-vs-dogs --backbone efficientnet_lite0 --fine-tune-epochs 2 --unfreeze 2
-  cnnlab transfer --data pets/ --backbone vgg19 --weights vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5
-  cnnlab transfer --data pets/ --backbone vgg19 --weights ~/vgg19-dcbb9e9d.pth --epochs 3""",
-    "predict": """examples:
-  cnnlab predict eagle.jpg --model efficientnet_lite0
-  cnnlab predict photos/ --model vgg19 --weights vgg19-dcbb9e9d.pth --top 5
-  cnnlab predict cat.png dog.png --model runs/transfer-efficientnet_lite0 --json""",
-    "report": """examples:
-  cnnlab report runs/conv runs/pool-bn runs/dropout -o report.html
-  cnnlab report runs/*/ -o all-runs.html""",
-    "reproduce": """examples:
-  cnnlab reproduce --data-root ../shared/data --backbone efficientnet_lite0
-  cnnlab reproduce --data-root ../shared/data --backbone efficientnet_lite0 --quick
-  cnnlab reproduce --backbone vgg19 --weights vgg19-dcbb9e9d.pth --data-root ~/data
-  cnnlab reproduce          # on a connected machine: downloads CIFAR-10 and Oxford-IIIT Pet""",
-    "presets": """examples:
-  cnnlab presets""",
-    "summary": """examples:
-  cnnlab summary --preset dropout
-  cnnlab summary --preset fast --image-size 32""",
-    "study": """examples:
-  cnnlab study cifar10 --data ../shared/data/cifar10/train
-  cnnlab study cifar10 --data ../shared/data/cifar10/train --epochs-scale 0.1""",
-}
-
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line and exit code 2."""
@@ -217,10 +178,28 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOGS["predict"], description="Print the top classes of each image with their "
                        "probabilities: ImageNet classes for a backbone, the run's classes for a run directory.")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
-    p.add_argument("--model", required=True, help="a backbone name (efficientnet_lite0, vgg19, ...) or a run directory")
+    p.add_argument("--model", required=True, help="a backbone name (efficientnet_lite0, vgg19, ...), a run directory, "
+                   "or a .onnx file made by `cnnlab export` (run by onnxruntime)")
     p.add_argument("--weights", dest="weights_file", metavar="FILE", help="weights file for a backbone")
     p.add_argument("--top", type=_number(int, "--top", 1), default=3, metavar="K", help="classes per image (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("explain", help="Grad-CAM: where the model looked, one PNG per image", formatter_class=fmt,
+                       epilog=EPILOGS["explain"], description="Write, per image, the photo with the Grad-CAM heat "
+                       "map of its top-1 class (or --class) overlaid, titled with the class and its probability.")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--model", required=True, help="a backbone name (efficientnet_lite0, vgg19, ...) or a run directory")
+    p.add_argument("--weights", dest="weights_file", metavar="FILE", help="weights file for a backbone")
+    p.add_argument("--class", dest="class_name", metavar="NAME", help="explain this class instead of the top-1")
+    p.add_argument("--out", metavar="DIR", default="explanations", help="where the PNGs go (default explanations/)")
+
+    p = sub.add_parser("export", help="a finished run as one ONNX file, checked with onnxruntime", formatter_class=fmt,
+                       epilog=EPILOGS["export"], description="Write the run's model with its preprocessing inside "
+                       "(input: RGB pixels 0-255, float32, N x 3 x H x W) and class probabilities out; check it with "
+                       "onnxruntime against PyTorch on the run's test images.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--format", default="onnx", help="onnx (default), the only one so far")
+    p.add_argument("-o", "--output", metavar="FILE", help="the file to write (default RUN_DIR/model.onnx)")
 
     p = sub.add_parser("report", help="one self-contained HTML page comparing runs", formatter_class=fmt,
                        epilog=EPILOGS["report"], description="Write one HTML file (images and charts embedded; "
@@ -304,6 +283,19 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from .explain import explain
+    for path in explain(args.images, args.model, args.weights_file, args.class_name, args.out):
+        print(path)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+    print(export_run(args.run_dir, args.output, args.format, log=_log))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import build_report
     print(build_report(args.run_dirs, args.output, args.title))
@@ -372,7 +364,8 @@ def _warning(message, category, filename, lineno, file=None, line=None):
 
 COMMANDS = {"train": cmd_train, "resume": cmd_resume, "transfer": cmd_transfer, "predict": cmd_predict,
             "report": cmd_report, "reproduce": cmd_reproduce, "evaluate": cmd_evaluate, "presets": cmd_presets,
-            "summary": cmd_summary, "study": cmd_study}
+            "summary": cmd_summary, "study": cmd_study, "export": cmd_export,
+            "explain": cmd_explain}
 
 
 def main(argv: list[str] | None = None) -> int:

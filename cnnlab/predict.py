@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from .data import IMAGE_EXTENSIONS, decode_image
 from .errors import CnnlabError
 from .inference import predict_logits
 from .metrics import probabilities
+from .preprocessing import Preprocessing
 from .runtime import pick_device
 
 
@@ -45,35 +48,56 @@ def load_images(paths: list[Path], size: int) -> tuple[torch.Tensor, list[Path],
     return images, good, bad
 
 
-def _model_for(model: str, weights: str | None):
-    """(model, preprocessing, class names) for a run directory or a backbone name."""
+def torch_model(model: str, weights: str | None = None) -> tuple[nn.Module, Preprocessing, list[str]]:
+    """(model in eval mode, its preprocessing, its class names) for a run directory or a backbone name."""
     if (Path(model) / "config.json").is_file():
         from .evaluate import load_model
         net, config, preprocessing = load_model(model)
         return net, preprocessing, config["class_names"]
     if Path(model).exists():
-        raise CnnlabError(f"{model} is not a run directory (no config.json); pass a run or a backbone name")
+        raise CnnlabError(f"{model} is not a run directory (no config.json) nor an exported .onnx file; pass a run, "
+                          "a .onnx file or a backbone name")
     from .backbones import get_backbone, pretrained
     built, weights_used, _ = pretrained(model, None, weights)
     net = built.net.to(pick_device(), memory_format=torch.channels_last).eval()
     return net, weights_used.preprocessing, get_backbone(model).class_names()
 
 
-def predict(inputs: list[str], model: str, weights: str | None = None, top: int = 3) -> list[dict]:
-    """For each readable image: its path and the top-``top`` (class, probability) pairs."""
-    if top < 1:
-        raise CnnlabError(f"--top must be at least 1 (got {top})")
-    paths = image_paths(inputs)
-    net, preprocessing, classes = _model_for(model, weights)
-    images, good, bad = load_images(paths, preprocessing.size)
+def _classifier(model: str, weights: str | None) -> tuple[Callable[[torch.Tensor], torch.Tensor], int, list[str]]:
+    """(uint8 images -> class probabilities, input size, class names) for a run directory, a file
+    made by ``cnnlab export`` (run by onnxruntime) or a backbone name."""
+    if model.endswith(".onnx") and Path(model).is_file():
+        from .export import OnnxModel
+        onnx = OnnxModel(model)
+        return lambda images: torch.from_numpy(onnx.probabilities(images)), onnx.size, onnx.class_names
+    net, preprocessing, classes = torch_model(model, weights)
+    device = next(net.parameters()).device
+    # float32: a few photos take no time, and the printed probabilities keep every digit
+    return (lambda images: probabilities(predict_logits(net, images, preprocessing, device, batch_size=32,
+                                                        precision="fp32")),
+            preprocessing.size, classes)
+
+
+def readable_images(inputs: list[str], size: int) -> tuple[torch.Tensor, list[Path]]:
+    """The images among ``inputs`` (files and folders) that can be read, at ``size``, and their
+    paths; one warning for the others, a one-line error when none can."""
+    images, good, bad = load_images(image_paths(inputs), size)
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable file(s): {', '.join(map(str, bad[:5]))}"
                       + (" ..." if len(bad) > 5 else ""))
     if not good:
         raise CnnlabError("none of the given files could be read as an image")
-    device = next(net.parameters()).device
-    # float32: a few photos take no time, and the printed probabilities keep every digit
-    probs = probabilities(predict_logits(net, images, preprocessing, device, batch_size=32, precision="fp32"))
+    return images, good
+
+
+def predict(inputs: list[str], model: str, weights: str | None = None, top: int = 3) -> list[dict]:
+    """For each readable image: its path and the top-``top`` (class, probability) pairs."""
+    if top < 1:
+        raise CnnlabError(f"--top must be at least 1 (got {top})")
+    image_paths(inputs)  # a missing path is an error before any model loads
+    classify, size, classes = _classifier(str(model), weights)
+    images, good = readable_images(inputs, size)
+    probs = classify(images)
     k = min(top, probs.shape[1])
     values, indices = probs.topk(k, dim=1)
     return [{"image": str(p), "top": [{"class": classes[int(i)], "probability": float(v)}

@@ -149,16 +149,15 @@ def write_samples(run_dir: Path, train, class_names: list[str], seed: int) -> No
 
 
 def write_results(run_dir: Path, weights: dict, history: list[dict], test: dict, mistakes: dict,
-                  test_images: torch.Tensor, class_names: list[str], metrics: dict,
-                  boundary: int | None = None) -> None:
-    """A finished run's files: model.pt (``weights``), mistakes.png (the ``mistakes`` among
-    ``test_images``), confusion_matrix.csv, the curves and heatmap of ``history`` and ``test``,
+                  mistake_images: torch.Tensor, class_names: list[str], metrics: dict,
+                  boundary: int | None = None, mistakes_title: str = "most confident mistakes (test)") -> None:
+    """A finished run's files: model.pt (``weights``), mistakes.png (the ``mistakes``, as
+    ``mistake_images``), confusion_matrix.csv, the curves and heatmap of ``history`` and ``test``,
     then metrics.json (``metrics``); the checkpoint and interrupt marker go."""
     from .plots import image_grid, plot_run
 
     save_torch(run_dir / "model.pt", weights)
-    image_grid(test_images[mistakes["index"]], mistakes["predicted"], class_names, run_dir / "mistakes.png",
-               title="most confident mistakes (test)",
+    image_grid(mistake_images, mistakes["predicted"], class_names, run_dir / "mistakes.png", title=mistakes_title,
                captions=[f"{class_names[t]} → {class_names[p]} {q:.0%}" for t, p, q in
                          zip(mistakes["true"], mistakes["predicted"], mistakes["probability"])])
     write_csv(run_dir / "confusion_matrix.csv",

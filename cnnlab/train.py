@@ -247,10 +247,11 @@ def _run(cfg: TrainConfig, run_dir: Path, model, splits: Splits, device, state, 
 def finish_run(run_dir: Path, model: nn.Module, splits: Splits, device: torch.device, history: list[dict],
                stopper: EarlyStopping, preprocessing: Preprocessing, tta: bool, precision: str,
                log: Callable[[str], None], boundary: int | None = None, extra: dict | None = None,
-               board: Board | None = None, settings: dict | None = None) -> None:
+               board: Board | None = None, settings: dict | None = None, explain_mistakes: bool = False) -> None:
     """Tests once on the held-out split and writes the run's results (runs.write_results, and
     to ``board`` the plots and ``settings`` with the test scores); ``boundary`` marks where
-    fine-tuning began on the curves, ``extra`` joins the metrics."""
+    fine-tuning began on the curves, ``extra`` joins the metrics; ``explain_mistakes`` shows the
+    most confident mistakes with the Grad-CAM map of the class they were taken for."""
     logits = predict_logits(model, splits.test.images, preprocessing, device, tta=tta, precision=precision)
     test = score_logits(logits, splits.test.labels, splits.class_names)
     best = stopper.best_epoch or len(history)
@@ -267,9 +268,17 @@ def finish_run(run_dir: Path, model: nn.Module, splits: Splits, device: torch.de
         "test_size": len(splits.test), "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
         **(extra or {}),
     }
-    write_results(run_dir, {k: v.cpu() for k, v in model.state_dict().items()}, history, test,
-                  confident_mistakes(logits, splits.test.labels), splits.test.images, splits.class_names, metrics,
-                  boundary)
+    mistakes = confident_mistakes(logits, splits.test.labels)
+    shown, title = splits.test.images[mistakes["index"]], "most confident mistakes (test)"
+    if explain_mistakes and len(shown):
+        try:
+            from .explain import overlays
+            pictures, _, _ = overlays(model, shown, preprocessing, classes=mistakes["predicted"])
+            shown, title = torch.from_numpy(pictures).permute(0, 3, 1, 2), f"{title}, Grad-CAM of the class predicted"
+        except CnnlabError as exc:  # no grad-cam package: the photos as they are
+            log(f"note: {exc}")
+    write_results(run_dir, {k: v.cpu() for k, v in model.state_dict().items()}, history, test, mistakes, shown,
+                  splits.class_names, metrics, boundary, title)
     if board is not None:
         board.finish(run_dir, board.last_step, settings or {}, metrics)
     log(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  "

@@ -1,4 +1,5 @@
 """Backbones, preprocessing, Keras weight conversion, transfer runs, feature cache, predict."""
+import importlib.util
 import json
 
 import h5py
@@ -138,6 +139,11 @@ def test_vgg19_random_weights_from_a_file_frozen_run(vgg19_file, pets, tmp_path)
     config = json.loads((run / "config.json").read_text())
     assert metrics["feature_cache"] == "written" and config["weights_variant"] == "torchvision"
     assert saved["head.linear.weight"].shape == (1, 512)  # two classes: one sigmoid unit
+    if importlib.util.find_spec("onnxruntime"):  # the VGG run exports and agrees with itself in onnxruntime
+        from cnnlab.export import export_run
+        lines = []
+        export_run(run, tmp_path / "vgg.onnx", log=lines.append)
+        assert "of the run's test images" in lines[-1] and "top-1 agreement 100.00%" in lines[-1], lines
     for name in ("samples.png", "loss.png", "accuracy.png", "confusion_matrix.png", "history.csv"):
         assert (run / name).stat().st_size > 0
     scored = cnnlab("evaluate", run, "--data", pets, "--json")

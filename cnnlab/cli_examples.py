@@ -1,0 +1,47 @@
+"""The examples that end each command's --help (data: the command line shows them as they are)."""
+
+EPILOGS = {
+    "train": """examples:
+  cnnlab train --preset pool-bn --data ../shared/data/cifar10/train
+  cnnlab train --preset fast --data ~/data/cifar10/train --name fast-try
+  cnnlab train --preset dropout --data cifar10 --epochs 30 --monitor val_accuracy --patience 5
+  cnnlab train --preset conv --data photos/ --val-split 0.2 --test-split 0.2 --seed 1""",
+    "evaluate": """examples:
+  cnnlab evaluate runs/pool-bn --data ../shared/data/cifar10/train
+  cnnlab evaluate runs/fast --data my-test-images/ --json""",
+    "resume": """examples:
+  cnnlab resume runs/dropout
+  cnnlab train --resume runs/dropout""",
+    "transfer": """examples:
+  cnnlab transfer --data ../shared/data/cats-vs-dogs --backbone efficientnet_lite0 --head gap
+  cnnlab transfer --data ../shared/data/cats-vs-dogs --backbone efficientnet_lite0 --fine-tune-epochs 2 --unfreeze 2
+  cnnlab transfer --data pets/ --backbone vgg19 --weights vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5
+  cnnlab transfer --data pets/ --backbone vgg19 --weights ~/vgg19-dcbb9e9d.pth --epochs 3""",
+    "predict": """examples:
+  cnnlab predict eagle.jpg --model efficientnet_lite0
+  cnnlab predict photos/ --model vgg19 --weights vgg19-dcbb9e9d.pth --top 5
+  cnnlab predict cat.png dog.png --model runs/transfer-efficientnet_lite0 --json""",
+    "explain": """examples:
+  cnnlab explain cat.jpg dog.jpg --model efficientnet_lite0 --out explanations/
+  cnnlab explain photos/ --model runs/transfer-efficientnet_lite0 --class dog""",
+    "export": """examples:
+  cnnlab export runs/pool-bn
+  cnnlab export runs/transfer-efficientnet_lite0 -o pets.onnx
+  cnnlab predict cat.jpg --model pets.onnx""",
+    "report": """examples:
+  cnnlab report runs/conv runs/pool-bn runs/dropout -o report.html
+  cnnlab report runs/*/ -o all-runs.html""",
+    "reproduce": """examples:
+  cnnlab reproduce --data-root ../shared/data --backbone efficientnet_lite0
+  cnnlab reproduce --data-root ../shared/data --backbone efficientnet_lite0 --quick
+  cnnlab reproduce --backbone vgg19 --weights vgg19-dcbb9e9d.pth --data-root ~/data
+  cnnlab reproduce          # on a connected machine: downloads CIFAR-10 and Oxford-IIIT Pet""",
+    "presets": """examples:
+  cnnlab presets""",
+    "summary": """examples:
+  cnnlab summary --preset dropout
+  cnnlab summary --preset fast --image-size 32""",
+    "study": """examples:
+  cnnlab study cifar10 --data ../shared/data/cifar10/train
+  cnnlab study cifar10 --data ../shared/data/cifar10/train --epochs-scale 0.1""",
+}
