@@ -27,6 +27,14 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
+def steps_done(state: dict) -> int:
+    """Optimizer steps taken up to the checkpoint (0 where a damaged one does not say: ``restore``
+    then names the damage)."""
+    schedule = state.get("scheduler")
+    steps = schedule.get("last_epoch") if isinstance(schedule, dict) else None
+    return steps if isinstance(steps, int) else 0
+
+
 def checkpoint_state(epoch: int, model: nn.Module, opt, sched, stopper: EarlyStopping, generator: torch.Generator,
                      history: list[dict], device: torch.device) -> dict:
     """The state after ``epoch``: weights, optimizer, schedule, early stopping, random-number

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import checkpoint_state, read_checkpoint, restore
+from .checkpoint import checkpoint_state, read_checkpoint, restore, steps_done
 from .config import TrainConfig, from_record
 from .data import ImageSet, Splits, load_splits
 from .early_stopping import EarlyStopping
@@ -230,7 +230,7 @@ def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
                 f"{interrupted['batches']}: it restarts from its beginning")
         log(f"resuming {run_dir} after epoch {state['epoch']}")
     # events after the checkpoint's last step came from the attempt that stopped: hidden, then written anew
-    done = state["scheduler"]["last_epoch"] if state is not None else 0
+    done = steps_done(state) if state is not None else 0
     return _run(cfg, run_dir, model, splits, device, state, log, Board(run_dir, cfg.tensorboard, done + 1, log))
 
 
