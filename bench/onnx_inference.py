@@ -50,7 +50,7 @@ def main() -> None:
     for name in args.models.split(","):
         builder, prep, batch = MODELS[name]
         torch.manual_seed(0)
-        wrapper = Exported(builder().eval(), prep).eval()
+        wrapper = Exported(builder().eval().to(memory_format=torch.channels_last), prep).eval()  # as load_model lays it out
         images = torch.randint(0, 256, (batch, 3, prep.size, prep.size), dtype=torch.uint8)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "m.onnx"

@@ -33,6 +33,7 @@ class Board:
         self.writers = None
         self.offset_steps = self.offset_epochs = 0  # a later phase of one run (transfer's fine-tuning) goes on
         self.last_step = 0
+        self.rates: list[tuple[int, float]] = []  # written with the epoch's row, not between steps
         if not enabled:
             return
         try:
@@ -48,13 +49,16 @@ class Board:
         """After optimizer step ``step`` (from 1), taken at learning rate ``lr``."""
         self.last_step = step + self.offset_steps
         if self.writers:
-            self.writers["train"].add_scalar("learning_rate", lr, self.last_step)
+            self.rates.append((self.last_step, lr))
 
     def epoch(self, step: int, row: dict) -> None:
         """One history.csv row, logged at the step its epoch ended on; flushed, so a killed run
         keeps every finished epoch's points."""
         if not self.writers:
             return
+        for at, lr in self.rates:
+            self.writers["train"].add_scalar("learning_rate", lr, at)
+        self.rates.clear()
         row = {**row, "epoch": row["epoch"] + self.offset_epochs}
         for part, columns in (("train", TRAIN_COLUMNS), ("validation", VALIDATION_COLUMNS)):
             for column, tag in columns.items():
