@@ -176,10 +176,11 @@ def test_a_damaged_run_file_is_one_line_for_every_command_that_reads_it(world, t
     run = tmp_path / "run"
     shutil.copytree(world / "runs" / "train", run)
     (run / name).write_bytes(content)
+    before = snapshot(world / "runs")
     args = {"evaluate": ["evaluate", run, "--data", world / "data"], "report": ["report", run, "-o", tmp_path / "r.html"],
             "predict": ["predict", world / "data" / "class_0", "--model", run], "resume": ["resume", run]}[command]
     assert_one_line_error(cnnlab(*args), message)
-    assert not (tmp_path / "r.html").exists()
+    assert not (tmp_path / "r.html").exists() and snapshot(world / "runs") == before
 
 
 @pytest.mark.parametrize("state, message", [({"epoch": 1}, "does not fit this run's model"),
@@ -193,7 +194,9 @@ def test_a_damaged_checkpoint_is_one_line(world, tmp_path, state, message):
         good = torch.load(run / "model.pt", weights_only=True)
         state = {"epoch": 1, "model": good}
     torch.save(state, run / "checkpoint.pt")
+    before = snapshot(world / "runs")
     assert_one_line_error(cnnlab("resume", run), message)
+    assert snapshot(world / "runs") == before and (run / "checkpoint.pt").is_file()
 
 
 @pytest.mark.parametrize("output, message", [("{tmp}", "is a folder"), ("{tmp}/a-file/report.html", "cannot write the report")])
