@@ -194,7 +194,8 @@ def test_build_compiles_once_then_reuses(tmp_path):
     mtime = path.stat().st_mtime_ns
     again, note = kernels.build(tmp_path, compiler)
     assert again == path and note.startswith("cached") and path.stat().st_mtime_ns == mtime
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+    # the library and its manifest (cache.py), no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".json"]
 
 
 def test_build_without_a_working_compiler_says_why(tmp_path):
