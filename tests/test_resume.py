@@ -105,10 +105,10 @@ def test_second_ctrl_c_exits_at_once_leaving_the_checkpoint(data, tmp_path):
 
 
 def test_resuming_a_finished_run_changes_nothing(reference):
-    before = {p.name: p.read_bytes() for p in reference.iterdir()}
+    before = {str(p.relative_to(reference)): p.read_bytes() for p in reference.rglob("*") if p.is_file()}
     result = cnnlab("resume", reference)
     assert result.returncode == 0 and "finished" in result.stdout
-    assert {p.name: p.read_bytes() for p in reference.iterdir()} == before
+    assert {str(p.relative_to(reference)): p.read_bytes() for p in reference.rglob("*") if p.is_file()} == before
 
 
 def test_interrupted_transfer_run_resumes_to_the_same_result(tmp_path):
