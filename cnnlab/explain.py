@@ -37,21 +37,28 @@ def last_conv(model: nn.Module) -> nn.Conv2d:
     return convs[-1]
 
 
-def overlays(model: nn.Module, images: torch.Tensor, preprocessing: Preprocessing,
-             classes: list[int] | None = None) -> tuple[np.ndarray, list[int], list[float]]:
-    """uint8 (N, H, W, 3) photos with their Grad-CAM heat maps blended in, the class each explains
-    (``classes``, else the top-1), and that class's probability."""
-    try:
-        from pytorch_grad_cam import GradCAM
-        from pytorch_grad_cam.utils.image import show_cam_on_image
-    except ImportError:
-        raise CnnlabError("explanations need the grad-cam package: pip install grad-cam") from None
+def explainable(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` that Grad-CAM can differentiate (float32, eval mode, every parameter
+    asking for gradients, no in-place ReLU); ``model`` itself is left as it is. Make it once and
+    pass it to ``overlays`` for every batch."""
     net = copy.deepcopy(model).float().eval()
     for m in net.modules():  # an in-place ReLU would overwrite the activations whose gradients Grad-CAM reads
         if isinstance(m, nn.ReLU):
             m.inplace = False
     for p in net.parameters():
         p.requires_grad_(True)
+    return net
+
+
+def overlays(net: nn.Module, images: torch.Tensor, preprocessing: Preprocessing,
+             classes: list[int] | None = None) -> tuple[np.ndarray, list[int], list[float]]:
+    """uint8 (N, H, W, 3) photos with their Grad-CAM heat maps blended in, the class each explains
+    (``classes``, else the top-1), and that class's probability; ``net`` from ``explainable``."""
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.image import show_cam_on_image
+    except ImportError:
+        raise CnnlabError("explanations need the grad-cam package: pip install grad-cam") from None
     device = next(net.parameters()).device
     x = preprocessing(images, device)
     with torch.no_grad():
@@ -98,6 +105,7 @@ def explain(inputs: list[str], model: str, weights: str | None = None, class_nam
         raise CnnlabError(f"cannot create {out} ({exc.strerror}); pass a writable --out") from None
     chosen = None if class_name is None else [names.index(class_name)] * len(images)
     targets = _output_names(paths, out)
+    net = explainable(net)
     written = []
     for start in range(0, len(images), 8):  # a few at a time: gradients of 224x224 images take memory
         batch = images[start:start + 8]

@@ -272,8 +272,8 @@ def finish_run(run_dir: Path, model: nn.Module, splits: Splits, device: torch.de
     shown, title = splits.test.images[mistakes["index"]], "most confident mistakes (test)"
     if explain_mistakes and len(shown):
         try:
-            from .explain import overlays
-            pictures, _, _ = overlays(model, shown, preprocessing, classes=mistakes["predicted"])
+            from .explain import explainable, overlays
+            pictures, _, _ = overlays(explainable(model), shown, preprocessing, classes=mistakes["predicted"])
             shown, title = torch.from_numpy(pictures).permute(0, 3, 1, 2), f"{title}, Grad-CAM of the class predicted"
         except CnnlabError as exc:  # no grad-cam package: the photos as they are
             log(f"note: {exc}")

@@ -40,18 +40,18 @@ def test_one_overlay_per_readable_image_and_a_warning_for_the_others(run, tmp_pa
 
 def test_the_overlay_is_the_class_map_blended_into_the_photo(run):
     from cnnlab.evaluate import load_model
-    from cnnlab.explain import overlays
+    from cnnlab.explain import explainable, overlays
     run_dir, data = run
     model, _, prep = load_model(run_dir, torch.device("cpu"))
     images = torch.from_numpy(np.stack([np.asarray(Image.open(data / "class_0" / f"img_00{i}.png")).transpose(2, 0, 1)
                                         for i in range(3)]))
     before = [p.detach().clone() for p in model.parameters()]
-    pictures, classes, probs = overlays(model, images, prep, classes=[2, 2, 2])
+    pictures, classes, probs = overlays(explainable(model), images, prep, classes=[2, 2, 2])
     assert pictures.shape == (3, 32, 32, 3) and pictures.dtype == np.uint8 and classes == [2, 2, 2]
     assert not np.array_equal(pictures, images.permute(0, 2, 3, 1).numpy())  # a heat map was blended in
     assert all(0 <= p <= 1 for p in probs)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model itself is untouched
-    _, top, _ = overlays(model, images, prep)
+    _, top, _ = overlays(explainable(model), images, prep)
     assert top == model(prep(images)).argmax(1).tolist()
 
 
