@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .errors import CnnlabError
 from .runs import load_torch
 
@@ -38,10 +38,11 @@ def steps_done(state: dict) -> int:
 def checkpoint_state(epoch: int, model: nn.Module, opt, sched, stopper: EarlyStopping, generator: torch.Generator,
                      history: list[dict], device: torch.device) -> dict:
     """The state after ``epoch``: weights, optimizer, schedule, early stopping, random-number
-    states and history, and the cnnlab version and device type that wrote it."""
+    states and history, and the cnnlab version, device type and number of ranks that wrote it."""
     return {"epoch": epoch, "model": model.state_dict(), "optimizer": portable(opt.state_dict()),
             "scheduler": sched.state_dict(), "stopper": stopper.state_dict(), "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(), "history": history, "cnnlab": __version__, "device": device.type}
+            "torch_rng": torch.get_rng_state(), "history": history, "cnnlab": __version__, "device": device.type,
+            "world_size": distributed.world_size()}
 
 
 def portable(opt_state: dict) -> dict:

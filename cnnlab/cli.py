@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import fields
@@ -13,11 +14,15 @@ from .config import (HEADS, MODES, MONITORS, OPTIMIZERS, PRECISIONS, SCHEDULES, 
 from .cli_examples import EPILOGS
 from .errors import CnnlabError, RunInterrupted
 
+# torchrun's rank, read before torch loads: only rank 0 (or a plain process) prints
+MAIN_RANK = os.environ.get("RANK", "0") == "0"
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line and exit code 2."""
+    """An ArgumentParser whose errors are one line and exit code 2 (printed by rank 0 alone)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n" if MAIN_RANK else None)
 
 
 def _number(kind, name, low=None, low_open=False, high_open=None):
@@ -104,7 +109,11 @@ def _add_train_options(p):
     _add_tensorboard(p)
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="on CUDA, replay each training step as one CUDA graph (default; --no-cuda-graph "
-                        "runs it op by op)")
+                        "runs it op by op; not under torchrun)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun, batch norm computes its statistics over the whole global batch "
+                        "(SyncBatchNorm) instead of each rank's part (default: off, each rank its own part, "
+                        "as DDP does)")
     p.add_argument("--out", metavar="DIR", help=f"folder for run directories (default {TrainConfig.out}/)")
 
 
@@ -124,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     p.add_argument("--name", help="run directory name (default: the preset; a clash gets a suffix)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run (same as `cnnlab resume`)")
+    p.add_argument("--nproc", type=_number(int, "--nproc", 1), metavar="N",
+                   help="run on N processes of this machine: the same as `torchrun --standalone "
+                        "--nproc-per-node N -m cnnlab train ...` (README: Scale out)")
 
     p = sub.add_parser("resume", help="continue a stopped run from its last checkpoint", formatter_class=fmt,
                        epilog=EPILOGS["resume"], description="Continue a run stopped by Ctrl-C, SIGTERM or a "
@@ -260,19 +272,20 @@ def _settings(args, keys) -> dict:
 def cmd_train(args) -> int:
     from .config import resolve_config
     from .train import train
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc, args.argv)
     if args.resume:
         return cmd_resume(argparse.Namespace(run_dir=args.resume))
     for option in ("preset", "data"):
         if getattr(args, option) is None:
             raise CnnlabError(f"--{option} is required (or --resume RUN_DIR to continue a run)")
-    run_dir = train(resolve_config(args.preset, **_settings(args, TRAIN_KEYS)), log=_log)
-    print(run_dir)
+    _log(str(train(resolve_config(args.preset, **_settings(args, TRAIN_KEYS)), log=_log)))
     return 0
 
 
 def cmd_transfer(args) -> int:
     from .transfer import transfer
-    print(transfer(TransferConfig(**_settings(args, TRANSFER_KEYS)), log=_log))
+    _log(str(transfer(TransferConfig(**_settings(args, TRANSFER_KEYS)), log=_log)))
     return 0
 
 
@@ -307,9 +320,8 @@ def cmd_reproduce(args) -> int:
     report, failures = reproduce(args.data_root, args.out, args.quick, args.backbone, args.weights_file, args.seed,
                                  _log, precision=args.precision, threads=args.threads)
     if failures:
-        print(f"cnnlab reproduce: {len(failures)} part(s) failed (the report lists them): " + "; ".join(failures),
-              file=sys.stderr)
-    print(report)
+        _error(f"cnnlab reproduce: {len(failures)} part(s) failed (the report lists them): " + "; ".join(failures))
+    _log(str(report))
     return 1 if failures else 0
 
 
@@ -318,7 +330,7 @@ def cmd_resume(args) -> int:
     from .train import resume
     from .transfer import resume_transfer
     transfer_run = load_run(args.run_dir)[0].get("kind") == "transfer"
-    print((resume_transfer if transfer_run else resume)(args.run_dir, log=_log))
+    _log(str((resume_transfer if transfer_run else resume)(args.run_dir, log=_log)))
     return 0
 
 
@@ -348,14 +360,41 @@ def cmd_study(args) -> int:
     runs = run_cifar10_study(args.data, args.out, args.epochs_scale, args.seed or 0, presets, log=_log,
                              val_split=args.val_split, test_split=args.test_split, batch_size=args.batch_size,
                              precision=args.precision, threads=args.threads)
-    table, path = write_study_table(runs, args.out)
-    print("\n" + table)
-    print(f"\ntable saved to {path}")
+    if MAIN_RANK:
+        table, path = write_study_table(runs, args.out)
+        print("\n" + table)
+        print(f"\ntable saved to {path}")
+    return 0
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """``argv`` (without --nproc) again on ``nproc`` processes, through torchrun's own launcher;
+    the exit code is the first failed rank's."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    import logging  # the ranks say what went wrong; torchrun's own summary of it would repeat it
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "cnnlab", *rest]))
+    except ChildFailedError as exc:
+        codes = [f.exitcode for f in exc.failures.values()]
+        return next((c for c in codes if c and c > 0), 1)
     return 0
 
 
 def _log(message: str) -> None:
-    print(message, flush=True)
+    if MAIN_RANK:
+        print(message, flush=True)
 
 
 def _warning(message, category, filename, lineno, file=None, line=None):
@@ -369,27 +408,56 @@ COMMANDS = {"train": cmd_train, "resume": cmd_resume, "transfer": cmd_transfer, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``cnnlab`` command."""
+    """The ``cnnlab`` command (under torchrun, one rank of it)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     warnings.formatwarning = _warning
+    if not MAIN_RANK:
+        warnings.simplefilter("ignore")  # rank 0 says it once
     from .runtime import keep_freed_memory
     keep_freed_memory()
     try:
         return COMMANDS[args.command](args)
     except RunInterrupted as exc:
-        print(f"cnnlab {args.command}: stopped by {exc}", file=sys.stderr)
+        _error(f"cnnlab {args.command}: stopped by {exc}")
         return exc.exit_code
     except CnnlabError as exc:
-        print(f"cnnlab {args.command}: error: {exc}", file=sys.stderr)
+        _error(f"cnnlab {args.command}: error: {exc}")
         return 2
+    except RuntimeError as exc:
+        reason = _peer_lost(exc)
+        if reason is None:
+            raise
+        _error(f"cnnlab {args.command}: error: another rank stopped ({reason}), so this one stops too; the run's "
+               "last epoch checkpoint is kept: continue with `cnnlab resume RUN_DIR`")
+        return 1
     except OSError as exc:  # the file system said no somewhere no check foresaw: still one line
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"cnnlab {args.command}: error: {exc.strerror or exc}{where}; check the paths given and the free "
-              "disk space", file=sys.stderr)
+        _error(f"cnnlab {args.command}: error: {exc.strerror or exc}{where}; check the paths given and the free "
+               "disk space")
         return 2
     except KeyboardInterrupt:
-        print(f"cnnlab {args.command}: interrupted", file=sys.stderr)
+        _error(f"cnnlab {args.command}: interrupted")
         return 130
+    finally:
+        if "torch" in sys.modules:
+            from .distributed import close
+            close()
+
+
+def _error(line: str) -> None:
+    if MAIN_RANK:
+        print(line, file=sys.stderr)
+
+
+def _peer_lost(exc: RuntimeError) -> str | None:
+    """What a collective's error says when a peer rank is gone (under torchrun: another rank was
+    killed or ran out of memory), as gloo and NCCL word it; None for any other error."""
+    text = str(exc)
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    return next((s for s in ("Connection reset by peer", "Connection closed by peer", "NCCL error") if s in text), None)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ class TrainConfig:
     cuda_graph: bool = True  # on CUDA, replay each training step as one CUDA graph
     precision: str = "auto"  # see runtime.compute_dtype
     tensorboard: bool = True  # event files in the run directory (tensorboard_log.py)
+    sync_bn: bool = False  # under torchrun: batch norm over the global batch, not each rank's part
     out: str = "runs"
     name: str | None = None
     cache_dir: str | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import distributed
 from .data import ImageSet
 from .metrics import confusion_matrix, loss_fn, predicted_class, probabilities, summarize
 from .preprocessing import Preprocessing, model_input
@@ -24,20 +25,31 @@ def inference_batch(images: torch.Tensor) -> int:
 def predict_logits(model: nn.Module, images: torch.Tensor, preprocessing: Preprocessing, device: torch.device,
                    batch_size: int | None = None, tta: bool = False, precision: str = "auto") -> torch.Tensor:
     """Logits for uint8 images (or cached features), in eval mode; ``tta`` averages with the
-    mirrored images; ``precision`` as in ``runtime.compute_dtype``."""
+    mirrored images; ``precision`` as in ``runtime.compute_dtype``. Under torchrun each rank
+    computes its part of ``images`` and every rank gets all the logits."""
     model.eval()
     dtype = compute_dtype(precision, device)
     batch_size = batch_size or inference_batch(images)
     prepare = preprocessing.on(device)
+    first, stop = distributed.shard_range(len(images))
     out = []
-    for start in range(0, len(images), batch_size):
-        x = model_input(images[start:start + batch_size], prepare)
+    for start in range(first, stop, batch_size):
+        x = model_input(images[start:min(start + batch_size, stop)], prepare)
         with autocast(device, dtype):
             logits = model(x).float()
             if tta:
                 logits = (logits + model(x.flip(3)).float()) / 2
         out.append(logits.cpu())
+    if distributed.active():
+        part = torch.cat(out) if out else torch.zeros(0, _output_width(model, images[:1], prepare, device, dtype))
+        return distributed.gather_rows(part, len(images))
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def _output_width(model: nn.Module, probe: torch.Tensor, prepare, device, dtype) -> int:
+    """The number of logits per image (for a rank whose part of the images is empty)."""
+    with autocast(device, dtype):
+        return model(model_input(probe, prepare)).shape[1]
 
 
 def score(model: nn.Module, data: ImageSet, class_names: list[str], preprocessing: Preprocessing,

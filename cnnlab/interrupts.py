@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import distributed
 from .errors import RunInterrupted
 from .runs import write_json
 
@@ -58,8 +59,9 @@ def guarded_run(run_dir: Path, log: Callable[[str], None], checkpoints: bool = T
         try:
             yield guard
         except Interrupted as stop:
-            write_json(run_dir / MARKER, {"signal": stop.signum, "epoch": stop.epoch, "batch": stop.batch,
-                                          "batches": stop.batches})
+            if distributed.is_main():
+                write_json(run_dir / MARKER, {"signal": stop.signum, "epoch": stop.epoch, "batch": stop.batch,
+                                              "batches": stop.batches})
             where = f"epoch {stop.epoch}" if stop.epoch else "feature extraction"
             saved = (f"epoch {stop.epoch - 1}'s checkpoint is saved; " if checkpoints and stop.epoch else "")
             restart = "" if checkpoints else (" (a transfer run restarts from its first epoch, with the same "

@@ -148,6 +148,13 @@ def _seed_note(info: dict) -> str:
             f"{html.escape(ours)}.{backbone}</p>")
 
 
+def _ranks(config: dict) -> str:
+    """'1', or '4 (nccl, 32 images per rank)' for a run on several ranks under torchrun."""
+    ranks = config.get("ranks") if isinstance(config.get("ranks"), dict) else {}
+    size = ranks.get("world_size", 1)
+    return str(size) if size == 1 else f"{size} ({ranks.get('backend')}, {ranks.get('batch_per_rank')} images per rank)"
+
+
 def _environment(infos: list[dict]) -> str:
     rows = []
     for info in infos:
@@ -156,10 +163,11 @@ def _environment(infos: list[dict]) -> str:
                     f"</td><td>{env.get('python', '?')}</td><td>{html.escape(str(env.get('device', '?')))}</td>"
                     f"<td>{html.escape(str(env.get('compute_dtype', 'float32' if env.get('device') == 'cpu' else '?')))}</td>"
                     f"<td>{html.escape(str(env.get('native_kernels', '-')))}</td>"
-                    f"<td>{env.get('threads', '?')}</td><td>{info['config'].get('seed', '?')}</td>"
+                    f"<td>{env.get('threads', '?')}</td><td>{html.escape(_ranks(info['config']))}</td>"
+                    f"<td>{info['config'].get('seed', '?')}</td>"
                     f"<td>{html.escape(str(env.get('date', '?')))}</td></tr>")
     return ('<table class="grid small"><thead><tr><th>run</th><th>cnnlab</th><th>torch</th><th>python</th>'
-            f'<th>device</th><th>compute dtype</th><th>native kernels</th><th>threads</th><th>seed</th><th>date</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+            f'<th>device</th><th>compute dtype</th><th>native kernels</th><th>threads</th><th>ranks</th><th>seed</th><th>date</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
 STYLE = """

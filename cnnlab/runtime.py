@@ -63,9 +63,12 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def setup(device: str = "auto", threads: int | None = None) -> torch.device:
-    """The device a run computes on (``pick_device``), with PyTorch's CPU threads set to
-    ``threads`` when given (else PyTorch's default, one per core)."""
-    picked = pick_device(device)
+    """The device a run computes on (``pick_device``; under torchrun this rank's GPU, its process
+    group joined: distributed.init), with PyTorch's CPU threads set to ``threads`` when given
+    (else PyTorch's default: one per core, or torchrun's OMP_NUM_THREADS)."""
+    from . import distributed
+
+    picked = distributed.init(pick_device(device))
     if threads:
         torch.set_num_threads(threads)
     return picked

@@ -6,6 +6,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import distributed
 from .config import TrainConfig
 from .data import ImageSet, apply_augment, augment_draws
 from .metrics import loss_fn, predicted_class
@@ -33,7 +34,12 @@ class TrainStep:
     host queues a step's few hundred kernels, and a replay queues them all at once. The replay
     reads its batch indices, augmentation draws and learning rate from fixed device tensors,
     refreshed before each replay (``opt`` is made ``graph_ready`` here: make the step after
-    loading a checkpoint into ``opt``). A smaller last batch runs as an ordinary step."""
+    loading a checkpoint into ``opt``). A smaller last batch runs as an ordinary step.
+
+    Under torchrun ``index`` is the global batch and ``model`` a DDP wrapper: each rank takes its
+    part of the batch and of the draws (distributed.shard), weights its loss by the part's size,
+    and DDP averages the gradients; it runs op by op (capturing DDP's all-reduce in a graph is
+    not attempted)."""
     WARMUP = 3
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, train: ImageSet, cfg: TrainConfig,
@@ -46,7 +52,8 @@ class TrainStep:
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.batches = torch.zeros((), device=device, dtype=torch.long)
         self.first_nonfinite = torch.full((), -1, device=device, dtype=torch.long)  # batch of the epoch, from 1
-        self.graphed = device.type == "cuda" and cfg.cuda_graph and train.images.dtype == torch.uint8
+        self.graphed = (device.type == "cuda" and cfg.cuda_graph and train.images.dtype == torch.uint8
+                        and not distributed.active())
         if self.graphed:
             graph_ready(opt, device)
         self.graph: "torch.cuda.CUDAGraph | None" = None
@@ -63,7 +70,11 @@ class TrainStep:
 
     def __call__(self, index: torch.Tensor, generator: torch.Generator) -> None:
         draws = augment_draws(len(index), generator) if self.cfg.augment else None
-        if not self.graphed or len(index) != self.cfg.batch_size:
+        if distributed.active():
+            local = distributed.shard(index)
+            draws = None if draws is None else tuple(None if t is None else distributed.shard(t) for t in draws)
+            self.run(local, draws, distributed.loss_weight(len(local), len(index)))
+        elif not self.graphed or len(index) != self.cfg.batch_size:
             self.run(index, draws)
         elif self.graph is None and self.warm_steps < self.WARMUP:
             self._warm(index, draws)
@@ -72,8 +83,9 @@ class TrainStep:
         else:
             self.run(index, draws)
 
-    def run(self, index: torch.Tensor, draws: tuple | None) -> None:
-        """The step itself, as ordinary (eager) PyTorch."""
+    def run(self, index: torch.Tensor, draws: tuple | None, weight: float = 1.0) -> None:
+        """The step itself, as ordinary (eager) PyTorch; ``weight`` scales the loss that is
+        differentiated (a rank's part of a batch), not the loss that is summed."""
         x = model_input(self.images[index], self.prepare)
         if draws is not None:
             x = apply_augment(x, draws)
@@ -82,7 +94,7 @@ class TrainStep:
             logits = self.model(x)
             loss = loss_fn(logits, y, self.cfg.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if weight == 1.0 else loss * weight).backward()
         with warnings.catch_warnings():  # a graph-ready optimizer warns when stepped outside a graph
             warnings.filterwarnings("ignore", message=".*capturable=True.*")
             self.opt.step()

@@ -9,11 +9,12 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+from . import distributed
 from .config import TransferConfig, resolve_config
 from .data import load_splits
 from .errors import CnnlabError, RunInterrupted
 from .runs import load_run, write_csv
-from .runtime import default_cache_dir
+from .runtime import default_cache_dir, setup
 
 SEED_PRESETS = ("conv", "pool-bn", "dropout", "early-stop")
 TABLE_COLUMNS = ("preset", "params", "epochs run", "best epoch", "train time", "best val acc", "test acc",
@@ -53,7 +54,9 @@ def run_cifar10_study(data: str, out: str = "runs", epochs_scale: float = 1.0, s
     configs = [scaled_config(preset, epochs_scale, data=data, out=out, seed=seed, **overrides) for preset in presets]
     if splits is None:
         first = configs[0]
-        splits = load_splits(data, first.preprocessing.size, first.val_split, first.test_split, seed)
+        setup(first.device, first.threads)  # under torchrun: the ranks meet before loading the data together
+        splits = distributed.main_first(lambda: load_splits(data, first.preprocessing.size, first.val_split,
+                                                            first.test_split, seed))
     runs = []
     for cfg in configs:
         log(f"\n=== {cfg.preset} ({cfg.epochs} epochs) ===")
@@ -155,7 +158,9 @@ def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: 
 
     get_backbone(backbone)  # an unknown name fails here, before any work
     settings = QUICK if quick else FULL
-    cifar, pets, origin = find_data(data_root)
+    setup("auto", threads)  # under torchrun: the ranks meet before loading the data together
+    cifar, pets, origin = distributed.main_first(lambda: find_data(data_root))
+    writes = distributed.is_main()
     log(f"data: {cifar} and {pets} ({origin}); {'quick' if quick else 'full'} study into {out}")
     runs: list[Path] = []
     failures: list[str] = []
@@ -166,7 +171,7 @@ def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: 
             runs.append(job())
             return runs[-1]
         except RunInterrupted:
-            if runs:
+            if runs and writes:
                 build_report(runs, report_path, failures=failures + [f"{label}: interrupted"])
             raise
         except Exception as exc:  # one failed run must not lose the others
@@ -176,7 +181,8 @@ def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: 
             return None
 
     try:
-        splits = load_splits(cifar, 32, 0.1, 0.1, seed, per_class=settings["cifar_per_class"])
+        splits = distributed.main_first(lambda: load_splits(cifar, 32, 0.1, 0.1, seed,
+                                                            per_class=settings["cifar_per_class"]))
     except CnnlabError as exc:
         splits = None
         failures.append(f"CIFAR-10 could not be loaded: {exc}")
@@ -192,11 +198,13 @@ def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: 
         tsplits = None
         if settings["pets_per_class"]:
             size = choose_weights(backbone, None, weights_file).preprocessing.size
-            tsplits = load_splits(pets, size, 0.1, 0.1, seed, per_class=settings["pets_per_class"])
+            tsplits = distributed.main_first(lambda: load_splits(pets, size, 0.1, 0.1, seed,
+                                                                 per_class=settings["pets_per_class"]))
         return transfer(tcfg, log=log, splits=tsplits)
     attempt(f"transfer ({backbone})", transfer_run)
     if not runs:
         raise CnnlabError("; ".join(failures) or "nothing ran")
-    build_report(runs, report_path, title="cnnlab: the seed study reproduced" + (" (quick)" if quick else ""),
-                 failures=failures)
+    if writes:
+        build_report(runs, report_path, title="cnnlab: the seed study reproduced" + (" (quick)" if quick else ""),
+                     failures=failures)
     return report_path, failures

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed, kernels
 from .checkpoint import checkpoint_state, read_checkpoint, restore, steps_done
 from .config import TrainConfig, from_record
 from .data import ImageSet, Splits, load_splits
@@ -58,7 +58,7 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 
 
 def _progress(total: int, epoch: int, epochs: int):
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() or not distributed.is_main():
         return None  # no bar, and no running loss to read (each read waits for a GPU)
     from tqdm import tqdm
     return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True)
@@ -77,6 +77,7 @@ def train_one_epoch(step: TrainStep, sched, train: ImageSet, cfg: TrainConfig, g
     seen = 0
     bar = _progress(len(starts), epoch, cfg.epochs)
     cpu = step.device.type == "cpu"  # on a CPU reading the flag costs nothing; a GPU is asked once an epoch
+    ranks = distributed.active()
     for i, start in enumerate(starts):
         index = order[start:start + cfg.batch_size]
         step(index, generator)
@@ -84,19 +85,27 @@ def train_one_epoch(step: TrainStep, sched, train: ImageSet, cfg: TrainConfig, g
             board.step(sched.last_epoch + 1, sched.base_lrs[0] * sched.lr_lambdas[0](sched.last_epoch))
         sched.step()
         seen += len(index)
-        if cpu and step.first_nonfinite >= 0:
+        signum = guard.signum if guard is not None else None
+        if ranks and (cpu or i % 16 == 15 or i == len(starts) - 1):  # all ranks stop after the same batch
+            signum, nonfinite = distributed.stop_flags(signum, step.first_nonfinite)
+            if nonfinite >= 0:
+                break
+        elif cpu and step.first_nonfinite >= 0:
             break
         if bar is not None:
             bar.update(1)
             if i % 10 == 0:
-                bar.set_postfix(loss=f"{float(step.total_loss) / seen:.4f}")
-        if guard is not None and guard.signum is not None:
+                # under torchrun: rank 0's part of the batches, about seen / ranks images
+                bar.set_postfix(loss=f"{float(step.total_loss) * distributed.world_size() / seen:.4f}")
+        if signum:
             if bar is not None:
                 bar.close()
-            raise Interrupted(guard.signum, epoch, i + 1, len(starts))
+            raise Interrupted(signum, epoch, i + 1, len(starts))
     if bar is not None:
         bar.close()
     sums = torch.stack([step.total_loss.double(), step.correct.double(), step.first_nonfinite.double()])
+    if ranks:  # every rank's images
+        sums = torch.cat([distributed.reduce(sums[:2].clone()), distributed.reduce(sums[2:].clone(), "max")])
     loss_sum, correct, nonfinite = sums.tolist()  # one read, so one wait for a GPU, an epoch
     if nonfinite >= 0:
         raise Diverged(epoch, int(nonfinite), len(starts), cfg.lr)
@@ -131,7 +140,7 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
     if state is not None:
         first, history = restore(state, model, opt, sched, stopper, generator)
     on_device = splits.train.to(device)
-    step = TrainStep(model, opt, on_device, cfg, device)
+    step = TrainStep(distributed.wrap(model, device), opt, on_device, cfg, device)
     stop = stopper.stopped_epoch is not None
     for epoch in range(first, cfg.epochs + 1):
         if stop:
@@ -177,17 +186,28 @@ def _epoch_line(row: dict, epochs: int, stopper: EarlyStopping) -> str:
 
 # ---------------------------------------------------------------- a whole run
 
-def _start(cfg: TrainConfig, layers, splits: Splits | None):
-    """(device, splits, model) for ``cfg``: the data loaded and split, the model built from
-    ``layers`` and seeded."""
+def _start(cfg: TrainConfig, layers, splits: Splits | None, log: Callable[[str], None] = print):
+    """(device, splits, model) for ``cfg``: the data loaded and split (under torchrun rank 0
+    fills the image cache, the others then read it), the model built from ``layers`` and seeded."""
     device = setup(cfg.device, cfg.threads)
+    distributed.check_batch(cfg.batch_size)
     if splits is None:
-        splits = load_splits(cfg.data, cfg.preprocessing.size, cfg.val_split, cfg.test_split, cfg.seed,
-                             Path(cfg.cache_dir) if cfg.cache_dir else None)
+        splits = distributed.main_first(lambda: load_splits(
+            cfg.data, cfg.preprocessing.size, cfg.val_split, cfg.test_split, cfg.seed,
+            Path(cfg.cache_dir) if cfg.cache_dir else None))
     splits.require_batch(cfg.batch_size)
     torch.manual_seed(cfg.seed)
     model = build_model(layers, len(splits.class_names), tuple(splits.train.images.shape[1:]))
     init_whitening(model, cfg.preprocessing(splits.train.images[:5000], channels_last=False))
+    if distributed.active():
+        if device.type == "cpu":
+            distributed.main_first(kernels.status)  # rank 0 compiles them on first use, the others load them
+        if cfg.sync_bn:
+            model, converted = distributed.sync_batch_norm(model)
+            if converted and device.type == "cpu":
+                log(f"note: --sync-bn: {converted} batch norm layer(s) normalise over the global batch; they run as "
+                    "PyTorch layers, not cnnlab's fused CPU kernels (those use one rank's statistics)")
+        distributed.vary_random_streams(cfg.seed)
     return device, splits, model.to(device, memory_format=memory_format(cfg.channels_last))
 
 
@@ -195,15 +215,19 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: Splits |
     """Loads data, trains, tests once on the held-out split and writes the run directory."""
     started = time.perf_counter()
     layers = list(get_preset(cfg.preset).layers)
-    device, splits, model = _start(cfg, layers, splits)
-    run_dir = create_run_dir(cfg.out, cfg.name or cfg.preset)
+    device, splits, model = _start(cfg, layers, splits, log)
+    run_dir = distributed.on_main(lambda: create_run_dir(cfg.out, cfg.name or cfg.preset))
     params = count_parameters(model)
-    write_json(run_dir / "config.json", run_record("train", asdict(cfg), splits, params,
-                                                   environment(device, cfg.precision), layers=layers))
+    if distributed.is_main():
+        write_json(run_dir / "config.json", run_record(
+            "train", asdict(cfg), splits, params, environment(device, cfg.precision),
+            layers=layers, ranks=distributed.describe(cfg.batch_size)))
+    ranks = f" x {distributed.world_size()} ranks" if distributed.active() else ""
     log(f"{cfg.preset}: {params:,} parameters, {len(splits.train)} train / {len(splits.val)} val / "
-        f"{len(splits.test)} test images, {device}; loaded in {time.perf_counter() - started:.1f}s")
+        f"{len(splits.test)} test images, {device}{ranks}; loaded in {time.perf_counter() - started:.1f}s")
     log(f"run directory: {run_dir}")
-    return _run(cfg, run_dir, model, splits, device, None, log, Board(run_dir, cfg.tensorboard, log=log))
+    board = Board(run_dir, cfg.tensorboard and distributed.is_main(), log=log)
+    return _run(cfg, run_dir, model, splits, device, None, log, board)
 
 
 def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
@@ -214,7 +238,7 @@ def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
     if config is None:
         return run_dir
     cfg = from_record(TrainConfig, config)
-    device, splits, model = _start(cfg, config["layers"], None)
+    device, splits, model = _start(cfg, config["layers"], None, log)
     if splits.class_names != config["class_names"]:
         raise CnnlabError(f"the data at {cfg.data} no longer has the run's classes; restore it or start a new run")
     state = read_checkpoint(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").is_file() else None
@@ -224,6 +248,9 @@ def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
         for key, now in (("cnnlab", __version__), ("device", device.type)):
             if state.get(key) != now:
                 log(f"notice: the checkpoint was written with {key} {state.get(key)}, resuming with {now}")
+        if state.get("world_size", 1) != distributed.world_size():
+            log(f"notice: the checkpoint was written by {state.get('world_size', 1)} rank(s), resuming on "
+                f"{distributed.world_size()}: the global batch, schedule and steps stay as they were")
         interrupted = read_marker(run_dir)
         if interrupted and interrupted.get("epoch") == state["epoch"] + 1:
             log(f"epoch {interrupted['epoch']} was interrupted at batch {interrupted['batch']}/"
@@ -231,14 +258,18 @@ def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
         log(f"resuming {run_dir} after epoch {state['epoch']}")
     # events after the checkpoint's last step came from the attempt that stopped: hidden, then written anew
     done = steps_done(state) if state is not None else 0
-    return _run(cfg, run_dir, model, splits, device, state, log, Board(run_dir, cfg.tensorboard, done + 1, log))
+    board = Board(run_dir, cfg.tensorboard and distributed.is_main(), done + 1, log)
+    return _run(cfg, run_dir, model, splits, device, state, log, board)
 
 
 def _run(cfg: TrainConfig, run_dir: Path, model, splits: Splits, device, state, log, board: Board) -> Path:
-    """Trains (a signal stops it at the end of a batch), then tests once and writes the results."""
+    """Trains (a signal stops it at the end of a batch), then tests once and writes the results
+    (under torchrun every rank trains and tests, rank 0 writes)."""
+    writes = distributed.is_main()
     with guarded_run(run_dir, log) as guard, closing(board):
-        write_samples(run_dir, splits.train, splits.class_names, cfg.seed)
-        history, stopper = fit(model, splits, cfg, device, run_dir, log, state, guard, board)
+        if writes:
+            write_samples(run_dir, splits.train, splits.class_names, cfg.seed)
+        history, stopper = fit(model, splits, cfg, device, run_dir if writes else None, log, state, guard, board)
         finish_run(run_dir, model, splits, device, history, stopper, cfg.preprocessing, cfg.tta, cfg.precision,
                    log, board=board, settings=asdict(cfg))
     return run_dir
@@ -268,6 +299,8 @@ def finish_run(run_dir: Path, model: nn.Module, splits: Splits, device: torch.de
         "test_size": len(splits.test), "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
         **(extra or {}),
     }
+    if not distributed.is_main():  # the test was scored by every rank together; rank 0 writes it
+        return
     mistakes = confident_mistakes(logits, splits.test.labels)
     shown, title = splits.test.images[mistakes["index"]], "most confident mistakes (test)"
     if explain_mistakes and len(shown):

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import cache
+from . import cache, distributed
 from .atomic import WriteError
 from .backbones import build, pretrained
 from .config import TrainConfig, TransferConfig, from_record, validate_transfer
@@ -104,22 +104,35 @@ def extract_features(features: nn.Module, images: torch.Tensor, prep: Preprocess
                      guard: InterruptGuard | None = None, precision: str = "auto") -> torch.Tensor:
     """The base's outputs for uint8 images, float16, (N, C) when ``pool`` else (N, C, H, W), its
     convolutions in ``compute_dtype(precision)``. With ``guard``, a signal stops it at the end of
-    a batch (raises ``Interrupted`` with epoch 0): on a CPU the whole extraction can take minutes."""
+    a batch (raises ``Interrupted`` with epoch 0): on a CPU the whole extraction can take minutes.
+    Under torchrun each rank extracts its part of ``images`` and every rank gets all the features
+    (a signal then stops every rank at the end of the same batch)."""
     features.eval()
     dtype = compute_dtype(precision, device)
     batch_size = batch_size or inference_batch(images)
     prepare = prep.on(device)
+    first, stop = distributed.shard_range(len(images))
+    ranks = distributed.active()
+    per_rank = -(-len(images) // distributed.world_size())  # every rank walks as many batches (some empty),
+    batches = math.ceil(per_rank / batch_size)              # so that all take part in each signal check
     out = []
     start = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        if guard is not None and guard.signum is not None:
-            raise Interrupted(guard.signum, 0, i // batch_size, math.ceil(len(images) / batch_size))
-        with autocast(device, dtype):
-            y = features(prepare(images[i:i + batch_size])).float()
-        out.append((y.mean((2, 3)) if pool else y).half().cpu())
-        if log and (i // batch_size) % 250 == 249:
-            done = i + batch_size
+    for b, i in enumerate(range(0, per_rank, batch_size)):
+        signum = guard.signum if guard is not None else None
+        if ranks:
+            signum = distributed.stop_flags(signum, torch.tensor(-1))[0]
+        if signum:
+            raise Interrupted(signum, 0, b, batches)
+        part = images[first + i:min(first + i + batch_size, stop)]
+        if len(part):
+            with autocast(device, dtype):
+                y = features(prepare(part)).float()
+            out.append((y.mean((2, 3)) if pool else y).half().cpu())
+        if log and b % 250 == 249:
+            done = (b + 1) * batch_size * distributed.world_size()
             log(f"  features: {done}/{len(images)} images, {done / (time.perf_counter() - start):.1f} images/s")
+    if ranks:
+        return distributed.gather_rows(torch.cat(out), len(images))
     return torch.cat(out)
 
 
@@ -127,10 +140,11 @@ def cached_features(cfg: TransferConfig, features: nn.Module, prep: Preprocessin
                     splits: Splits, weights_path: Path, log: Callable[[str], None],
                     guard: InterruptGuard | None = None) -> tuple[dict, bool]:
     """({'train'|'val'|'test': features}, whether they came from the disk cache): read from the
-    cache, or computed once and cached."""
+    cache, or computed once and cached. Under torchrun the ranks extract together and rank 0
+    writes the one cache entry; whether to read it is rank 0's call, so all ranks agree."""
     key = _feature_key(cfg, weights_path, prep, splits, compute_dtype(cfg.precision, device))
     path = default_cache_dir() / f"features-{key}.pt"
-    if cache.check(path) is not None:
+    if distributed.on_main(lambda: cache.check(path) is not None):
         try:
             return torch.load(path, weights_only=True), True
         except Exception as exc:  # sealed, yet not what torch.save wrote: rebuilt all the same
@@ -142,6 +156,8 @@ def cached_features(cfg: TransferConfig, features: nn.Module, prep: Preprocessin
     n = sum(len(v) for v in result.values())
     log(f"extracted features of {n} images in {time.perf_counter() - start:.1f}s "
         f"({n / (time.perf_counter() - start):.1f} images/s)")
+    if not distributed.is_main():
+        return result, False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
@@ -169,27 +185,35 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
     directory (a new one, or ``run_dir`` when restarting a stopped run)."""
     validate_transfer(cfg)
     device = setup(cfg.device, cfg.threads)
+    distributed.check_batch(cfg.batch_size)
     started = time.perf_counter()
-    built, weights, weights_path = pretrained(cfg.backbone, cfg.weights_variant, cfg.weights_file)
+    built, weights, weights_path = distributed.main_first(
+        lambda: pretrained(cfg.backbone, cfg.weights_variant, cfg.weights_file))  # a download happens once
     prep = weights.preprocessing
     if splits is None:
-        splits = load_splits(cfg.data, prep.size, cfg.val_split, cfg.test_split, cfg.seed)
+        splits = distributed.main_first(lambda: load_splits(cfg.data, prep.size, cfg.val_split, cfg.test_split,
+                                                            cfg.seed))
     splits.require_batch(cfg.batch_size)
     torch.manual_seed(cfg.seed)
     head = Head(cfg.head, built.channels, built.grid, len(splits.class_names))
     model = TransferModel(built.features, head).to(device, memory_format=torch.channels_last)
     freeze_base(model, built.blocks, 0)
     restart = run_dir is not None
-    run_dir = run_dir or create_run_dir(cfg.out, cfg.name or f"transfer-{cfg.backbone}")
-    write_json(run_dir / "config.json", run_record(
-        "transfer", asdict(cfg), splits, count_parameters(model), environment(device, cfg.precision),
-        weights_variant=weights.variant, weights_path=str(weights_path), preprocessing=asdict(prep),
-        feature_shape=[built.channels, built.grid, built.grid], blocks=len(built.blocks)))
-    board = Board(run_dir, cfg.tensorboard, 1 if restart else None, log)  # a restart hides the stopped attempt's
+    run_dir = run_dir or distributed.on_main(lambda: create_run_dir(cfg.out, cfg.name or f"transfer-{cfg.backbone}"))
+    writes = distributed.is_main()
+    if writes:
+        write_json(run_dir / "config.json", run_record(
+            "transfer", asdict(cfg), splits, count_parameters(model), environment(device, cfg.precision),
+            weights_variant=weights.variant, weights_path=str(weights_path), preprocessing=asdict(prep),
+            feature_shape=[built.channels, built.grid, built.grid], blocks=len(built.blocks),
+            ranks=distributed.describe(cfg.batch_size)))
+    board = Board(run_dir, cfg.tensorboard and writes, 1 if restart else None, log)  # a restart hides the stopped attempt's
     with guarded_run(run_dir, log, checkpoints=False) as guard, closing(board):
-        write_samples(run_dir, splits.train, splits.class_names, cfg.seed)
+        if writes:
+            write_samples(run_dir, splits.train, splits.class_names, cfg.seed)
         log(f"{cfg.backbone} ({weights.describe()}), {cfg.head} head, {len(splits.train)} train / "
-            f"{len(splits.val)} val / {len(splits.test)} test images, {device}; "
+            f"{len(splits.val)} val / {len(splits.test)} test images, {device}"
+            f"{f' x {distributed.world_size()} ranks' if distributed.active() else ''}; "
             f"ready in {time.perf_counter() - started:.1f}s")
         log(f"run directory: {run_dir}")
         history, stopper, boundary, extra = _phases(cfg, model, built, prep, splits, weights_path, device,
@@ -216,13 +240,15 @@ def _phases(cfg, model, built, prep, splits, weights_path, device, run_dir, guar
         history, stopper = fit(model, splits, frozen_cfg, device, None, log, guard=guard, board=board)
     for row in history:
         row["phase"] = "frozen"
-    write_history(run_dir / "history.csv", history)
+    if distributed.is_main():
+        write_history(run_dir / "history.csv", history)
     boundary = None
     if cfg.fine_tune_epochs:
         board.offset_steps, board.offset_epochs = board.last_step, len(history)
         history, stopper, boundary = _fine_tune(cfg, model, built, prep, splits, device, guard, log, history,
                                                 stopper, extra, board)
-        write_history(run_dir / "history.csv", history)
+        if distributed.is_main():
+            write_history(run_dir / "history.csv", history)
     return history, stopper, boundary, extra
 
 
