@@ -5,13 +5,16 @@ EPILOGS = {
   cnnlab train --preset pool-bn --data ../shared/data/cifar10/train
   cnnlab train --preset fast --data ~/data/cifar10/train --name fast-try
   cnnlab train --preset dropout --data cifar10 --epochs 30 --monitor val_accuracy --patience 5
-  cnnlab train --preset conv --data photos/ --val-split 0.2 --test-split 0.2 --seed 1""",
+  cnnlab train --preset conv --data photos/ --val-split 0.2 --test-split 0.2 --seed 1
+  cnnlab train --preset pool-bn --data photos/ --nproc 2          # 2 processes of this machine
+  torchrun --standalone --nproc-per-node 8 -m cnnlab train --preset fast --data photos/ --sync-bn""",
     "evaluate": """examples:
   cnnlab evaluate runs/pool-bn --data ../shared/data/cifar10/train
   cnnlab evaluate runs/fast --data my-test-images/ --json""",
     "resume": """examples:
   cnnlab resume runs/dropout
-  cnnlab train --resume runs/dropout""",
+  cnnlab train --resume runs/dropout
+  torchrun --standalone --nproc-per-node 4 -m cnnlab resume runs/dropout""",
     "transfer": """examples:
   cnnlab transfer --data ../shared/data/cats-vs-dogs --backbone efficientnet_lite0 --head gap
   cnnlab transfer --data ../shared/data/cats-vs-dogs --backbone efficientnet_lite0 --fine-tune-epochs 2 --unfreeze 2

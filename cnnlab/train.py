@@ -207,6 +207,9 @@ def _start(cfg: TrainConfig, layers, splits: Splits | None, log: Callable[[str],
             if converted and device.type == "cpu":
                 log(f"note: --sync-bn: {converted} batch norm layer(s) normalise over the global batch; they run as "
                     "PyTorch layers, not cnnlab's fused CPU kernels (those use one rank's statistics)")
+        if device.type == "cuda" and cfg.cuda_graph:
+            log("note: under torchrun each training step runs op by op (capturing DDP's gradient all-reduce in "
+                "a CUDA graph is not attempted)")
         distributed.vary_random_streams(cfg.seed)
     return device, splits, model.to(device, memory_format=memory_format(cfg.channels_last))
 

@@ -51,7 +51,11 @@ def world(tmp_path_factory):
 ENTRIES = [("train", "images-*.npy"), ("train", "images-*.npy.json"), ("train", "kernels/cnnlab_kernels_*.so"),
            ("train", "kernels/cnnlab_kernels_*.so.json"), ("transfer", "features-*.pt"),
            ("transfer", "features-*.pt.json")]
-CASES = [(kind, pattern, how) for kind, pattern in ENTRIES for how in ("truncated", "garbled", "zero-length")]
+# every entry and every kind of damage, not every pair (each case is a run: CI's time)
+DAMAGES = {"images-*.npy": ("truncated", "garbled"), "images-*.npy.json": ("zero-length",),
+           "kernels/cnnlab_kernels_*.so": ("truncated", "garbled"), "kernels/cnnlab_kernels_*.so.json": ("garbled",),
+           "features-*.pt": ("garbled", "zero-length"), "features-*.pt.json": ("truncated",)}
+CASES = [(kind, pattern, how) for kind, pattern in ENTRIES for how in DAMAGES[pattern]]
 
 
 @pytest.mark.parametrize("kind, pattern, how", CASES, ids=[f"{p.split('/')[-1]}-{h}" for _, p, h in CASES])
@@ -111,7 +115,9 @@ FLOATS = {"train": ["--lr", "--momentum", "--weight-decay", "--label-smoothing",
                     "--min-delta"],
           "transfer": ["--lr", "--fine-tune-lr", "--val-split", "--test-split"],
           "study": ["--epochs-scale", "--val-split", "--test-split"]}
-FLOAT_CASES = [(c, o, v) for c, options in FLOATS.items() for o in options for v in ("nan", "inf", "-inf")]
+# nan for every option (each its own check), the infinities for one option of each command
+FLOAT_CASES = [(c, o, v) for c, options in FLOATS.items() for o in options
+               for v in (("nan", "inf", "-inf") if o == options[0] else ("nan",))]
 
 
 @pytest.mark.parametrize("command, option, value", FLOAT_CASES, ids=[f"{c}{o}={v}" for c, o, v in FLOAT_CASES])
