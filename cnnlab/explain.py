@@ -73,6 +73,30 @@ def overlays(net: nn.Module, images: torch.Tensor, preprocessing: Preprocessing,
     return blended, chosen, [float(probs[i, c]) for i, c in enumerate(chosen)]
 
 
+def write_overlay(picture: np.ndarray, title: str, path: Path) -> None:
+    """One PNG: a uint8 (H, W, 3) picture, enlarged to about 400 pixels wide, under a one-line
+    ``title``. Drawn with Pillow: loading matplotlib would take longer than the explanation."""
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .atomic import atomic_write_bytes
+
+    photo = Image.fromarray(picture)
+    scale = max(1, round(400 / photo.width))
+    photo = photo.resize((photo.width * scale, photo.height * scale),
+                         Image.NEAREST if photo.width < 100 else Image.BILINEAR)  # tiny images: pixels stay sharp
+    font = ImageFont.load_default(size=15)
+    while len(title) > 4 and font.getlength(title) > photo.width - 12:
+        title = title[:-4] + "..."
+    page = Image.new("RGB", (photo.width, photo.height + 30), "white")
+    page.paste(photo, (0, 30))
+    ImageDraw.Draw(page).text((photo.width / 2, 15), title, fill="black", font=font, anchor="mm")
+    buf = io.BytesIO()
+    page.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def _output_names(paths: list[Path], out: Path) -> list[Path]:
     """``out/STEM-gradcam.png`` per image; where two images share a stem (cat/0.jpg, dog/0.jpg),
     their folder's name goes first."""
@@ -85,7 +109,6 @@ def _output_names(paths: list[Path], out: Path) -> list[Path]:
 def explain(inputs: list[str], model: str, weights: str | None = None, class_name: str | None = None,
             out: str | Path = "explanations") -> list[Path]:
     """One PNG per readable image in ``out``: the photo with its Grad-CAM overlay, titled."""
-    from .plots import overlay_figure
     from .predict import image_paths, readable_images, torch_model
 
     if str(model).endswith(".onnx"):
@@ -112,6 +135,6 @@ def explain(inputs: list[str], model: str, weights: str | None = None, class_nam
         pictures, classes, probs = overlays(net, batch, preprocessing, chosen and chosen[:len(batch)])
         for path, target, picture, c, p in zip(paths[start:start + 8], targets[start:start + 8], pictures, classes,
                                                probs):
-            overlay_figure(picture, f"{path.name}: {names[c]} {p:.1%}", target)
+            write_overlay(picture, f"{path.name}: {names[c]} {p:.1%}", target)
             written.append(target)
     return written

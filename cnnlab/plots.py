@@ -87,12 +87,3 @@ def image_grid(images, labels, class_names: list[str], path: Path, columns: int 
     if title:
         fig.suptitle(title)
     _save(fig, path)
-
-
-def overlay_figure(picture: np.ndarray, title: str, path: Path) -> None:
-    """One uint8 (H, W, 3) picture (a photo with its heat map) under ``title``."""
-    fig, ax = plt.subplots(figsize=(4, 4.3))
-    ax.imshow(picture)
-    ax.axis("off")
-    ax.set_title(title, fontsize=9)
-    _save(fig, path)

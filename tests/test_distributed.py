@@ -183,6 +183,8 @@ def test_two_nodes_rendezvous_and_finish_one_run(data, tmp_path, private_cache):
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["pool-bn"]
     assert json.loads((tmp_path / "runs" / "pool-bn" / "config.json").read_text())["ranks"]["world_size"] == 2
     assert sum("test accuracy" in out for out, _ in outputs) == 1  # one node holds rank 0
+    for folder in ("train", "validation"):  # TensorBoard's events: one writer, rank 0's
+        assert len(list((tmp_path / "runs" / "pool-bn" / folder).glob("events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.parametrize("bad, says", [(["--data", "missing"], "does not exist"),
