@@ -185,6 +185,9 @@ def test_two_nodes_rendezvous_and_finish_one_run(data, tmp_path, private_cache):
     assert sum("test accuracy" in out for out, _ in outputs) == 1  # one node holds rank 0
     for folder in ("train", "validation"):  # TensorBoard's events: one writer, rank 0's
         assert len(list((tmp_path / "runs" / "pool-bn" / folder).glob("events.out.tfevents.*"))) == 1
+    from cnnlab.report import build_report
+    page = build_report([tmp_path / "runs" / "pool-bn"], tmp_path / "report.html").read_text()
+    assert "<td>2 (gloo, 8 images per rank)</td>" in page
 
 
 @pytest.mark.parametrize("bad, says", [(["--data", "missing"], "does not exist"),
