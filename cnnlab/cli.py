@@ -45,10 +45,13 @@ def _number(kind, name, low=None, low_open=False, high_open=None):
 
 def _add_data_options(p, required=True):
     p.add_argument("--data", required=required, metavar="PATH",
-                   help="image folder (one subfolder per class; train/val/test subfolders honoured) "
+                   help="image folder (one subfolder per class), or a folder with train/ (and val/, test/) "
+                        "subfolders of that kind: a given test/ is the test set, scored once; "
                         "or 'cifar10' (torchvision's copy, downloaded into the cache when missing)")
-    p.add_argument("--val-split", type=_number(float, "--val-split", 0, True, 1), metavar="F",
-                   help=f"fraction of each class held out for validation (default {TrainConfig.val_split})")
+    p.add_argument("--val-split", type=_number(float, "--val-split", 0, False, 1), metavar="F",
+                   help=f"fraction of each class held out for validation (default {TrainConfig.val_split}); 0 trains "
+                        "on every training image with no validation pass (train only; no early stopping on a "
+                        "val_ metric then)")
     p.add_argument("--test-split", type=_number(float, "--test-split", 0, True, 1), metavar="F",
                    help=f"fraction of each class held out for the final test (default {TrainConfig.test_split})")
     p.add_argument("--seed", type=_number(int, "--seed", 0), metavar="S",

@@ -100,9 +100,12 @@ def resolve_config(preset: str, **overrides) -> TrainConfig:
     unknown = set(overrides) - names
     if unknown:
         raise TypeError(f"unknown settings: {sorted(unknown)}")
-    values = {**get_preset(preset).settings, **{k: v for k, v in overrides.items() if v is not None}}
-    cfg = TrainConfig(preset=preset, **values)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    cfg = TrainConfig(preset=preset, **{**get_preset(preset).settings, **given})
     validate(cfg)
+    if cfg.val_split == 0 and str(given.get("monitor", "")).startswith("val_"):  # a preset's own monitor just rests
+        raise CnnlabError(f"--val-split 0 leaves no validation images to --monitor {cfg.monitor}; monitor loss or "
+                          "accuracy, or keep a --val-split above 0")
     return cfg
 
 
@@ -155,7 +158,7 @@ def _common(cfg) -> list[tuple[bool, str]]:
         (cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})"),
         (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
         (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),
-        (0 < cfg.val_split < 1, f"--val-split must be between 0 and 1 (got {cfg.val_split})"),
+        (0 <= cfg.val_split < 1, f"--val-split must be in [0, 1) (got {cfg.val_split})"),
         (0 < cfg.test_split < 1, f"--test-split must be between 0 and 1 (got {cfg.test_split})"),
         (cfg.val_split + cfg.test_split < 1,
          f"--val-split + --test-split must be below 1 (got {cfg.val_split + cfg.test_split:g})"),
@@ -177,6 +180,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.weight_decay >= 0, f"--weight-decay must be 0 or more (got {cfg.weight_decay})"),
         (cfg.preprocessing.size >= 8, f"the input size must be at least 8 (got {cfg.preprocessing.size})"),
         (cfg.start_from_epoch >= 0, f"--start-from-epoch must be 0 or more (got {cfg.start_from_epoch})"),
+        (cfg.val_split > 0 or cfg.patience is None or not cfg.monitor.startswith("val_"),
+         f"--val-split 0 leaves no validation images for early stopping on {cfg.monitor}; stop on --monitor loss "
+         "(or accuracy), or keep a --val-split above 0"),
     ])
 
 
@@ -187,6 +193,8 @@ def validate_transfer(cfg: TransferConfig) -> None:
         (cfg.unfreeze >= 1, f"--unfreeze must be at least 1 (got {cfg.unfreeze})"),
         (cfg.fine_tune_lr is None or cfg.fine_tune_lr > 0, f"--fine-tune-lr must be positive (got {cfg.fine_tune_lr})"),
         _choice(cfg.head, HEADS, "--head"),
+        (cfg.val_split > 0, "a transfer run needs validation images (it keeps the better of its frozen and "
+                            "fine-tuned weights by them); use a --val-split above 0"),
         (cfg.weights_variant is None or cfg.weights_variant in WEIGHTS_VARIANTS,
          f"unknown --weights-variant '{cfg.weights_variant}'; choose one of: {', '.join(WEIGHTS_VARIANTS)}"),
     ])

@@ -264,12 +264,15 @@ def _fill_missing(sets: dict, classes, info, val_split, test_split, seed) -> Spl
     sets.setdefault("test", train.subset(te))
     sets["train"] = train.subset(tr)
     info["given_splits"] = given
-    return _checked(Splits(sets["train"], sets["val"], sets["test"], classes, info))
+    return _checked(Splits(sets["train"], sets["val"], sets["test"], classes, info), no_val=want_val == 0 and
+                    "val" not in given)
 
 
-def _checked(splits: Splits) -> Splits:
+def _checked(splits: Splits, no_val: bool = False) -> Splits:
+    """The splits, or a one-line error for an empty one (the validation split may be empty when
+    ``no_val``: --val-split 0 trains on every training image)."""
     for name in SPLIT_NAMES:
-        if len(getattr(splits, name)) == 0:
+        if len(getattr(splits, name)) == 0 and not (name == "val" and no_val):
             raise CnnlabError(f"the {name} split is empty; use more images or a larger "
                               f"--{'val' if name == 'val' else 'test'}-split" if name != "train" else
                               "the train split is empty; lower --val-split and --test-split")

@@ -45,7 +45,7 @@ class EarlyStopping:
 
     def update(self, epoch: int, logs: dict, model: nn.Module | None = None) -> bool:
         """Records epoch ``epoch`` (1-based); returns True when training should stop."""
-        value = logs[self.monitor]
+        value = logs.get(self.monitor)  # none without validation images (--val-split 0): nothing to judge
         if epoch <= self.start_from_epoch or value is None or math.isnan(value):
             return False
         self.wait += 1

@@ -28,7 +28,8 @@ def curve(history: list[dict], key: str, best_epoch: int | None, title: str, pat
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r[key] for r in history], "--o", ms=3, label=f"train {key}")
-    ax.plot(epochs, [r[f"val_{key}"] for r in history], "-o", ms=3, label=f"val {key}")
+    if all(f"val_{key}" in r for r in history):  # none with --val-split 0
+        ax.plot(epochs, [r[f"val_{key}"] for r in history], "-o", ms=3, label=f"val {key}")
     if best_epoch:
         ax.axvline(best_epoch, color="grey", ls=":", label=f"best epoch ({best_epoch})")
     if boundary:

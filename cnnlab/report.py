@@ -25,7 +25,8 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 METRICS_READ = ("best_epoch", "parameters", "epochs_run", "train_time_s", "images_per_s", "test_accuracy",
                 "test_loss", "confusion_matrix", "per_class")
-HISTORY_READ = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+HISTORY_READ = ("epoch", "loss", "accuracy")
+VALIDATION_READ = ("val_loss", "val_accuracy")  # absent from a run trained with --val-split 0
 
 
 def _run_info(run_dir: Path) -> dict | None:
@@ -33,19 +34,26 @@ def _run_info(run_dir: Path) -> dict | None:
     if metrics is None:
         return None
     history = read_history(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else []
+    validated = _validated(config)
     missing = [f"metrics.json: {k}" for k in METRICS_READ if k not in metrics] + [
-        f"history.csv row {i + 1}: {k}" for i, row in enumerate(history) for k in HISTORY_READ
-        if not isinstance(row.get(k), (int, float))]
+        f"history.csv row {i + 1}: {k}" for i, row in enumerate(history)
+        for k in HISTORY_READ + (VALIDATION_READ if validated else ()) if not isinstance(row.get(k), (int, float))]
     if missing or not isinstance(config.get("class_names"), list):
         raise CnnlabError(f"{run_dir} is damaged ({(missing or ['config.json: class_names'])[0]} missing or not a "
                           "number); restore the file from a copy, or leave the run out of the report")
     kind = config.get("kind", "train")
     best = metrics["best_epoch"]
-    gap = history[best - 1]["accuracy"] - history[best - 1]["val_accuracy"] if history else None
+    gap = history[best - 1]["accuracy"] - history[best - 1]["val_accuracy"] if history and validated else None
     seed_key = "transfer" if kind == "transfer" else config.get("preset")
     return {"dir": run_dir, "name": run_dir.name, "config": config, "metrics": metrics, "history": history,
             "kind": kind, "model": config.get("backbone") if kind == "transfer" else config.get("preset"),
             "gap": gap, "seed": SEED_FIGURES.get(seed_key)}
+
+
+def _validated(config: dict) -> bool:
+    """Whether the run scored validation images each epoch (not with --val-split 0)."""
+    info = config.get("data_info") if isinstance(config.get("data_info"), dict) else {}
+    return info.get("val_size", 1) != 0
 
 
 def _row(info: dict) -> list[tuple[str, object]]:
@@ -86,6 +94,8 @@ def _curves(infos: list[dict], title: str, overlay: bool):
             fig.add_trace(go.Scatter(x=epochs, y=[r[key] for r in h], mode="lines", name=f"{prefix}train",
                                      line={"dash": "dash", "color": color}, legendgroup=info["name"],
                                      showlegend=col == 1), row=1, col=col)
+            if not _validated(info["config"]):
+                continue
             fig.add_trace(go.Scatter(x=epochs, y=[r[f"val_{key}"] for r in h], mode="lines", name=f"{prefix}val",
                                      line={"color": color}, legendgroup=info["name"], showlegend=col == 1),
                           row=1, col=col)
@@ -137,8 +147,9 @@ def _seed_note(info: dict) -> str:
     if not seed:
         return ""
     m = info["metrics"]
+    val = m.get("best_val_accuracy")
     ours = (f"{m['epochs_run']} epochs (best {m['best_epoch']}), {m['train_time_s']:.1f} s, best val "
-            f"{m.get('best_val_accuracy', 0):.2%}, test {m['test_accuracy']:.2%}")
+            f"{f'{val:.2%}' if val is not None else '- (no validation images)'}, test {m['test_accuracy']:.2%}")
     theirs = f"{seed['epochs']} epochs, {seed['time']}, val {seed['val']}, test {seed['test']}"
     extra = f" ({seed['notes']})" if seed["notes"] else ""
     backbone = ""

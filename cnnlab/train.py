@@ -153,13 +153,15 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
                 "it runs op by op (--no-cuda-graph skips the attempt)")
             step.failure = None
         train_seconds = time.perf_counter() - start
-        val = score(model, splits.val, splits.class_names, cfg.preprocessing, device, tta=cfg.tta,
-                    precision=cfg.precision)
+        row = {"epoch": epoch, "loss": train_logs["loss"], "accuracy": train_logs["accuracy"]}
+        if len(splits.val):  # none with --val-split 0
+            val = score(model, splits.val, splits.class_names, cfg.preprocessing, device, tta=cfg.tta,
+                        precision=cfg.precision)
+            row.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_precision": val["precision"],
+                        "val_recall": val["recall"], "val_f1": val["f1"]})
         seconds = time.perf_counter() - start
-        row = {"epoch": epoch, "loss": train_logs["loss"], "accuracy": train_logs["accuracy"],
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_precision": val["precision"],
-               "val_recall": val["recall"], "val_f1": val["f1"], "lr": lr, "seconds": seconds,
-               "train_seconds": train_seconds, "images_per_s": train_logs["images"] / train_seconds}
+        row.update({"lr": lr, "seconds": seconds, "train_seconds": train_seconds,
+                    "images_per_s": train_logs["images"] / train_seconds})
         history.append(row)
         stop = stopper.update(epoch, row, model)
         if run_dir is not None:
@@ -179,8 +181,8 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
 
 def _epoch_line(row: dict, epochs: int, stopper: EarlyStopping) -> str:
     mark = " *" if stopper.best_epoch == row["epoch"] else ""
-    return (f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
-            f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  "
+    val = f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  " if "val_loss" in row else ""
+    return (f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  {val}"
             f"{row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s{mark}")
 
 
@@ -295,7 +297,7 @@ def finish_run(run_dir: Path, model: nn.Module, splits: Splits, device: torch.de
         "test_recall": test["recall"], "test_f1": test["f1"],
         "train_time_s": train_time, "epochs_run": len(history), "best_epoch": best,
         "stopped_early": stopper.stopped_epoch is not None, "monitor": stopper.monitor, "best_value": stopper.best,
-        "best_val_accuracy": history[best - 1]["val_accuracy"],
+        "best_val_accuracy": history[best - 1].get("val_accuracy"),  # None: no validation images
         "train_accuracy_at_best": history[best - 1]["accuracy"],
         "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
         "parameters": count_parameters(model), "weights": "best" if stopper.best_weights is not None else "last",

@@ -47,6 +47,9 @@ def test_given_train_and_test_subfolders_are_honoured(tmp_path):
     assert len(splits.test) == 12  # the given test folder, not carved
     assert (len(splits.train), len(splits.val)) == (24, 6)
     assert splits.info["given_splits"] == ["test", "train"]
+    every = load_splits(str(tmp_path / "d"), 32, val_split=0, test_split=0.5, seed=0)  # --val-split 0
+    assert (len(every.train), len(every.val), len(every.test)) == (30, 0, 12)
+    assert every.test.files == splits.test.files
 
 
 def test_every_split_gets_the_same_pixels_for_the_same_file(tmp_path):

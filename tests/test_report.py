@@ -1,5 +1,6 @@
 """The report, opened from disk by a real browser; reproduce --quick end to end."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,14 @@ def test_reproduce_quick_runs_every_part_and_writes_one_report(reproduced):
     assert report == out / "report.html" and report.is_file()
     runs = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert runs == ["conv", "dropout", "early-stop", "pool-bn", "transfer-efficientnet_lite0"]
+    estimate = re.search(r"the full study \(reproduce without --quick\) would take about (\d+) min on this "
+                         r"machine: conv ~([\d.]+) min, pool-bn ~([\d.]+) min, dropout ~([\d.]+) min, early-stop "
+                         r"~([\d.]+) min at most \(it stops itself\), transfer ~([\d.]+) min", result.stdout)
+    assert estimate, result.stdout[-1500:]
+    total, *parts = map(float, estimate.groups())
+    assert all(p > 0 for p in parts) and abs(total - sum(parts)) <= len(parts) * 0.05 + 0.5
+    # dropout runs 3x pool-bn's epochs at about pool-bn's speed
+    assert 1.5 < parts[2] / parts[1] < 6
     page = report.read_text()
     assert "efficientnet_lite0" in page and "the original used VGG19" in page
     assert "57.19%" in page and "97.29%" in page  # the seed's figures beside ours

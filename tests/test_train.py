@@ -129,6 +129,35 @@ def test_short_training_lowers_the_loss_and_writes_the_run_directory(tiny_folder
     assert "0.weight" in state
 
 
+def test_val_split_zero_trains_on_every_training_image_without_a_validation_pass(tiny_folder, tmp_path):
+    from cnnlab.report import build_report
+    from cnnlab.study import comparison_rows
+    run = train(tiny_config(tiny_folder, tmp_path / "runs", val_split=0, epochs=2), log=lambda m: None)
+    history = read_history(run / "history.csv")
+    assert [sorted(k for k in row if k.startswith("val")) for row in history] == [[], []]
+    config = json.loads((run / "config.json").read_text())
+    assert config["data_info"]["val_size"] == 0 and config["data_info"]["train_size"] == 60 - 12
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_val_accuracy"] is None and metrics["weights"] == "last" and metrics["best_epoch"] == 2
+    page = build_report([run], tmp_path / "report.html").read_text()
+    assert "best val - (no validation images)" in page  # the seed-figure note beside the run
+    assert comparison_rows([run])[0][5] == "-"
+
+
+@pytest.mark.parametrize("preset, overrides, problem", [
+    ("early-stop", {}, "for early stopping on val_loss"),               # the preset's patience on val_loss
+    ("pool-bn", {"monitor": "val_f1"}, "to --monitor val_f1"),          # a validation metric asked for
+    ("early-stop", {"monitor": "loss"}, None),                          # early stopping on the training loss
+    ("fast", {}, None),                                                 # the preset's val_accuracy just rests
+])
+def test_val_split_zero_refuses_only_what_needs_validation_images(preset, overrides, problem):
+    if problem is None:
+        assert resolve_config(preset, data="x", val_split=0, **overrides).val_split == 0
+    else:
+        with pytest.raises(CnnlabError, match=f"--val-split 0 leaves no validation images {problem}"):
+            resolve_config(preset, data="x", val_split=0, **overrides)
+
+
 def test_seeded_runs_are_repeatable_on_cpu(tiny_folder, tmp_path):
     runs = [train(tiny_config(tiny_folder, tmp_path / "runs", epochs=2, augment=True), log=lambda m: None)
             for _ in range(2)]
