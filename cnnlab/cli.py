@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "as its weights require; the conv base frozen and a new head trained on cached features; "
                        "then, with --fine-tune-epochs, the last --unfreeze blocks trained at a lower learning rate.")
     _add_data_options(p)
-    p.add_argument("--backbone", help=f"vgg19, vgg16, efficientnet_lite0, or a torchvision model name (resnet50, "
+    p.add_argument("--backbone", help=f"vgg19, vgg16, efficientnet_lite0 (or _lite1, _lite2: larger), or a torchvision "
+                   f"model name (resnet50, "
                    f"convnext_tiny, ...); default {TransferConfig.backbone}")
     p.add_argument("--weights", dest="weights_file", metavar="FILE",
                    help="weights file (.pth state dict, or Keras .h5 for VGG)")

@@ -120,7 +120,7 @@ def extract_features(features: nn.Module, images: torch.Tensor, prep: Preprocess
     for b, i in enumerate(range(0, per_rank, batch_size)):
         signum = guard.signum if guard is not None else None
         if ranks:
-            signum = distributed.stop_flags(signum, torch.tensor(-1))[0]
+            signum = distributed.stop_flags(signum, torch.tensor(-1, device=device))[0]
         if signum:
             raise Interrupted(signum, 0, b, batches)
         part = images[first + i:min(first + i + batch_size, stop)]

@@ -223,6 +223,21 @@ def test_predict_names_a_cat_in_chelsea_with_efficientnet_lite0(tmp_path):
     assert "%  " in text and text.split(": ", 1)[1].split(" ")[0] in {w.split()[0] for w in cats}
 
 
+@pytest.mark.parametrize("name, size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_the_larger_efficientnet_lites_see_chelsea_at_their_own_size(tmp_path, name, size):
+    from PIL import Image
+    from skimage import data
+
+    from cnnlab.predict import predict
+    Image.fromarray(data.chelsea()).save(tmp_path / "chelsea.png")
+    assert get_backbone(name).weights[0].preprocessing.size == size
+    built = build(name)
+    assert built.grid == -(-size // 32) and built.features(torch.zeros(1, 3, size, size)).shape == (1, 1280,
+                                                                                                     built.grid, built.grid)
+    (top,) = predict([str(tmp_path / "chelsea.png")], name, None, 1)
+    assert top["top"][0]["class"] in {"tabby", "tiger cat", "Egyptian cat"}
+
+
 def test_offline_without_weights_names_the_way_out(pets, monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     result = cnnlab("transfer", "--data", pets, "--backbone", "vgg19", "--out", tmp_path / "runs")
