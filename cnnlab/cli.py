@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuning learning rate (default: --lr / 10)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="flip/crop each batch (runs the base every step: no feature cache)")
+    p.add_argument("--feature-copies", type=_number(int, "--feature-copies", 0), metavar="N",
+                   help=f"N altered copies of each training photo (crop, mirror, JPEG re-encoding) join the feature "
+                        f"cache: the frozen head learns photos as they come (default {TransferConfig.feature_copies})")
     p.add_argument("--monitor", metavar="METRIC", help=_monitor_help("the best epoch"))
     p.add_argument("--patience", type=_number(int, "--patience", 0), metavar="P")
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")

@@ -85,6 +85,7 @@ class TransferConfig:
     out: str = "runs"
     name: str | None = None
     feature_cache: bool = True
+    feature_copies: int = 0  # altered copies of each training photo whose features join the cache (data.photo_variants)
 
 
 def default(config: type, name: str):
@@ -191,6 +192,7 @@ def validate_transfer(cfg: TransferConfig) -> None:
     _check(_common(cfg) + [
         (cfg.fine_tune_epochs >= 0, f"--fine-tune-epochs must be 0 or more (got {cfg.fine_tune_epochs})"),
         (cfg.unfreeze >= 1, f"--unfreeze must be at least 1 (got {cfg.unfreeze})"),
+        (cfg.feature_copies >= 0, f"--feature-copies must be 0 or more (got {cfg.feature_copies})"),
         (cfg.fine_tune_lr is None or cfg.fine_tune_lr > 0, f"--fine-tune-lr must be positive (got {cfg.fine_tune_lr})"),
         _choice(cfg.head, HEADS, "--head"),
         (cfg.val_split > 0, "a transfer run needs validation images (it keeps the better of its frozen and "

@@ -336,6 +336,28 @@ def apply_augment(x: torch.Tensor, draws: tuple, pad: int = 4) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def photo_variants(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """One altered copy of each uint8 image, as photos from elsewhere differ from a folder's: a
+    random crop of 50-100% of its area (aspect 3:4 to 4:3) resized back, mirrored half the time,
+    and re-encoded as a JPEG of quality 30-95 (by Pillow); seeded, so a cache of their features
+    is reproducible."""
+    import io
+
+    from torchvision.transforms import v2
+
+    alter = v2.Compose([v2.RandomResizedCrop(images.shape[-1], scale=(0.5, 1.0), antialias=True),
+                        v2.RandomHorizontalFlip()])
+    out = torch.empty_like(images)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i, image in enumerate(images):
+            buf = io.BytesIO()
+            Image.fromarray(alter(image).permute(1, 2, 0).numpy()).save(buf, "JPEG",
+                                                                         quality=int(torch.randint(30, 96, ())))
+            out[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
+    return out
+
+
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
     """Random horizontal flip and random crop after reflect-padding by ``pad``, on a whole
     float batch at once (the random draws come from ``generator``, on the CPU)."""

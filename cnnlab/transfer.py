@@ -20,7 +20,7 @@ from . import cache, distributed
 from .atomic import WriteError
 from .backbones import build, pretrained
 from .config import TrainConfig, TransferConfig, from_record, validate_transfer
-from .data import ImageSet, Splits, load_splits
+from .data import ImageSet, Splits, load_splits, photo_variants
 from .early_stopping import EarlyStopping
 from .inference import inference_batch
 from .interrupts import InterruptGuard, Interrupted, guarded_run
@@ -89,6 +89,8 @@ def freeze_base(model: TransferModel, blocks: list[nn.Module], unfreeze: int = 0
 def _feature_key(cfg: TransferConfig, weights_path: Path, prep: Preprocessing, splits: Splits,
                  dtype: torch.dtype | None) -> str:
     digest = hashlib.sha256(f"{cfg.backbone}|{prep}|{cfg.head}|{weights_path}|{dtype}".encode())
+    if cfg.feature_copies:  # (the key of a cache without copies is as it always was)
+        digest.update(f"|copies {cfg.feature_copies} seed {cfg.seed}".encode())
     st = os.stat(weights_path)
     digest.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
     for part in (splits.train, splits.val, splits.test):
@@ -153,6 +155,10 @@ def cached_features(cfg: TransferConfig, features: nn.Module, prep: Preprocessin
     result = {name: extract_features(features, getattr(splits, name).images, prep, device, cfg.head == "gap",
                                      log=log, guard=guard, precision=cfg.precision)
               for name in ("train", "val", "test")}
+    copies = [extract_features(features, photo_variants(splits.train.images, cfg.seed * 1000 + k), prep, device,
+                               cfg.head == "gap", log=log, guard=guard, precision=cfg.precision)
+              for k in range(cfg.feature_copies)]  # one copy in memory at a time
+    result["train"] = torch.cat([result["train"], *copies])
     n = sum(len(v) for v in result.values())
     log(f"extracted features of {n} images in {time.perf_counter() - start:.1f}s "
         f"({n / (time.perf_counter() - start):.1f} images/s)")
@@ -231,8 +237,9 @@ def _phases(cfg, model, built, prep, splits, weights_path, device, run_dir, guar
         feats, hit = cached_features(cfg, model.features, prep, device, splits, weights_path, log, guard)
         extra.update({"feature_cache": "hit" if hit else "written",
                       "feature_extraction_s": time.perf_counter() - start})
-        feature_splits = Splits(*(ImageSet(feats[n], getattr(splits, n).labels) for n in ("train", "val", "test")),
-                                splits.class_names)
+        labels = {n: getattr(splits, n).labels for n in ("train", "val", "test")}
+        labels["train"] = labels["train"].repeat(cfg.feature_copies + 1)  # the photos, then each altered copy
+        feature_splits = Splits(*(ImageSet(feats[n], labels[n]) for n in ("train", "val", "test")), splits.class_names)
         log(f"frozen phase: training the head on cached features ({cfg.epochs} epochs)")
         history, stopper = fit(model.head, feature_splits, frozen_cfg, device, None, log, guard=guard, board=board)
     else:

@@ -168,6 +168,31 @@ def test_feature_cache_is_reused_and_invalidated(pets, tmp_path):
     assert run("e") == "written"
 
 
+def test_photo_variants_are_seeded_altered_copies():
+    from cnnlab.data import photo_variants
+    images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8)
+    a, again, other = photo_variants(images, 1), photo_variants(images, 1), photo_variants(images, 2)
+    assert a.shape == images.shape and a.dtype == torch.uint8
+    assert torch.equal(a, again) and not torch.equal(a, other)
+    assert all(not torch.equal(x, y) for x, y in zip(a, images))  # every copy altered (at least re-encoded)
+
+
+def test_feature_copies_join_the_cache_as_more_training_rows(pets, tmp_path, private_cache):
+    def run(copies):
+        cfg = TransferConfig(data=str(pets), backbone="efficientnet_lite0", head="gap", epochs=1, batch_size=4,
+                             val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), name=f"c{copies}",
+                             feature_copies=copies)
+        return transfer(cfg, log=lambda m: None)
+    plain, copied = run(0), run(2)
+    entries = {len(torch.load(p, weights_only=True)["train"]): torch.load(p, weights_only=True)
+               for p in private_cache.glob("features-*.pt")}
+    assert sorted(entries) == [8, 24]  # 8 training photos; with 2 copies each, 8 + 16 rows, in their own entry
+    assert torch.equal(entries[24]["train"][:8], entries[8]["train"])  # the photos first, unchanged
+    assert torch.equal(entries[24]["test"], entries[8]["test"])  # only training photos get copies
+    assert json.loads((copied / "metrics.json").read_text())["test_size"] == 4
+    assert json.loads((copied / "config.json").read_text())["feature_copies"] == 2
+
+
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_features_are_computed_in_the_asked_precision(precision, dtype):
     from cnnlab.transfer import extract_features
