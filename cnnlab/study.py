@@ -118,15 +118,19 @@ def full_time_estimate(runs: list[Path], cifar_images: int, pet_images: int) -> 
                 rows = [r for r in history if r.get("phase") == phase]
                 if rows:
                     seconds += epochs * _epoch_seconds(rows, config, pet_images)
-            name = f"transfer ~{seconds / 60:.1f} min"
+            name = f"transfer ~{_duration(seconds)}"
         else:
             epochs = resolve_config(config["preset"]).epochs
             seconds = epochs * _epoch_seconds(history, config, cifar_images)
             capped = " at most (it stops itself)" if resolve_config(config["preset"]).patience is not None else ""
-            name = f"{config['preset']} ~{seconds / 60:.1f} min{capped}"
+            name = f"{config['preset']} ~{_duration(seconds)}{capped}"
         total += seconds
         parts.append(name)
     return total, parts
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def _epoch_seconds(rows: list[dict], config: dict, images: int) -> float:
@@ -250,8 +254,14 @@ def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: 
 
 
 def _say_full_time(runs: list[Path], cifar: str, pets: str, log: Callable[[str], None]) -> None:
-    from .data import scan_folder
-    cifar_images = 50_000 if cifar == "cifar10" else len(scan_folder(Path(cifar))[1])
-    seconds, parts = full_time_estimate(runs, cifar_images, len(scan_folder(Path(pets))[1]))
-    log(f"\nthe full study (reproduce without --quick) would take about {seconds / 60:.0f} min on this machine: "
+    cifar_images = 50_000 if cifar == "cifar10" else _image_count(Path(cifar))
+    seconds, parts = full_time_estimate(runs, cifar_images, _image_count(Path(pets)))
+    log(f"\nthe full study (reproduce without --quick) would take about {_duration(seconds)} on this machine: "
         f"{', '.join(parts)}; estimated from this run's own speeds, plus decoding the images the first time")
+
+
+def _image_count(folder: Path) -> int:
+    """The images the full study would load from ``folder`` (its train/, val/, test/ when it has them)."""
+    from .data import SPLIT_NAMES, scan_folder
+    parts = [folder / s for s in SPLIT_NAMES if (folder / s).is_dir()] or [folder]
+    return sum(len(scan_folder(part)[1]) for part in parts)

@@ -1,0 +1,114 @@
+"""Test accuracy against training seconds: cnnlab's presets and the airbench94 CPU port
+(`../shared/anchors/airbench94_cpu.py`) side by side in one run, on the same split of the shared
+CIFAR-10 images, each over several seeds (mean and spread).
+
+    python bench/time_to_accuracy.py --seeds 3 --recipes fast:7,fast:18,fast:36 --airbench
+    python bench/time_to_accuracy.py --per-class 300 --seeds 2 --recipes fast:2 --airbench   # a smoke run
+
+The shared folder has no test set: a stratified tenth of it (fixed by --split-seed) becomes test/, the
+rest train/; cnnlab trains on all of train/ (`--val-split 0`) and scores test/ once, as the port does.
+Seconds are each tool's own count: cnnlab's `train_time_s` (its epochs), the port's
+`total_time_seconds` (its epochs and its final test-time-augmented pass); loading is in neither.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ANCHOR = ROOT.parent / "shared" / "anchors" / "airbench94_cpu.py"
+
+
+def make_split(source: Path, work: Path, per_class: int | None, seed: int) -> Path:
+    """work/train/<class>/ and work/test/<class>/ of links, a stratified tenth as the test set."""
+    import torch
+
+    from cnnlab.data import scan_folder, stratified_split
+    classes, files = scan_folder(source, per_class)
+    labels = torch.tensor([label for _, label in files])
+    train, _, test = stratified_split(labels, 0.0, 0.1, seed)
+    for part, index in (("train", train), ("test", test)):
+        for i in index.tolist():
+            path, label = files[i]
+            target = work / part / classes[label] / Path(path).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+    return work
+
+
+def cnnlab_run(data: Path, out: Path, preset: str, epochs: int, seed: int, threads: int) -> tuple[float, float]:
+    """(training seconds, test accuracy) of one `cnnlab train` run on all of train/."""
+    name = f"{preset}-{epochs}-{seed}"
+    done = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--preset", preset, "--data", str(data),
+                           "--val-split", "0", "--epochs", str(epochs), "--seed", str(seed), "--threads", str(threads),
+                           "--no-tensorboard", "--out", str(out), "--name", name], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"cnnlab {name} failed: {done.stderr.strip()[-2000:]}")
+    metrics = json.loads((out / name / "metrics.json").read_text())
+    return metrics["train_time_s"], metrics["test_accuracy"]
+
+
+def airbench_runs(data: Path, runs: int, threads: int) -> list[tuple[float, float]]:
+    """(training seconds, test accuracy with its test-time augmentation) of each port run."""
+    env = {**os.environ, "AB_TRAIN": str(data / "train"), "AB_TEST": str(data / "test"), "THREADS": str(threads),
+           "RUNS": str(runs)}
+    with tempfile.TemporaryDirectory() as cwd:  # the port writes logs/ where it runs
+        done = subprocess.run([sys.executable, str(ANCHOR)], capture_output=True, text=True, env=env, cwd=cwd)
+    if done.returncode:
+        raise SystemExit(f"airbench94 port failed: {done.stderr.strip()[-2000:]}")
+    results = []
+    for line in done.stdout.splitlines():  # |  run  |  eval  |  loss | acc | val | tta_val_acc | seconds |
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[1] == "eval":
+            results.append((float(cells[6]), float(cells[5])))
+    return results
+
+
+def summary(label: str, results: list[tuple[float, float]]) -> str:
+    seconds, accs = zip(*results)
+    spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
+    return (f"{label:<16} {statistics.mean(seconds):8.1f} s ± {spread(seconds):5.1f}   "
+            f"{statistics.mean(accs):7.2%} ± {spread(accs):.2%}   (n={len(results)}: "
+            + ", ".join(f"{a:.2%}" for a in accs) + ")")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10/train"))
+    parser.add_argument("--recipes", default="fast:36", help="PRESET:EPOCHS,... (default fast:36)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--airbench", action="store_true", help="also run the airbench94 CPU port, --seeds times")
+    parser.add_argument("--per-class", type=int, help="use only this many images of each class (a smoke run)")
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    print(f"cpu: {cpu}, {args.threads} threads; data {args.data}" + (f", {args.per_class} per class" if
+                                                                       args.per_class else ""), flush=True)
+    table = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_split(Path(args.data), Path(tmp) / "data", args.per_class, args.split_seed)
+        print(f"train {sum(1 for _ in (data / 'train').rglob('*.*'))} / test "
+              f"{sum(1 for _ in (data / 'test').rglob('*.*'))} images", flush=True)
+        if args.airbench:
+            table["airbench94 port"] = airbench_runs(data, args.seeds, args.threads)
+            print(summary("airbench94 port", table["airbench94 port"]), flush=True)
+        for recipe in args.recipes.split(","):
+            preset, epochs = re.fullmatch(r"([\w-]+):(\d+)", recipe).groups()
+            table[recipe] = [cnnlab_run(data, Path(tmp) / "runs", preset, int(epochs), seed, args.threads)
+                             for seed in range(args.seeds)]
+            print(summary(recipe, table[recipe]), flush=True)
+    print(json.dumps({k: [{"train_seconds": s, "test_accuracy": a} for s, a in v] for k, v in table.items()}))
+
+
+if __name__ == "__main__":
+    main()
