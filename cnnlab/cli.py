@@ -10,7 +10,7 @@ import warnings
 from dataclasses import fields
 
 from .config import (HEADS, MODES, MONITORS, OPTIMIZERS, PRECISIONS, SCHEDULES, WEIGHTS_VARIANTS, TrainConfig,
-                     TransferConfig, default)
+                     TransferConfig)
 from .cli_examples import EPILOGS
 from .errors import CnnlabError, RunInterrupted
 

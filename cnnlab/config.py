@@ -88,11 +88,6 @@ class TransferConfig:
     feature_copies: int = 0  # altered copies of each training photo whose features join the cache (data.photo_variants)
 
 
-def default(config: type, name: str):
-    """The default of setting ``name`` of a config dataclass (for --help texts)."""
-    return next(f.default for f in fields(config) if f.name == name)
-
-
 def resolve_config(preset: str, **overrides) -> TrainConfig:
     """The preset's settings on top of the defaults, then every non-None override; validated."""
     from .presets import get_preset  # late: building models needs torch

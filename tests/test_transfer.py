@@ -183,7 +183,8 @@ def test_feature_copies_join_the_cache_as_more_training_rows(pets, tmp_path, pri
                              val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), name=f"c{copies}",
                              feature_copies=copies)
         return transfer(cfg, log=lambda m: None)
-    plain, copied = run(0), run(2)
+    run(0)
+    copied = run(2)
     entries = {len(torch.load(p, weights_only=True)["train"]): torch.load(p, weights_only=True)
                for p in private_cache.glob("features-*.pt")}
     assert sorted(entries) == [8, 24]  # 8 training photos; with 2 copies each, 8 + 16 rows, in their own entry
