@@ -16,6 +16,20 @@ from conftest import make_folder
 from test_bad_input import snapshot
 from test_cli import assert_one_line_error, cnnlab
 
+def cnnlab_here(capsys, *args):
+    """The command run inside this process, for cases refused while parsing and checking (no
+    interpreter to start: CI's time); the same exit code and output as a subprocess."""
+    from types import SimpleNamespace
+
+    from cnnlab.cli import main
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's refusals
+        code = exc.code
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
 TRAIN = ["train", "--preset", "pool-bn", "--epochs", "1", "--batch-size", "8", "--threads", "1", "--device", "cpu"]
 TRANSFER = ["transfer", "--backbone", "efficientnet_lite0", "--head", "gap", "--epochs", "1", "--batch-size", "4",
             "--threads", "1", "--device", "cpu"]
@@ -103,11 +117,11 @@ NAMES = ["../../somewhere", "/tmp/elsewhere", "", "  ", "a/b", "..", ".", "~user
 
 @pytest.mark.parametrize("command", ["train", "transfer"])
 @pytest.mark.parametrize("name", NAMES)
-def test_a_run_name_is_a_plain_folder_name_inside_out(world, tmp_path, command, name):
+def test_a_run_name_is_a_plain_folder_name_inside_out(world, tmp_path, capsys, command, name):
     out = tmp_path / "deep" / "out"
     args = (TRAIN + ["--data", world / "data"]) if command == "train" else (TRANSFER + ["--data", world / "pets"])
     before = snapshot(world / "runs")
-    assert_one_line_error(cnnlab(*args, "--out", out, "--name", name), "--name")
+    assert_one_line_error(cnnlab_here(capsys, *args, "--out", out, "--name", name), "--name")
     assert list(tmp_path.rglob("*")) == [] and snapshot(world / "runs") == before
 
 
@@ -121,10 +135,10 @@ FLOAT_CASES = [(c, o, v) for c, options in FLOATS.items() for o in options
 
 
 @pytest.mark.parametrize("command, option, value", FLOAT_CASES, ids=[f"{c}{o}={v}" for c, o, v in FLOAT_CASES])
-def test_every_float_option_refuses_nan_and_inf(world, tmp_path, command, option, value):
+def test_every_float_option_refuses_nan_and_inf(world, tmp_path, capsys, command, option, value):
     base = {"train": TRAIN, "transfer": TRANSFER, "study": ["study", "cifar10"]}[command]
     before = snapshot(world / "runs")
-    result = cnnlab(*base, "--data", world / "data", "--out", tmp_path / "runs", f"{option}={value}")
+    result = cnnlab_here(capsys, *base, "--data", world / "data", "--out", tmp_path / "runs", f"{option}={value}")
     assert_one_line_error(result, f"{option} must be a finite number")
     assert not (tmp_path / "runs").exists() and snapshot(world / "runs") == before
 
