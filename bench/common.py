@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -68,3 +69,10 @@ def forward_flops(model: nn.Module, shape=(3, 32, 32)) -> float:
     for h in handles:
         h.remove()
     return float(total)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for every absolute figure a benchmark prints."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "unknown")

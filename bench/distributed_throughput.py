@@ -21,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import cpu_model  # noqa: E402
 
 
 def run(args, out: Path, name: str, ranks: int, threads: int) -> dict:
@@ -44,13 +46,6 @@ def run(args, out: Path, name: str, ranks: int, threads: int) -> dict:
             "val_accuracy": history[-1]["val_accuracy"]}
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def allreduce_volumes() -> list[str]:
     """The float32 gradient bytes a step all-reduces, per preset."""
     from cnnlab.presets import PRESETS, build_model, count_parameters
@@ -72,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = 1  # per rank: the ranks share the cores
     plain_threads = (os.cpu_count() or 2) if args.device == "cpu" else 1
-    print(f"cpu: {_cpu_model()}; {os.cpu_count()} cores; device {args.device}")
+    print(f"cpu: {cpu_model()}; {os.cpu_count()} cores; device {args.device}")
     results = {"plain": [], "torchrun": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):

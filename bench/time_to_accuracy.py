@@ -24,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import cpu_model  # noqa: E402
 ANCHOR = ROOT.parent / "shared" / "anchors" / "airbench94_cpu.py"
 
 
@@ -90,8 +92,7 @@ def main() -> None:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    cpu = cpu_model()
     print(f"cpu: {cpu}, {args.threads} threads; data {args.data}" + (f", {args.per_class} per class" if
                                                                        args.per_class else ""), flush=True)
     table = {}
