@@ -43,7 +43,8 @@ from cnnlab.layers import Dropout  # noqa: E402
 from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
 from cnnlab.runtime import compute_dtype, keep_freed_memory, memory_format, pick_device  # noqa: E402
 from cnnlab.step import TrainStep  # noqa: E402
-from cnnlab.train import make_optimizer, train_one_epoch  # noqa: E402
+from cnnlab.optimizer import make_optimizer  # noqa: E402
+from cnnlab.train import train_one_epoch  # noqa: E402
 from common import cpu_peak_gflops, forward_flops, matmul_peak_gflops, sync  # noqa: E402
 
 

@@ -36,10 +36,12 @@ def steps_done(state: dict) -> int:
 
 
 def checkpoint_state(epoch: int, model: nn.Module, opt, sched, stopper: EarlyStopping, generator: torch.Generator,
-                     history: list[dict], device: torch.device) -> dict:
+                     history: list[dict], device: torch.device, lookahead=None) -> dict:
     """The state after ``epoch``: weights, optimizer, schedule, early stopping, random-number
-    states and history, and the cnnlab version, device type and number of ranks that wrote it."""
-    return {"epoch": epoch, "model": model.state_dict(), "optimizer": portable(opt.state_dict()),
+    states and history, the Lookahead average (``optimizer.Lookahead``) where there is one, and
+    the cnnlab version, device type and number of ranks that wrote it."""
+    extra = {} if lookahead is None else {"lookahead": lookahead.state_dict()}
+    return {**extra, "epoch": epoch, "model": model.state_dict(), "optimizer": portable(opt.state_dict()),
             "scheduler": sched.state_dict(), "stopper": stopper.state_dict(), "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(), "history": history, "cnnlab": __version__, "device": device.type,
             "world_size": distributed.world_size()}
@@ -53,7 +55,7 @@ def portable(opt_state: dict) -> dict:
 
 
 def restore(state: dict, model: nn.Module, opt, sched, stopper: EarlyStopping,
-            generator: torch.Generator) -> tuple[int, list[dict]]:
+            generator: torch.Generator, lookahead=None) -> tuple[int, list[dict]]:
     """Loads ``checkpoint_state``'s result into the run's objects; returns the epoch to start
     from and the history so far."""
     load_weights_into(model, state.get("model"), "the checkpoint", "this run's model",
@@ -67,6 +69,8 @@ def restore(state: dict, model: nn.Module, opt, sched, stopper: EarlyStopping,
         stopper.load_state_dict(state["stopper"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if lookahead is not None:
+            lookahead.load_state_dict(state["lookahead"])
         return int(state["epoch"]) + 1, list(state["history"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CnnlabError(DAMAGED.format(f"{type(exc).__name__}: {str(exc)[:80]}")) from None

@@ -9,8 +9,8 @@ import sys
 import warnings
 from dataclasses import fields
 
-from .config import (HEADS, MODES, MONITORS, OPTIMIZERS, PRECISIONS, SCHEDULES, WEIGHTS_VARIANTS, TrainConfig,
-                     TransferConfig)
+from .config import (FLIPS, HEADS, MODES, MONITORS, OPTIMIZERS, PRECISIONS, SCHEDULES, TTA_LEVELS,
+                     WEIGHTS_VARIANTS, TrainConfig, TransferConfig)
 from .cli_examples import EPILOGS
 from .errors import CnnlabError, RunInterrupted
 
@@ -102,9 +102,24 @@ def _add_train_options(p):
     p.add_argument("--restore-best-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the best epoch's weights (default) or the last epoch's")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="random crop (pad 4) and horizontal flip on each batch")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="average predictions with the mirrored image when scoring")
+                   help="random crop (reflect-padded by --translate) and horizontal flip on each batch")
+    p.add_argument("--translate", type=_number(int, "--translate", 0), metavar="PX",
+                   help=f"augmenting: pixels a random crop may shift by (default {TrainConfig.translate}{preset})")
+    p.add_argument("--flip", choices=FLIPS, help="augmenting: random flips, or alternate: each image's orientation "
+                                                 f"drawn once and all mirrored every other epoch (default "
+                                                 f"{TrainConfig.flip}{preset})")
+    p.add_argument("--tta", type=int, nargs="?", const=1, choices=TTA_LEVELS, metavar="LEVEL",
+                   help="test-time augmentation when scoring: 1 (--tta alone) averages with the mirror image, 2 "
+                        "also with both mirrored 1-pixel shifts, 0 none (default 0; a preset may set its own)")
+    p.add_argument("--no-tta", dest="tta", action="store_const", const=0, help="the same as --tta 0")
+    p.add_argument("--whiten-bias-epochs", type=_number(int, "--whiten-bias-epochs", 0), metavar="E",
+                   help="epochs the whitening layer's bias trains before it freezes (a preset with one sets it)")
+    p.add_argument("--bias-lr-scale", type=_number(float, "--bias-lr-scale", 0, True), metavar="S",
+                   help="batch-norm parameters' learning rate is S times --lr, their decay per step unchanged "
+                        f"(default {TrainConfig.bias_lr_scale:g}{preset})")
+    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
+                   help="airbench's Lookahead: a moving average of the weights folded back into them every 5 "
+                        "steps, the weights at the end (default off; a preset may set it)")
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T", help="CPU threads")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     _add_precision(p, "bfloat16 convolutions and matrix products where the device computes bfloat16 natively "

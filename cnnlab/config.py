@@ -10,7 +10,9 @@ from .errors import CnnlabError
 from .preprocessing import UNIT, Preprocessing
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "onecycle", "cosine")
+SCHEDULES = ("none", "onecycle", "triangle", "cosine")
+FLIPS = ("random", "alternate")
+TTA_LEVELS = (0, 1, 2)
 PRECISIONS = ("auto", "fp32", "bf16")
 MONITORS = ("loss", "accuracy", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1")
 MODES = ("auto", "min", "max")
@@ -44,7 +46,12 @@ class TrainConfig:
     restore_best_weights: bool = True
     start_from_epoch: int = 0
     augment: bool = False
-    tta: bool = False
+    translate: int = 4  # augmenting: pixels of reflect padding a random crop may shift by
+    flip: str = "random"  # augmenting: "random" per image per batch, or "alternate" (data.alternate_flips)
+    tta: int = 0  # test-time augmentation: 0 none, 1 + the mirror image, 2 + both mirrored 1-pixel shifts (test only; validation takes at most 1)
+    whiten_bias_epochs: int = 0  # epochs the whitening layer's bias trains before it freezes (airbench: 3)
+    bias_lr_scale: float = 1.0  # batch-norm parameters' lr multiplier, their decay per step unchanged
+    lookahead: bool = False  # airbench's moving average of the weights (optimizer.Lookahead)
     preprocessing: Preprocessing = UNIT
     channels_last: bool = True  # memory layout of weights and batches (conv sets False: see presets)
     threads: int | None = None
@@ -109,6 +116,8 @@ def from_record(config: type, record: dict):
     """The config dataclass a run's config.json was written from (its other keys ignored)."""
     values = {f.name: record[f.name] for f in fields(config) if f.name in record}
     if config is TrainConfig:
+        if "tta" in values:  # written as true/false before test-time augmentation had levels
+            values["tta"] = int(values["tta"])
         if isinstance(values.get("preprocessing"), dict):
             values["preprocessing"] = Preprocessing.from_dict(values["preprocessing"])
         elif record.get("normalize") == "cifar10":  # a run written before preprocessing was recorded whole
@@ -124,7 +133,7 @@ def _check(checks: list[tuple[bool, str]]) -> None:
 
 
 def _choice(value, choices: tuple, what: str) -> tuple[bool, str]:
-    return value in choices, f"unknown {what} '{value}'; choose one of: {', '.join(choices)}"
+    return value in choices, f"unknown {what} '{value}'; choose one of: {', '.join(map(str, choices))}"
 
 
 def name_problem(name: str | None) -> str | None:
@@ -170,6 +179,11 @@ def validate(cfg: TrainConfig) -> None:
     _check(_common(cfg) + [
         _choice(cfg.optimizer, OPTIMIZERS, "optimizer"),
         _choice(cfg.schedule, SCHEDULES, "schedule"),
+        _choice(cfg.flip, FLIPS, "--flip"),
+        _choice(int(cfg.tta), TTA_LEVELS, "--tta level"),
+        (0 <= cfg.translate <= 8, f"--translate must be 0 to 8 pixels (got {cfg.translate})"),
+        (cfg.whiten_bias_epochs >= 0, f"--whiten-bias-epochs must be 0 or more (got {cfg.whiten_bias_epochs})"),
+        (cfg.bias_lr_scale > 0, f"--bias-lr-scale must be positive (got {cfg.bias_lr_scale})"),
         _choice(cfg.mode, MODES, "--mode"),
         (cfg.min_delta >= 0, f"--min-delta must be 0 or more (got {cfg.min_delta})"),
         (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {cfg.label_smoothing})"),

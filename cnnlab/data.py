@@ -319,6 +319,14 @@ def augment_draws(n: int, generator: torch.Generator, pad: int = 4, flip: bool =
     return mask, dy, dx
 
 
+def alternate_flips(base: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
+    """airbench's alternating flips: each training image's orientation is drawn once (``base``,
+    one bool per image) and every image is mirrored in every other epoch, so that each one is seen
+    both ways round in any two epochs in a row rather than by chance; the flip mask of the batch
+    ``index`` in ``epoch`` (from 1)."""
+    return base[index] ^ (epoch % 2 == 0)
+
+
 def apply_augment(x: torch.Tensor, draws: tuple, pad: int = 4) -> torch.Tensor:
     """Flips and crops a float batch as ``draws`` (from ``augment_draws``) say; the draws may
     live on the CPU or already on ``x``'s device (a CUDA graph's fixed inputs)."""

@@ -236,6 +236,8 @@ def _convert_cpu(module: nn.Module) -> nn.Module:
         converted = SyncBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
                                     module.track_running_stats)
         converted.load_state_dict(module.state_dict())
+        for mine, theirs in zip(converted.parameters(), module.parameters()):  # bn:noscale's fixed scale
+            mine.requires_grad_(theirs.requires_grad)
         converted.train(module.training)
         return converted
     for name, child in module.named_children():

@@ -4,6 +4,7 @@ use this; none of them needs the training loop."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
@@ -23,10 +24,10 @@ def inference_batch(images: torch.Tensor) -> int:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, preprocessing: Preprocessing, device: torch.device,
-                   batch_size: int | None = None, tta: bool = False, precision: str = "auto") -> torch.Tensor:
-    """Logits for uint8 images (or cached features), in eval mode; ``tta`` averages with the
-    mirrored images; ``precision`` as in ``runtime.compute_dtype``. Under torchrun each rank
-    computes its part of ``images`` and every rank gets all the logits."""
+                   batch_size: int | None = None, tta: int = 0, precision: str = "auto") -> torch.Tensor:
+    """Logits for uint8 images (or cached features), in eval mode, with test-time augmentation
+    ``tta`` (see ``augmented_logits``); ``precision`` as in ``runtime.compute_dtype``. Under
+    torchrun each rank computes its part of ``images`` and every rank gets all the logits."""
     model.eval()
     dtype = compute_dtype(precision, device)
     batch_size = batch_size or inference_batch(images)
@@ -36,14 +37,29 @@ def predict_logits(model: nn.Module, images: torch.Tensor, preprocessing: Prepro
     for start in range(first, stop, batch_size):
         x = model_input(images[start:min(start + batch_size, stop)], prepare)
         with autocast(device, dtype):
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(x.flip(3)).float()) / 2
+            logits = augmented_logits(model, x, tta)
         out.append(logits.cpu())
     if distributed.active():
         part = torch.cat(out) if out else torch.zeros(0, _output_width(model, images[:1], prepare, device, dtype))
         return distributed.gather_rows(part, len(images))
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def augmented_logits(model: nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
+    """float32 logits for the batch ``x``: level 0 the image alone; 1 the mean with its mirror
+    image; 2 (airbench's) half that, half the same for the image shifted one pixel up-left and one
+    down-right (reflect-padded), each with its mirror image: 6 views."""
+    def mirrored(v):
+        return (model(v).float() + model(v.flip(3)).float()) / 2
+
+    if not tta:
+        return model(x).float()
+    if tta == 1 or x.dim() != 4:  # cached features have no pixels to shift
+        return mirrored(x)
+    h, w = x.shape[2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = (mirrored(padded[:, :, :h, :w]) + mirrored(padded[:, :, 2:, 2:])) / 2
+    return (mirrored(x) + shifted) / 2
 
 
 def _output_width(model: nn.Module, probe: torch.Tensor, prepare, device, dtype) -> int:
@@ -53,7 +69,7 @@ def _output_width(model: nn.Module, probe: torch.Tensor, prepare, device, dtype)
 
 
 def score(model: nn.Module, data: ImageSet, class_names: list[str], preprocessing: Preprocessing,
-          device: torch.device, tta: bool = False, precision: str = "auto") -> dict:
+          device: torch.device, tta: int = 0, precision: str = "auto") -> dict:
     """Loss (plain cross-entropy), accuracy, macro and per-class precision/recall/F1 and
     the confusion matrix of ``model`` on ``data``."""
     logits = predict_logits(model, data.images, preprocessing, device, tta=tta, precision=precision)

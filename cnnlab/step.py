@@ -8,7 +8,7 @@ from torch import nn
 
 from . import distributed
 from .config import TrainConfig
-from .data import ImageSet, apply_augment, augment_draws
+from .data import ImageSet, alternate_flips, apply_augment, augment_draws
 from .metrics import loss_fn, predicted_class
 from .preprocessing import model_input
 from .runtime import autocast, compute_dtype, to_device
@@ -60,6 +60,19 @@ class TrainStep:
         self.warm_steps = 0
         self.inputs: tuple = ()
         self.failure: str | None = None  # why the capture failed, when it did
+        self.epoch = 1  # set by the loop: alternating flips depend on it
+        self.frozen: list[nn.Parameter] = []  # parameters whose gradients are dropped before the update
+        self.flip_base = None
+        if cfg.augment and cfg.flip == "alternate":  # seeded apart from the loop's generator
+            self.flip_base = torch.rand(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1)) < 0.5
+
+    def freeze(self, params: list[nn.Parameter]) -> None:
+        """From now on ``params`` keep their values: their gradients (still computed, as DDP
+        expects every parameter's) are dropped before each optimizer step, which skips them. A
+        captured CUDA graph is recaptured."""
+        if params != self.frozen:
+            self.frozen = list(params)
+            self.graph, self.warm_steps = None, 0
 
     def reset(self) -> None:
         """Zeroes the sums at the start of an epoch."""
@@ -69,7 +82,11 @@ class TrainStep:
         self.first_nonfinite.fill_(-1)
 
     def __call__(self, index: torch.Tensor, generator: torch.Generator) -> None:
-        draws = augment_draws(len(index), generator) if self.cfg.augment else None
+        draws = None
+        if self.cfg.augment:
+            draws = augment_draws(len(index), generator, self.cfg.translate, self.flip_base is None)
+            if self.flip_base is not None:
+                draws = (alternate_flips(self.flip_base, index.cpu(), self.epoch), *draws[1:])
         if distributed.active():
             local = distributed.shard(index)
             draws = None if draws is None else tuple(None if t is None else distributed.shard(t) for t in draws)
@@ -88,13 +105,15 @@ class TrainStep:
         differentiated (a rank's part of a batch), not the loss that is summed."""
         x = model_input(self.images[index], self.prepare)
         if draws is not None:
-            x = apply_augment(x, draws)
+            x = apply_augment(x, draws, self.cfg.translate)
         y = self.labels[index]
         with autocast(self.device, self.dtype, cache=False):
             logits = self.model(x)
             loss = loss_fn(logits, y, self.cfg.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         (loss if weight == 1.0 else loss * weight).backward()
+        for p in self.frozen:
+            p.grad = None
         with warnings.catch_warnings():  # a graph-ready optimizer warns when stepped outside a graph
             warnings.filterwarnings("ignore", message=".*capturable=True.*")
             self.opt.step()

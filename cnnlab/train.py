@@ -1,5 +1,6 @@
-"""The one training loop: optimizer, schedule, one epoch, ``fit``, and a whole run (``train``,
-``resume``), the end of which ``finish_run`` writes for train and transfer runs alike.
+"""The one training loop: one epoch, ``fit``, and a whole run (``train``, ``resume``), the end of
+which ``finish_run`` writes for train and transfer runs alike (the optimizer, its schedules and
+Lookahead are in optimizer.py).
 
 The path of a step: ``train_one_epoch`` draws the epoch's order, ``step.TrainStep`` slices each
 batch from the uint8 images already in memory, prepares it on the device (preprocessing.py),
@@ -26,6 +27,8 @@ from .early_stopping import EarlyStopping
 from .errors import CnnlabError
 from .inference import confident_mistakes, predict_logits, score, score_logits
 from .interrupts import Interrupted, InterruptGuard, guarded_run, read_marker
+from .layers import Whiten
+from .optimizer import Lookahead, lr_factor, make_optimizer
 from .preprocessing import Preprocessing
 from .presets import build_model, count_parameters, get_preset, init_whitening
 from .runs import (create_run_dir, run_record, save_torch, write_history, write_json,
@@ -33,28 +36,6 @@ from .runs import (create_run_dir, run_record, save_torch, write_history, write_
 from .runtime import environment, memory_format, setup
 from .step import TrainStep
 from .tensorboard_log import Board
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The run's optimizer over the parameters that train."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    # one pass over each tensor instead of ~10 (+5% a step for conv's 6.4 M-parameter dense layer)
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-
-
-def lr_factor(schedule: str, step: int, total: int) -> float:
-    """The learning-rate multiplier at ``step`` of ``total`` steps."""
-    t = step / max(total, 1)
-    if schedule == "onecycle":  # airbench's triangle: 0.2 -> 1 over the first 20%, then down to 0
-        return 0.2 + 0.8 * t / 0.2 if t < 0.2 else max(0.0, (1 - t) / 0.8)
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    return 1.0
 
 
 def _progress(total: int, epoch: int, epochs: int):
@@ -65,11 +46,13 @@ def _progress(total: int, epoch: int, epochs: int):
 
 
 def train_one_epoch(step: TrainStep, sched, train: ImageSet, cfg: TrainConfig, generator: torch.Generator,
-                    epoch: int, guard: InterruptGuard | None = None, board: Board | None = None) -> dict:
+                    epoch: int, guard: InterruptGuard | None = None, board: Board | None = None,
+                    lookahead: Lookahead | None = None) -> dict:
     """One pass over ``train`` (already on the step's device) in a seeded random order; returns
     loss and accuracy. ``step`` carries a captured CUDA graph from epoch to epoch; ``board``
-    logs each step's learning rate."""
+    logs each step's learning rate; ``lookahead`` averages the weights as they go."""
     step.model.train()
+    step.epoch = epoch
     n = len(train)
     order = torch.randperm(n, generator=generator).to(step.device)  # one copy an epoch, not one a step
     starts = [s for s in range(0, n, cfg.batch_size) if n - s >= 2 or s == 0]  # BN needs 2+ samples
@@ -84,6 +67,8 @@ def train_one_epoch(step: TrainStep, sched, train: ImageSet, cfg: TrainConfig, g
         if board is not None:  # the rate this step used, from the schedule: reading it off a GPU would wait
             board.step(sched.last_epoch + 1, sched.base_lrs[0] * sched.lr_lambdas[0](sched.last_epoch))
         sched.step()
+        if lookahead is not None:
+            lookahead.after_step(sched.last_epoch)
         seen += len(index)
         signum = guard.signum if guard is not None else None
         if ranks and (cpu or i % 16 == 15 or i == len(starts) - 1):  # all ranks stop after the same batch
@@ -135,19 +120,24 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, steps))
     stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta, cfg.mode, cfg.restore_best_weights,
                             cfg.start_from_epoch)
+    lookahead = Lookahead(model, steps) if cfg.lookahead else None
     history: list[dict] = []
     first = 1
     if state is not None:
-        first, history = restore(state, model, opt, sched, stopper, generator)
+        first, history = restore(state, model, opt, sched, stopper, generator, lookahead)
     on_device = splits.train.to(device)
     step = TrainStep(distributed.wrap(model, device), opt, on_device, cfg, device)
+    whiten_biases = [m.bias for m in model.modules() if isinstance(m, Whiten) and m.bias.requires_grad]
     stop = stopper.stopped_epoch is not None
     for epoch in range(first, cfg.epochs + 1):
         if stop:
             break
         lr = float(opt.param_groups[0]["lr"])
         start = time.perf_counter()
-        train_logs = train_one_epoch(step, sched, on_device, cfg, generator, epoch, guard, board)
+        step.freeze(whiten_biases if epoch > cfg.whiten_bias_epochs else [])
+        train_logs = train_one_epoch(step, sched, on_device, cfg, generator, epoch, guard, board, lookahead)
+        if lookahead is not None and epoch == cfg.epochs:
+            lookahead.finish()
         if step.failure:
             log(f"note: the training step could not be captured as a CUDA graph ({step.failure}); "
                 "it runs op by op (--no-cuda-graph skips the attempt)")
@@ -155,7 +145,8 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
         train_seconds = time.perf_counter() - start
         row = {"epoch": epoch, "loss": train_logs["loss"], "accuracy": train_logs["accuracy"]}
         if len(splits.val):  # none with --val-split 0
-            val = score(model, splits.val, splits.class_names, cfg.preprocessing, device, tta=cfg.tta,
+            # at most the mirror image each epoch: level 2's six views are for the one test at the end
+            val = score(model, splits.val, splits.class_names, cfg.preprocessing, device, tta=min(int(cfg.tta), 1),
                         precision=cfg.precision)
             row.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_precision": val["precision"],
                         "val_recall": val["recall"], "val_f1": val["f1"]})
@@ -166,7 +157,7 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
         stop = stopper.update(epoch, row, model)
         if run_dir is not None:
             save_torch(run_dir / "checkpoint.pt",
-                       checkpoint_state(epoch, model, opt, sched, stopper, generator, history, device))
+                       checkpoint_state(epoch, model, opt, sched, stopper, generator, history, device, lookahead))
             write_history(run_dir / "history.csv", history)
         if board is not None:
             board.epoch(sched.last_epoch, row)
@@ -201,6 +192,9 @@ def _start(cfg: TrainConfig, layers, splits: Splits | None, log: Callable[[str],
     torch.manual_seed(cfg.seed)
     model = build_model(layers, len(splits.class_names), tuple(splits.train.images.shape[1:]))
     init_whitening(model, cfg.preprocessing(splits.train.images[:5000], channels_last=False))
+    for layer in model.modules():
+        if isinstance(layer, Whiten):  # its bias trains for the first whiten_bias_epochs (fit freezes it)
+            layer.bias.requires_grad_(cfg.whiten_bias_epochs > 0)
     if distributed.active():
         if device.type == "cpu":
             distributed.main_first(kernels.status)  # rank 0 compiles them on first use, the others load them

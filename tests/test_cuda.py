@@ -18,7 +18,8 @@ from cnnlab.preprocessing import CIFAR10
 from cnnlab.presets import PRESETS, build_model
 from cnnlab.runtime import pick_device, to_device
 from cnnlab.step import TrainStep, graph_ready
-from cnnlab.train import fit, make_optimizer, train, train_one_epoch
+from cnnlab.optimizer import make_optimizer
+from cnnlab.train import fit, train, train_one_epoch
 from conftest import make_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

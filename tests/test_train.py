@@ -16,7 +16,8 @@ from cnnlab.errors import CnnlabError
 from cnnlab.runs import read_history
 from cnnlab.runtime import compute_dtype
 from cnnlab.step import graph_ready
-from cnnlab.train import lr_factor, make_optimizer, train
+from cnnlab.optimizer import lr_factor, make_optimizer
+from cnnlab.train import train
 from conftest import make_folder
 
 

@@ -1,0 +1,143 @@
+"""airbench's pieces in cnnlab's loop (the speedrun preset): the triangle schedule, batch-norm
+biases at a scaled rate, Lookahead, alternating flips, the 6-view test-time augmentation, a
+whitening bias that trains and then freezes, dirac-initialised convs, scale-free batch norm."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnlab.checkpoint import read_checkpoint
+from cnnlab.config import resolve_config
+from cnnlab.data import alternate_flips
+from cnnlab.errors import CnnlabError
+from cnnlab.inference import augmented_logits
+from cnnlab.layers import Whiten
+from cnnlab.optimizer import Lookahead, lr_factor, make_optimizer
+from cnnlab.presets import build_model, get_preset
+from cnnlab.train import _start, fit
+
+
+def speedrun_config(folder, tmp_path, **overrides):
+    settings = dict(data=str(folder), epochs=3, batch_size=16, whiten_bias_epochs=2, threads=1, precision="fp32",
+                    tensorboard=False, out=str(tmp_path / "runs"))
+    return resolve_config("speedrun", **{**settings, **overrides})
+
+
+def test_triangle_schedule_is_airbench94s():
+    assert lr_factor("triangle", 0, 100) == pytest.approx(0.2)
+    assert lr_factor("triangle", 23, 100) == pytest.approx(1.0)
+    assert lr_factor("triangle", 100, 100) == pytest.approx(0.07)
+    assert lr_factor("triangle", 50, 100) > lr_factor("triangle", 80, 100)
+
+
+def test_batch_norm_biases_get_the_scaled_rate_and_the_same_decay_per_step():
+    cfg = resolve_config("speedrun", data="x")
+    model = build_model(get_preset("speedrun").layers, 10)
+    opt = make_optimizer(model, cfg)
+    others, biases = opt.param_groups
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {id(p) for p in biases["params"]} == {id(m.bias) for m in norms}  # scales are fixed at 1: not trained
+    assert all(not m.weight.requires_grad for m in norms)
+    assert biases["lr"] == pytest.approx(64 * others["lr"]) and others["lr"] == pytest.approx(1.5)
+    assert biases["lr"] * biases["weight_decay"] == pytest.approx(others["lr"] * others["weight_decay"])
+    plain = make_optimizer(model, resolve_config("fast", data="x"))
+    assert len(plain.param_groups) == 1
+
+
+def test_lookahead_pulls_the_average_towards_the_weights_every_fifth_step_and_sets_them_to_it():
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    look = Lookahead(model, total_steps=10)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    look.after_step(4)  # not a fifth step: nothing happens
+    assert model.weight.tolist() == [[3.0, 3.0]]
+    look.after_step(5)
+    decay = 0.95 ** 5 * 0.5 ** 3
+    expected = 1.0 + (1 - decay) * 2.0
+    assert model.weight[0, 0].item() == pytest.approx(expected) == look.ema[0][0, 0].item()
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    look.finish()
+    assert model.weight[0, 0].item() == pytest.approx(expected)
+
+
+def test_alternating_flips_show_each_image_both_ways_round_in_two_epochs():
+    base = torch.rand(100, generator=torch.Generator().manual_seed(0)) < 0.5
+    index = torch.randperm(100)[:40]
+    first, second, third = (alternate_flips(base, index, epoch) for epoch in (1, 2, 3))
+    assert torch.equal(first, ~second) and torch.equal(first, third) and 5 < int(first.sum()) < 35
+
+
+def test_six_view_test_time_augmentation_averages_mirrors_and_one_pixel_shifts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+        def mirror(v):
+            return (model(v) + model(v.flip(3))) / 2
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        expected = mirror(x) / 2 + (mirror(padded[:, :, :8, :8]) + mirror(padded[:, :, 2:, 2:])) / 4
+        assert torch.allclose(augmented_logits(model, x, 2), expected, atol=1e-6)
+        assert torch.allclose(augmented_logits(model, x, 1), mirror(x), atol=1e-6)
+        assert torch.equal(augmented_logits(model, x, 0), model(x))
+        assert not torch.allclose(augmented_logits(model, x, 2), mirror(x), atol=1e-4)
+
+
+def test_dirac_convs_pass_their_inputs_through_at_first():
+    model = build_model(["conv4:nobias:dirac", "conv6:nobias:dirac"], 10, (3, 8, 8))
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        y = model[0](x)
+        assert torch.allclose(y[:, :3], x, atol=1e-6)  # the first 3 filters copy the 3 input channels
+        assert torch.allclose(model[1](y)[:, :4], y, atol=1e-6)
+        assert not torch.allclose(y[:, 3], torch.zeros_like(y[:, 3]))  # the rest keep their random start
+
+
+def test_batch_norm_options_set_momentum_eps_and_a_fixed_scale():
+    bn = build_model(["bn:noscale:momentum=0.4:eps=1e-12"], 10)[0]
+    assert (bn.momentum, bn.eps, bn.weight.requires_grad, bn.bias.requires_grad) == (0.4, 1e-12, False, True)
+    with pytest.raises(CnnlabError, match="momentum=x is not a number"):
+        build_model(["bn:momentum=x"], 10)
+
+
+def test_the_whitening_bias_trains_for_its_epochs_then_freezes(tiny_folder, tmp_path):
+    # without Lookahead, whose average goes on pulling every weight (frozen ones too, as airbench's)
+    cfg = speedrun_config(tiny_folder, tmp_path, lookahead=False)
+    device, splits, model = _start(cfg, get_preset("speedrun").layers, None)
+    whiten = next(m for m in model.modules() if isinstance(m, Whiten))
+    assert whiten.bias.requires_grad and not whiten.weight.requires_grad
+    start_weight = whiten.weight.detach().clone()
+    biases = [whiten.bias.detach().clone()]
+    fit(model, splits, cfg, device, log=lambda line: biases.append(whiten.bias.detach().clone()))
+    assert not torch.equal(biases[0], biases[1]) and not torch.equal(biases[1], biases[2])  # epochs 1, 2 train it
+    assert torch.equal(biases[2], biases[3])  # epoch 3: frozen
+    assert torch.equal(whiten.weight, start_weight)
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in model.modules()
+               if isinstance(m, nn.BatchNorm2d))
+
+
+def test_a_speedrun_resumed_after_an_epoch_ends_as_the_uninterrupted_run(tiny_folder, tmp_path):
+    cfg = speedrun_config(tiny_folder, tmp_path, name="whole")
+    device, splits, whole = _start(cfg, get_preset("speedrun").layers, None)
+    fit(whole, splits, cfg, device, log=lambda line: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(line):
+        if line.startswith("epoch   2/"):
+            raise Stop
+    run_dir = tmp_path / "stopped"
+    run_dir.mkdir()
+    device, splits, model = _start(cfg, get_preset("speedrun").layers, None)
+    with pytest.raises(Stop):
+        fit(model, splits, cfg, device, run_dir, log=stop_after_two)
+    state = read_checkpoint(run_dir / "checkpoint.pt")
+    assert state["epoch"] == 2 and len(state["lookahead"]) > 0
+    device, splits, resumed = _start(cfg, get_preset("speedrun").layers, None)
+    fit(resumed, splits, cfg, device, state=state, log=lambda line: None)
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
