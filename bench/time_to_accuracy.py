@@ -62,6 +62,8 @@ def airbench_runs(data: Path, runs: int, threads: int) -> list[tuple[float, floa
     """(training seconds, test accuracy with its test-time augmentation) of each port run."""
     env = {**os.environ, "AB_TRAIN": str(data / "train"), "AB_TEST": str(data / "test"), "THREADS": str(threads),
            "RUNS": str(runs)}
+    for stale in Path("/tmp").glob("ab94-*.pt"):  # the port caches decoded images by name alone, not by folder
+        stale.unlink()
     with tempfile.TemporaryDirectory() as cwd:  # the port writes logs/ where it runs
         done = subprocess.run([sys.executable, str(ANCHOR)], capture_output=True, text=True, env=env, cwd=cwd)
     if done.returncode:
@@ -103,7 +105,7 @@ def main() -> None:
         if args.airbench:
             table["airbench94 port"] = airbench_runs(data, args.seeds, args.threads)
             print(summary("airbench94 port", table["airbench94 port"]), flush=True)
-        for recipe in args.recipes.split(","):
+        for recipe in filter(None, args.recipes.split(",")):  # --recipes "" runs the port alone
             preset, epochs = re.fullmatch(r"([\w-]+):(\d+)", recipe).groups()
             table[recipe] = [cnnlab_run(data, Path(tmp) / "runs", preset, int(epochs), seed, args.threads)
                              for seed in range(args.seeds)]

@@ -81,7 +81,9 @@ def _add_train_options(p):
                    help=f"batch size (default {TrainConfig.batch_size}{preset})")
     p.add_argument("--lr", type=_number(float, "--lr", 0, True), metavar="LR",
                    help=f"learning rate (default {TrainConfig.lr:g}{preset})")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer (default {TrainConfig.optimizer}{preset})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help=f"optimizer (default {TrainConfig.optimizer}{preset}); muon: Muon on the conv filters (--lr), "
+                        "SGD-Nesterov with --momentum on the rest")
     p.add_argument("--momentum", type=_number(float, "--momentum", 0),
                    help=f"SGD momentum (default {TrainConfig.momentum}{preset})")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum")
@@ -115,8 +117,11 @@ def _add_train_options(p):
     p.add_argument("--whiten-bias-epochs", type=_number(int, "--whiten-bias-epochs", 0), metavar="E",
                    help="epochs the whitening layer's bias trains before it freezes (a preset with one sets it)")
     p.add_argument("--bias-lr-scale", type=_number(float, "--bias-lr-scale", 0, True), metavar="S",
-                   help="batch-norm parameters' learning rate is S times --lr, their decay per step unchanged "
-                        f"(default {TrainConfig.bias_lr_scale:g}{preset})")
+                   help="batch-norm and whitening biases' learning rate is S times --lr, their decay per step "
+                        f"unchanged (default {TrainConfig.bias_lr_scale:g}{preset})")
+    p.add_argument("--head-lr-scale", type=_number(float, "--head-lr-scale", 0, True), metavar="S",
+                   help="the output layer's learning rate is S times --lr, its decay per step unchanged "
+                        f"(default {TrainConfig.head_lr_scale:g}{preset})")
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
                    help="airbench's Lookahead: a moving average of the weights folded back into them every 5 "
                         "steps, the weights at the end (default off; a preset may set it)")

@@ -9,8 +9,8 @@ from dataclasses import dataclass, fields
 from .errors import CnnlabError
 from .preprocessing import UNIT, Preprocessing
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "onecycle", "triangle", "cosine")
+OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
+SCHEDULES = ("none", "onecycle", "triangle", "linear", "cosine")
 FLIPS = ("random", "alternate")
 TTA_LEVELS = (0, 1, 2)
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -50,7 +50,8 @@ class TrainConfig:
     flip: str = "random"  # augmenting: "random" per image per batch, or "alternate" (data.alternate_flips)
     tta: int = 0  # test-time augmentation: 0 none, 1 + the mirror image, 2 + both mirrored 1-pixel shifts (test only; validation takes at most 1)
     whiten_bias_epochs: int = 0  # epochs the whitening layer's bias trains before it freezes (airbench: 3)
-    bias_lr_scale: float = 1.0  # batch-norm parameters' lr multiplier, their decay per step unchanged
+    bias_lr_scale: float = 1.0  # batch-norm (and whitening) biases' lr multiplier, their decay per step unchanged
+    head_lr_scale: float = 1.0  # the output layer's lr multiplier, its decay per step unchanged
     lookahead: bool = False  # airbench's moving average of the weights (optimizer.Lookahead)
     preprocessing: Preprocessing = UNIT
     channels_last: bool = True  # memory layout of weights and batches (conv sets False: see presets)
@@ -184,6 +185,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.translate <= 8, f"--translate must be 0 to 8 pixels (got {cfg.translate})"),
         (cfg.whiten_bias_epochs >= 0, f"--whiten-bias-epochs must be 0 or more (got {cfg.whiten_bias_epochs})"),
         (cfg.bias_lr_scale > 0, f"--bias-lr-scale must be positive (got {cfg.bias_lr_scale})"),
+        (cfg.head_lr_scale > 0, f"--head-lr-scale must be positive (got {cfg.head_lr_scale})"),
         _choice(cfg.mode, MODES, "--mode"),
         (cfg.min_delta >= 0, f"--min-delta must be 0 or more (got {cfg.min_delta})"),
         (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {cfg.label_smoothing})"),

@@ -1,4 +1,5 @@
-"""The command line as a user meets it: real subprocesses, exit codes, one-line errors."""
+"""The command line as a user meets it: real subprocesses, exit codes, one-line errors (refusals
+run in the test process, as the same ``main``)."""
 import json
 import subprocess
 import sys
@@ -11,6 +12,25 @@ from conftest import make_folder
 def cnnlab(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "cnnlab.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
+
+
+def cnnlab_here(capsys, *args):
+    """The command run inside this process, for cases refused before any training (no interpreter
+    to start: CI's time); the same exit code and output as ``cnnlab`` in a subprocess."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cnnlab.cli import main
+    threads = torch.get_num_threads()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's refusals
+        code = exc.code
+    finally:
+        torch.set_num_threads(threads)  # a command sets the process's threads: the next test's are its own
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def assert_one_line_error(result, fragment):
@@ -41,14 +61,14 @@ def assert_one_line_error(result, fragment):
     (["summary", "--preset", "nope"], "unknown preset"),
     (["study", "cifar10", "--data", "{tiny}", "--presets", "fast"], "not in the seed study"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, fragment):
     paths = {"missing": tmp_path / "missing", "file": tmp_path / "file.txt", "tiny": tmp_path / "tiny",
              "one": tmp_path / "one"}
     paths["file"].write_text("x")
     make_folder(paths["tiny"], per_class=6)
     make_folder(paths["one"], classes=1, per_class=2)
-    result = cnnlab(*[a.format(**paths) for a in args], "--out", tmp_path / "runs") if args[0] == "train" \
-        else cnnlab(*[a.format(**paths) for a in args])
+    result = cnnlab_here(capsys, *[a.format(**paths) for a in args], "--out", tmp_path / "runs") if args[0] == "train" \
+        else cnnlab_here(capsys, *[a.format(**paths) for a in args])
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 

@@ -14,21 +14,7 @@ import torch
 from cnnlab import cache
 from conftest import make_folder
 from test_bad_input import snapshot
-from test_cli import assert_one_line_error, cnnlab
-
-def cnnlab_here(capsys, *args):
-    """The command run inside this process, for cases refused while parsing and checking (no
-    interpreter to start: CI's time); the same exit code and output as a subprocess."""
-    from types import SimpleNamespace
-
-    from cnnlab.cli import main
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse's refusals
-        code = exc.code
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
+from test_cli import assert_one_line_error, cnnlab, cnnlab_here
 
 TRAIN = ["train", "--preset", "pool-bn", "--epochs", "1", "--batch-size", "8", "--threads", "1", "--device", "cpu"]
 TRANSFER = ["transfer", "--backbone", "efficientnet_lite0", "--head", "gap", "--epochs", "1", "--batch-size", "4",
@@ -191,22 +177,22 @@ RUN_FILE_CASES = [(command, *case) for command, files in READERS.items() for cas
 
 @pytest.mark.parametrize("command, name, content, message", RUN_FILE_CASES,
                          ids=[f"{c}-{n}-{i}" for i, (c, n, _, _) in enumerate(RUN_FILE_CASES)])
-def test_a_damaged_run_file_is_one_line_for_every_command_that_reads_it(world, tmp_path, command, name, content,
-                                                                       message):
+def test_a_damaged_run_file_is_one_line_for_every_command_that_reads_it(world, tmp_path, capsys, command, name,
+                                                                       content, message):
     run = tmp_path / "run"
     shutil.copytree(world / "runs" / "train", run)
     (run / name).write_bytes(content)
     before = snapshot(world / "runs")
     args = {"evaluate": ["evaluate", run, "--data", world / "data"], "report": ["report", run, "-o", tmp_path / "r.html"],
             "predict": ["predict", world / "data" / "class_0", "--model", run], "resume": ["resume", run]}[command]
-    assert_one_line_error(cnnlab(*args), message)
+    assert_one_line_error(cnnlab_here(capsys, *args), message)
     assert not (tmp_path / "r.html").exists() and snapshot(world / "runs") == before
 
 
 @pytest.mark.parametrize("state, message", [({"epoch": 1}, "does not fit this run's model"),
                                             ("not a dict", "checkpoint.pt is damaged"),
                                             (None, "checkpoint.pt is damaged")])
-def test_a_damaged_checkpoint_is_one_line(world, tmp_path, state, message):
+def test_a_damaged_checkpoint_is_one_line(world, tmp_path, capsys, state, message):
     run = tmp_path / "run"
     shutil.copytree(world / "runs" / "train", run)
     (run / "metrics.json").unlink()
@@ -215,12 +201,12 @@ def test_a_damaged_checkpoint_is_one_line(world, tmp_path, state, message):
         state = {"epoch": 1, "model": good}
     torch.save(state, run / "checkpoint.pt")
     before = snapshot(world / "runs")
-    assert_one_line_error(cnnlab("resume", run), message)
+    assert_one_line_error(cnnlab_here(capsys, "resume", run), message)
     assert snapshot(world / "runs") == before and (run / "checkpoint.pt").is_file()
 
 
 @pytest.mark.parametrize("output, message", [("{tmp}", "is a folder"), ("{tmp}/a-file/report.html", "cannot write the report")])
-def test_an_unwritable_report_path_is_one_line(world, tmp_path, output, message):
+def test_an_unwritable_report_path_is_one_line(world, tmp_path, capsys, output, message):
     (tmp_path / "a-file").write_text("x")
-    result = cnnlab("report", world / "runs" / "train", "-o", output.format(tmp=tmp_path))
+    result = cnnlab_here(capsys, "report", world / "runs" / "train", "-o", output.format(tmp=tmp_path))
     assert_one_line_error(result, message)

@@ -1,6 +1,7 @@
-"""airbench's pieces in cnnlab's loop (the speedrun preset): the triangle schedule, batch-norm
-biases at a scaled rate, Lookahead, alternating flips, the 6-view test-time augmentation, a
-whitening bias that trains and then freezes, dirac-initialised convs, scale-free batch norm."""
+"""airbench's pieces in cnnlab's loop (the airbench94 and speedrun presets): the triangle and linear
+schedules, batch-norm biases at a scaled rate, Lookahead, alternating flips, the 6-view test-time
+augmentation, a whitening bias that trains and then freezes, dirac-initialised convs, scale-free
+batch norm, Muon."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,15 +13,15 @@ from cnnlab.data import alternate_flips
 from cnnlab.errors import CnnlabError
 from cnnlab.inference import augmented_logits
 from cnnlab.layers import Whiten
-from cnnlab.optimizer import Lookahead, lr_factor, make_optimizer
+from cnnlab.optimizer import Lookahead, Muon, lr_factor, make_optimizer, orthogonalize
 from cnnlab.presets import build_model, get_preset
 from cnnlab.train import _start, fit
 
 
-def speedrun_config(folder, tmp_path, **overrides):
+def airbench94_config(folder, tmp_path, preset="airbench94", **overrides):
     settings = dict(data=str(folder), epochs=3, batch_size=16, whiten_bias_epochs=2, threads=1, precision="fp32",
                     tensorboard=False, out=str(tmp_path / "runs"))
-    return resolve_config("speedrun", **{**settings, **overrides})
+    return resolve_config(preset, **{**settings, **overrides})
 
 
 def test_triangle_schedule_is_airbench94s():
@@ -31,8 +32,8 @@ def test_triangle_schedule_is_airbench94s():
 
 
 def test_batch_norm_biases_get_the_scaled_rate_and_the_same_decay_per_step():
-    cfg = resolve_config("speedrun", data="x")
-    model = build_model(get_preset("speedrun").layers, 10)
+    cfg = resolve_config("airbench94", data="x")
+    model = build_model(get_preset("airbench94").layers, 10)
     opt = make_optimizer(model, cfg)
     others, biases = opt.param_groups
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -105,8 +106,8 @@ def test_batch_norm_options_set_momentum_eps_and_a_fixed_scale():
 
 def test_the_whitening_bias_trains_for_its_epochs_then_freezes(tiny_folder, tmp_path):
     # without Lookahead, whose average goes on pulling every weight (frozen ones too, as airbench's)
-    cfg = speedrun_config(tiny_folder, tmp_path, lookahead=False)
-    device, splits, model = _start(cfg, get_preset("speedrun").layers, None)
+    cfg = airbench94_config(tiny_folder, tmp_path, lookahead=False)
+    device, splits, model = _start(cfg, get_preset("airbench94").layers, None)
     whiten = next(m for m in model.modules() if isinstance(m, Whiten))
     assert whiten.bias.requires_grad and not whiten.weight.requires_grad
     start_weight = whiten.weight.detach().clone()
@@ -119,9 +120,10 @@ def test_the_whitening_bias_trains_for_its_epochs_then_freezes(tiny_folder, tmp_
                if isinstance(m, nn.BatchNorm2d))
 
 
-def test_a_speedrun_resumed_after_an_epoch_ends_as_the_uninterrupted_run(tiny_folder, tmp_path):
-    cfg = speedrun_config(tiny_folder, tmp_path, name="whole")
-    device, splits, whole = _start(cfg, get_preset("speedrun").layers, None)
+@pytest.mark.parametrize("preset", ["airbench94", "speedrun"])  # Lookahead's average; Muon's momentum
+def test_a_run_resumed_after_an_epoch_ends_as_the_uninterrupted_run(tiny_folder, tmp_path, preset):
+    cfg = airbench94_config(tiny_folder, tmp_path, name="whole", preset=preset)
+    device, splits, whole = _start(cfg, get_preset(preset).layers, None)
     fit(whole, splits, cfg, device, log=lambda line: None)
 
     class Stop(Exception):
@@ -132,12 +134,65 @@ def test_a_speedrun_resumed_after_an_epoch_ends_as_the_uninterrupted_run(tiny_fo
             raise Stop
     run_dir = tmp_path / "stopped"
     run_dir.mkdir()
-    device, splits, model = _start(cfg, get_preset("speedrun").layers, None)
+    device, splits, model = _start(cfg, get_preset(preset).layers, None)
     with pytest.raises(Stop):
         fit(model, splits, cfg, device, run_dir, log=stop_after_two)
     state = read_checkpoint(run_dir / "checkpoint.pt")
-    assert state["epoch"] == 2 and len(state["lookahead"]) > 0
-    device, splits, resumed = _start(cfg, get_preset("speedrun").layers, None)
+    assert state["epoch"] == 2 and ("lookahead" in state) == (preset == "airbench94")
+    device, splits, resumed = _start(cfg, get_preset(preset).layers, None)
     fit(resumed, splits, cfg, device, state=state, log=lambda line: None)
     for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+def test_orthogonalize_squeezes_the_singular_values_towards_one():
+    torch.manual_seed(0)
+    for shape in ((64, 216), (300, 40)):
+        u, _, v = torch.linalg.svd(torch.randn(*shape), full_matrices=False)
+        g = u @ torch.diag(torch.logspace(-1, 1, min(shape))) @ v  # singular values 0.1 to 10: 100x
+        s = torch.linalg.svdvals(orthogonalize(g).float())
+        assert orthogonalize(g).shape == g.shape and float(s.max()) < 1.6 and float(s.max() / s.min()) < 10
+
+
+def test_muon_steps_filters_along_their_orthogonalized_momentum_and_the_rest_as_sgd():
+    torch.manual_seed(0)
+    conv, head = nn.Conv2d(3, 8, 3, bias=False), nn.Linear(8, 2)
+    twin = nn.Linear(8, 2)
+    twin.load_state_dict(head.state_dict())
+    opt = Muon([{"params": [conv.weight], "orthogonal": True, "weight_decay": 0.0},
+                {"params": list(head.parameters())}], lr=0.1, momentum=0.85, weight_decay=0.01)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.85, nesterov=True, weight_decay=0.01)
+    buf = None
+    for _ in range(3):
+        g = torch.randn_like(conv.weight)
+        conv.weight.grad = g.clone()
+        for mine, theirs in zip(head.parameters(), twin.parameters()):
+            mine.grad = torch.randn_like(mine)
+            theirs.grad = mine.grad.clone()
+        buf = g if buf is None else Muon.MOMENTUM * buf + g
+        with torch.no_grad():
+            expected = conv.weight * (8 ** 0.5 / conv.weight.norm()) \
+                - 0.1 * orthogonalize((g + Muon.MOMENTUM * buf).reshape(8, -1)).view(g.shape)
+        opt.step(), sgd.step()
+        assert torch.allclose(conv.weight, expected, atol=1e-5)
+        s = torch.linalg.svdvals(orthogonalize((g + Muon.MOMENTUM * buf).reshape(8, -1)))
+        assert float(s.max()) < 1.6 and float(s.min()) > 0.3  # an orthogonalized step: every direction alike
+    for mine, theirs in zip(head.parameters(), twin.parameters()):
+        assert torch.allclose(mine, theirs, atol=1e-6)  # the other groups: torch's SGD, Nesterov
+
+
+def test_the_muon_recipe_groups_filters_biases_and_head_at_their_rates():
+    cfg = resolve_config("speedrun", data="x")
+    model = build_model(get_preset("speedrun").layers, 10)
+    next(m for m in model.modules() if isinstance(m, Whiten)).bias.requires_grad_(True)  # as train._start does
+    groups = make_optimizer(model, cfg).param_groups
+    filters = [g for g in groups if g["orthogonal"]]
+    convs = [m.weight for m in model.modules() if type(m) is nn.Conv2d]  # the whitening conv is frozen
+    assert len(filters) == 1 and {id(p) for p in filters[0]["params"]} == {id(p) for p in convs}
+    by_lr = {round(g["lr"], 6): g for g in groups if not g["orthogonal"]}
+    assert sorted(by_lr) == [106.0, 1340.0]
+    assert len(by_lr[106.0]["params"]) == 6 + 1  # six batch-norm biases and the whitening bias
+    assert all(g["lr"] * g["weight_decay"] == pytest.approx(0.004) for g in by_lr.values())
+    head = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    assert float(head.weight.detach().std()) == pytest.approx(1.0, rel=1e-4)
+    assert lr_factor("linear", 0, 10) == 1.0 and lr_factor("linear", 5, 10) == 0.5 and lr_factor("linear", 10, 10) == 0
