@@ -28,10 +28,11 @@ def _head(model: nn.Module) -> list[nn.Parameter]:
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """The parameters that train, in groups: the rest first, then with ``cfg.bias_lr_scale`` != 1
-    the biases of batch norm (and for Muon of the whitening layer), with ``cfg.head_lr_scale`` != 1 the output layer, each
-    at ``lr`` times its scale with its weight decay divided by it (the decay per step stays the
-    same; airbench's biases move 64x faster, decay alike). With ``cfg.optimizer == "muon"`` the
-    conv filters form their own group, marked ``orthogonal`` (see ``Muon``)."""
+    the biases of batch norm (and, for Muon, of the whitening layer), with ``cfg.head_lr_scale``
+    != 1 the output layer, each at ``lr`` times its scale with its weight decay divided by it (the
+    decay per step stays the same; airbench's biases move 64x faster, decay alike). With
+    ``cfg.optimizer == "muon"`` the conv filters come first, in a group marked ``orthogonal``
+    (see ``Muon``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     special = {}
     if cfg.bias_lr_scale != 1:  # airbench94 keeps the whitening bias at the base rate, airbench94_muon does not
