@@ -1,11 +1,11 @@
-"""Training-step throughput of the speedrun preset in cnnlab's loop against the airbench94 CPU port
-(`../shared/anchors/airbench94_cpu.py`, imported from there: its own net, optimizer groups, bfloat16
-autocast and summed loss), side by side on the same random batches, alternating rounds; with
+"""Training-step throughput of the airbench94 preset (or another) in cnnlab's loop against the
+airbench94 CPU port (`../shared/anchors/airbench94_cpu.py`, imported from there: its own net,
+optimizer groups, bfloat16 autocast and summed loss), side by side on the same random batches, alternating rounds; with
 --profile, where a cnnlab step spends its time (torch.profiler, by operator).
 
     python bench/speedrun_step.py                 # images/s of each, and the ratio
     python bench/speedrun_step.py --profile       # + the top operators of one cnnlab step
-    python bench/speedrun_step.py --preset fast --batch 256
+    python bench/speedrun_step.py --preset speedrun --batch 2000
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def timed(step, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="speedrun")
+    parser.add_argument("--preset", default="airbench94", help="the port's own recipe by default: the same step")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=2)

@@ -52,9 +52,9 @@ def augmented_logits(model: nn.Module, x: torch.Tensor, tta: int) -> torch.Tenso
     def mirrored(v):
         return (model(v).float() + model(v.flip(3)).float()) / 2
 
-    if not tta:
+    if not tta or x.dim() != 4:  # cached features have no pixels to mirror or shift
         return model(x).float()
-    if tta == 1 or x.dim() != 4:  # cached features have no pixels to shift
+    if tta == 1:
         return mirrored(x)
     h, w = x.shape[2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")

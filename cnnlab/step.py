@@ -70,7 +70,7 @@ class TrainStep:
         """From now on ``params`` keep their values: their gradients (still computed, as DDP
         expects every parameter's) are dropped before each optimizer step, which skips them. A
         captured CUDA graph is recaptured."""
-        if params != self.frozen:
+        if [id(p) for p in params] != [id(p) for p in self.frozen]:  # by identity: tensors' == is elementwise
             self.frozen = list(params)
             self.graph, self.warm_steps = None, 0
 
