@@ -49,6 +49,7 @@ def _airbench_net(widths: tuple[int, int, int], conv: str = "nobias", bn: str = 
 # airbench94's batch norm: its scale fixed at 1, statistics averaged with weight 0.4 (its own
 # "momentum 0.6" is PyTorch's 1 - 0.6), eps 1e-12
 AIRBENCH_BN = "bn:noscale:momentum=0.4:eps=1e-12"
+AIRBENCH94_NET = ((64, 256, 256), "nobias:dirac", AIRBENCH_BN)  # widths, conv and batch-norm options
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ PRESETS: dict[str, Preset] = {
          "nesterov": True, "weight_decay": 5e-4, "schedule": "onecycle", "label_smoothing": 0.2,
          "augment": True, "tta": True, "preprocessing": CIFAR10, "monitor": "val_accuracy"}),
     "airbench94": Preset(
-        _airbench_net((64, 256, 256), "nobias:dirac", AIRBENCH_BN),
+        _airbench_net(*AIRBENCH94_NET),
         "airbench94 (the paper's record) on cnnlab's loop: whitening whose bias trains 3 epochs, dirac-initialised convs, "
         "batch-norm biases at 64x the lr, Lookahead, label smoothing, alternating flips, 6-view test-time "
         "augmentation, batch 1024",
@@ -101,7 +102,7 @@ PRESETS: dict[str, Preset] = {
          "augment": True, "translate": 2, "flip": "alternate", "tta": 2, "whiten_bias_epochs": 3,
          "lookahead": True, "preprocessing": CIFAR10, "monitor": "val_accuracy"}),
     "speedrun": Preset(
-        _airbench_net((64, 256, 256), "nobias:dirac", AIRBENCH_BN, ("dense:nobias:unitstd", "scale0.00390625")),
+        _airbench_net(*AIRBENCH94_NET, head=("dense:nobias:unitstd", "scale0.00390625")),
         "the highest CIFAR-10 accuracy per CPU-minute: airbench94_muon on cnnlab's loop (airbench94's net; Muon on "
         "the conv filters, SGD on biases and head; alternating flips, 6-view test-time augmentation), 8 epochs, "
         "batch 2000",
