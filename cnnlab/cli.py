@@ -70,6 +70,13 @@ def _add_tensorboard(p) -> None:
                         "with `tensorboard --logdir runs`)")
 
 
+def _add_tta(p, default: str) -> None:
+    p.add_argument("--tta", type=int, nargs="?", const=1, choices=TTA_LEVELS, metavar="LEVEL",
+                   help="test-time augmentation when scoring: 1 (--tta alone) averages with the mirror image, 2 "
+                        f"also with both mirrored 1-pixel shifts, 0 none (default {default})")
+    p.add_argument("--no-tta", dest="tta", action="store_const", const=0, help="the same as --tta 0")
+
+
 def _monitor_help(what: str) -> str:
     return f"metric for {what}: {', '.join(MONITORS)} (default {TrainConfig.monitor})"
 
@@ -110,10 +117,7 @@ def _add_train_options(p):
     p.add_argument("--flip", choices=FLIPS, help="augmenting: random flips, or alternate: each image's orientation "
                                                  f"drawn once and all mirrored every other epoch (default "
                                                  f"{TrainConfig.flip}{preset})")
-    p.add_argument("--tta", type=int, nargs="?", const=1, choices=TTA_LEVELS, metavar="LEVEL",
-                   help="test-time augmentation when scoring: 1 (--tta alone) averages with the mirror image, 2 "
-                        "also with both mirrored 1-pixel shifts, 0 none (default 0; a preset may set its own)")
-    p.add_argument("--no-tta", dest="tta", action="store_const", const=0, help="the same as --tta 0")
+    _add_tta(p, "0; a preset may set its own")
     p.add_argument("--whiten-bias-epochs", type=_number(int, "--whiten-bias-epochs", 0), metavar="E",
                    help="epochs the whitening layer's bias trains before it freezes (a preset with one sets it)")
     p.add_argument("--bias-lr-scale", type=_number(float, "--bias-lr-scale", 0, True), metavar="S",
@@ -204,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-copies", type=_number(int, "--feature-copies", 0), metavar="N",
                    help=f"N altered copies of each training photo (crop, mirror, JPEG re-encoding) join the feature "
                         f"cache: the frozen head learns photos as they come (default {TransferConfig.feature_copies})")
+    _add_tta(p, f"{TransferConfig.tta}: the mirror image too")
     p.add_argument("--monitor", metavar="METRIC", help=_monitor_help("the best epoch"))
     p.add_argument("--patience", type=_number(int, "--patience", 0), metavar="P")
     p.add_argument("--threads", type=_number(int, "--threads", 1), metavar="T")

@@ -16,7 +16,8 @@ EPILOGS = {
   cnnlab train --resume runs/dropout
   torchrun --standalone --nproc-per-node 4 -m cnnlab resume runs/dropout""",
     "transfer": """examples:
-  cnnlab transfer --data ../shared/data/cats-vs-dogs --backbone efficientnet_lite0 --head gap
+  cnnlab transfer --data photos/ --backbone efficientnet_lite2      # the most accurate offline backbone
+  cnnlab transfer --data ../shared/data/cats-vs-dogs --backbone efficientnet_lite0 --no-tta
   cnnlab transfer --data ../shared/data/cats-vs-dogs --backbone efficientnet_lite0 --fine-tune-epochs 2 --unfreeze 2
   cnnlab transfer --data pets/ --backbone vgg19 --weights vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5
   cnnlab transfer --data pets/ --backbone vgg19 --weights ~/vgg19-dcbb9e9d.pth --epochs 3""",

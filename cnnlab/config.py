@@ -94,6 +94,7 @@ class TransferConfig:
     name: str | None = None
     feature_cache: bool = True
     feature_copies: int = 0  # altered copies of each training photo whose features join the cache (data.photo_variants)
+    tta: int = 1  # test and evaluate with the mirror image too: photos from elsewhere gain most from it (BENCHMARKS.md)
 
 
 def resolve_config(preset: str, **overrides) -> TrainConfig:
@@ -169,6 +170,7 @@ def _common(cfg) -> list[tuple[bool, str]]:
         (cfg.val_split + cfg.test_split < 1,
          f"--val-split + --test-split must be below 1 (got {cfg.val_split + cfg.test_split:g})"),
         _choice(cfg.monitor, MONITORS, "monitor metric"),
+        _choice(int(cfg.tta), TTA_LEVELS, "--tta level"),
         _choice(cfg.precision, PRECISIONS, "--precision"),
         (cfg.patience is None or cfg.patience >= 0, f"--patience must be 0 or more (got {cfg.patience})"),
         (cfg.threads is None or cfg.threads >= 1, f"--threads must be at least 1 (got {cfg.threads})"),
@@ -181,7 +183,6 @@ def validate(cfg: TrainConfig) -> None:
         _choice(cfg.optimizer, OPTIMIZERS, "optimizer"),
         _choice(cfg.schedule, SCHEDULES, "schedule"),
         _choice(cfg.flip, FLIPS, "--flip"),
-        _choice(int(cfg.tta), TTA_LEVELS, "--tta level"),
         (0 <= cfg.translate <= 8, f"--translate must be 0 to 8 pixels (got {cfg.translate})"),
         (cfg.whiten_bias_epochs >= 0, f"--whiten-bias-epochs must be 0 or more (got {cfg.whiten_bias_epochs})"),
         (cfg.bias_lr_scale > 0, f"--bias-lr-scale must be positive (got {cfg.bias_lr_scale})"),

@@ -224,7 +224,7 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
         log(f"run directory: {run_dir}")
         history, stopper, boundary, extra = _phases(cfg, model, built, prep, splits, weights_path, device,
                                                     run_dir, guard, log, board)
-        finish_run(run_dir, model, splits, device, history, stopper, prep, False, cfg.precision, log,
+        finish_run(run_dir, model, splits, device, history, stopper, prep, cfg.tta, cfg.precision, log,
                    boundary=boundary, extra=extra, board=board, settings=asdict(cfg), explain_mistakes=True)
     return run_dir
 

@@ -283,3 +283,27 @@ def test_transfer_needs_two_classes(tmp_path):
     one = make_folder(tmp_path / "one", classes=1, per_class=3)
     result = cnnlab("transfer", "--data", one, "--backbone", "efficientnet_lite0", "--out", tmp_path / "runs")
     assert_one_line_error(result, "only one class")
+
+
+def test_transfer_scores_with_the_mirror_image_by_default(pets, tmp_path):
+    from cnnlab.data import load_splits
+    from cnnlab.evaluate import evaluate_run, load_model
+    from cnnlab.inference import predict_logits, score_logits
+
+    def run(**tta):
+        cfg = TransferConfig(data=str(pets), backbone="efficientnet_lite0", head="gap", epochs=1, batch_size=4,
+                             val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), precision="fp32", **tta)
+        return transfer(cfg, log=lambda m: None)
+    mirrored, plain = run(), run(tta=0)
+    model, config, prep = load_model(mirrored)
+    assert config["tta"] == 1 and json.loads((plain / "config.json").read_text())["tta"] == 0
+    test = load_splits(str(pets), prep.size, 0.25, 0.25, 0).test
+    cpu = torch.device("cpu")
+    with_mirror, alone = (score_logits(predict_logits(model, test.images, prep, cpu, tta=t, precision="fp32"),
+                                       test.labels, config["class_names"])["loss"] for t in (1, 0))
+    assert with_mirror != pytest.approx(alone, rel=1e-4)  # the mirror image changes the score
+    metrics = json.loads((mirrored / "metrics.json").read_text())
+    assert metrics["test_loss"] == pytest.approx(with_mirror, rel=1e-4)
+    assert evaluate_run(mirrored, pets)["loss"] != pytest.approx(evaluate_run(plain, pets)["loss"], rel=1e-4)
+    assert_one_line_error(cnnlab("transfer", "--data", pets, "--backbone", "efficientnet_lite0", "--tta", "3"),
+                          "--tta")
