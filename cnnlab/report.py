@@ -154,7 +154,10 @@ def _seed_note(info: dict) -> str:
     extra = f" ({seed['notes']})" if seed["notes"] else ""
     backbone = ""
     if info["kind"] == "transfer":
-        backbone = f" Backbone used here: <b>{html.escape(info['model'])}</b> (the original used VGG19)."
+        config = info["config"]
+        recipe = f"{config.get('head', 'flatten')} head" + (", mirror test-time augmentation" if config.get("tta") else "")
+        backbone = (f" Backbone used here: <b>{html.escape(info['model'])}</b>, {html.escape(recipe)} (the original "
+                    "used VGG19, flatten head).")
     return (f'<p class="seed"><b>Original:</b> {html.escape(theirs)}{html.escape(extra)}<br><b>Reproduction:</b> '
             f"{html.escape(ours)}.{backbone}</p>")
 

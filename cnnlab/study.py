@@ -118,7 +118,7 @@ def full_time_estimate(runs: list[Path], cifar_images: int, pet_images: int) -> 
                 rows = [r for r in history if r.get("phase") == phase]
                 if rows:
                     seconds += epochs * _epoch_seconds(rows, config, pet_images)
-            name = f"transfer ~{_duration(seconds)}"
+            name = f"{run.name} ~{_duration(seconds)}"
         else:
             epochs = resolve_config(config["preset"]).epochs
             seconds = epochs * _epoch_seconds(history, config, cifar_images)
@@ -230,19 +230,24 @@ def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: 
     if splits is not None:
         run_cifar10_study(cifar, out, settings["epochs_scale"], seed, log=log, splits=splits, attempt=attempt,
                           precision=precision, threads=threads)
-    tcfg = TransferConfig(data=pets, backbone=backbone, weights_file=weights_file, head="flatten",
-                          epochs=settings["transfer_epochs"], fine_tune_epochs=settings["fine_tune_epochs"],
-                          seed=seed, out=out, name=f"transfer-{backbone}", precision=precision, threads=threads)
-    log(f"\n=== transfer: {backbone} on {pets} ===")
+    common = dict(data=pets, backbone=backbone, weights_file=weights_file, epochs=settings["transfer_epochs"],
+                  seed=seed, out=out, precision=precision, threads=threads)
+    # the seed's recipe (flatten head, fine-tuning, no test-time augmentation), then cnnlab's default beside it
+    recipes = [("the seed's recipe", TransferConfig(**common, head="flatten", tta=0, name=f"transfer-{backbone}",
+                                                    fine_tune_epochs=settings["fine_tune_epochs"])),
+               ("cnnlab's default recipe", TransferConfig(**common, name=f"transfer-{backbone}-default"))]
+    tsplits = None  # both recipes train on one split
 
-    def transfer_run() -> Path:
-        tsplits = None
-        if settings["pets_per_class"]:
+    def transfer_run(tcfg: TransferConfig) -> Path:
+        nonlocal tsplits
+        if settings["pets_per_class"] and tsplits is None:
             size = choose_weights(backbone, None, weights_file).preprocessing.size
             tsplits = distributed.main_first(lambda: load_splits(pets, size, 0.1, 0.1, seed,
                                                                  per_class=settings["pets_per_class"]))
         return transfer(tcfg, log=log, splits=tsplits)
-    attempt(f"transfer ({backbone})", transfer_run)
+    for label, tcfg in recipes:
+        log(f"\n=== transfer: {backbone} on {pets}, {label} ===")
+        attempt(f"transfer ({backbone}, {label})", lambda: transfer_run(tcfg))
     if not runs:
         raise CnnlabError("; ".join(failures) or "nothing ran")
     if writes:

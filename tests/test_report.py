@@ -30,11 +30,12 @@ def test_reproduce_quick_runs_every_part_and_writes_one_report(reproduced):
     report = Path(result.stdout.strip().splitlines()[-1])
     assert report == out / "report.html" and report.is_file()
     runs = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert runs == ["conv", "dropout", "early-stop", "pool-bn", "transfer-efficientnet_lite0"]
+    assert runs == ["conv", "dropout", "early-stop", "pool-bn", "transfer-efficientnet_lite0",
+                    "transfer-efficientnet_lite0-default"]
     took = r"([\d.]+ (?:s|min))"
     estimate = re.search(rf"the full study \(reproduce without --quick\) would take about {took} on this machine: "
                          rf"conv ~{took}, pool-bn ~{took}, dropout ~{took}, early-stop ~{took} at most \(it stops "
-                         rf"itself\), transfer ~{took}", result.stdout)
+                         rf"itself\), transfer-efficientnet_lite0 ~{took}, transfer-efficientnet_lite0-default ~{took}", result.stdout)
     assert estimate, result.stdout[-1500:]
     total, *parts = (float(t.split()[0]) * (60 if t.endswith("min") else 1) for t in estimate.groups())
     assert all(p > 0 for p in parts) and abs(total - sum(parts)) <= 0.05 * total + 3 * len(parts)  # rounding
@@ -42,6 +43,11 @@ def test_reproduce_quick_runs_every_part_and_writes_one_report(reproduced):
     assert 1.5 < parts[2] / parts[1] < 6
     page = report.read_text()
     assert "efficientnet_lite0" in page and "the original used VGG19" in page
+    # the seed's recipe for the seed's row, cnnlab's default beside it
+    assert "efficientnet_lite0</b>, flatten head (" in page
+    assert "efficientnet_lite0</b>, gap head, mirror test-time augmentation (" in page
+    configs = {c.parent.name: json.loads(c.read_text()) for c in out.glob("transfer-*/config.json")}
+    assert configs["transfer-efficientnet_lite0"]["tta"] == 0 and configs["transfer-efficientnet_lite0-default"]["tta"] == 1
     assert "57.19%" in page and "97.29%" in page  # the seed's figures beside ours
     for config in out.glob("*/config.json"):  # --precision reached every run, and the report says so
         assert json.loads(config.read_text())["environment"]["compute_dtype"] == "bfloat16"
@@ -108,7 +114,7 @@ def test_a_failing_part_leaves_the_other_runs_and_a_report(tmp_path):
     result = cnnlab("reproduce", "--data-root", data, "--quick", "--backbone", "efficientnet_lite0",
                     "--out", tmp_path / "out")
     assert result.returncode == 1
-    assert "transfer (efficientnet_lite0) failed" in result.stderr and "only one class" in result.stderr
+    assert "transfer (efficientnet_lite0, the seed's recipe) failed" in result.stderr and "only one class" in result.stderr
     assert len(list((tmp_path / "out").glob("*/metrics.json"))) == 4
     page = (tmp_path / "out" / "report.html").read_text()
     assert "only one class" in page and page.count('<tr><td data-v=') == 4
@@ -120,8 +126,9 @@ def test_reproduce_quick_on_the_shared_data(tmp_path):
     result = cnnlab("reproduce", "--data-root", SHARED_DATA, "--quick", "--backbone", "efficientnet_lite0",
                     "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    metrics = json.loads((tmp_path / "out" / "transfer-efficientnet_lite0" / "metrics.json").read_text())
-    assert metrics["test_accuracy"] > 0.8
-    assert len(list((tmp_path / "out").glob("*/metrics.json"))) == 5
+    for name in ("transfer-efficientnet_lite0", "transfer-efficientnet_lite0-default"):
+        metrics = json.loads((tmp_path / "out" / name / "metrics.json").read_text())
+        assert metrics["test_accuracy"] > 0.8, name
+    assert len(list((tmp_path / "out").glob("*/metrics.json"))) == 6
     # 50,000 CIFAR-10 images (cifar10/train/) and 5,999 photos: minutes, not seconds
     assert re.search(r"the full study \(reproduce without --quick\) would take about [\d.]+ min", result.stdout)
