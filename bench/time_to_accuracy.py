@@ -2,7 +2,7 @@
 (`../shared/anchors/airbench94_cpu.py`) side by side in one run, on the same split of the shared
 CIFAR-10 images, each over several seeds (mean and spread).
 
-    python bench/time_to_accuracy.py --seeds 3 --recipes fast:7,fast:18,fast:36 --airbench
+    python bench/time_to_accuracy.py --seeds 3 --recipes fast:6,fast:8,speedrun:8 --airbench
     python bench/time_to_accuracy.py --per-class 300 --seeds 2 --recipes fast:2 --airbench   # a smoke run
 
 The shared folder has no test set: a stratified tenth of it (fixed by --split-seed) becomes test/, the
@@ -87,7 +87,7 @@ def summary(label: str, results: list[tuple[float, float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10/train"))
-    parser.add_argument("--recipes", default="fast:36", help="PRESET:EPOCHS,... (default fast:36)")
+    parser.add_argument("--recipes", default="fast:8", help="PRESET:EPOCHS,... (default fast:8)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--airbench", action="store_true", help="also run the airbench94 CPU port, --seeds times")
     parser.add_argument("--per-class", type=int, help="use only this many images of each class (a smoke run)")

@@ -41,7 +41,7 @@ def test_batch_norm_biases_get_the_scaled_rate_and_the_same_decay_per_step():
     assert all(not m.weight.requires_grad for m in norms)
     assert biases["lr"] == pytest.approx(64 * others["lr"]) and others["lr"] == pytest.approx(1.5)
     assert biases["lr"] * biases["weight_decay"] == pytest.approx(others["lr"] * others["weight_decay"])
-    plain = make_optimizer(model, resolve_config("fast", data="x"))
+    plain = make_optimizer(model, resolve_config("pool-bn", data="x"))
     assert len(plain.param_groups) == 1
 
 
@@ -100,6 +100,9 @@ def test_dirac_convs_pass_their_inputs_through_at_first():
 def test_batch_norm_options_set_momentum_eps_and_a_fixed_scale():
     bn = build_model(["bn:noscale:momentum=0.4:eps=1e-12"], 10)[0]
     assert (bn.momentum, bn.eps, bn.weight.requires_grad, bn.bias.requires_grad) == (0.4, 1e-12, False, True)
+    flat = build_model(["flatten", "bn:noscale:momentum=0.4:eps=1e-12"], 10)[1]  # after flatten: over units
+    assert isinstance(flat, nn.BatchNorm1d) and flat.num_features == 3 * 32 * 32
+    assert (flat.momentum, flat.eps, flat.weight.requires_grad) == (0.4, 1e-12, False)
     with pytest.raises(CnnlabError, match="momentum=x is not a number"):
         build_model(["bn:momentum=x"], 10)
 
