@@ -148,21 +148,27 @@ def _broadcast(obj):
     return box[0]
 
 
+RANK0_FAILED = "rank 0 failed; its output says why"
+
+
+def _on_rank0(fn: Callable[[], T], failed) -> tuple[T | None, str | None]:
+    """(``fn()``, None) or (None, its one-line error), on rank 0; on any other failure the other
+    ranks are sent ``failed`` (so none waits forever) and it is raised."""
+    try:
+        return fn(), None
+    except CnnlabError as exc:
+        return None, str(exc)
+    except BaseException:
+        _broadcast(failed)
+        raise
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """``fn()`` run by rank 0 alone, its result (or its one-line error) handed to every rank:
     making the run directory, say."""
     if not active():
         return fn()
-    result, error = None, None
-    if is_main():
-        try:
-            result = fn()
-        except CnnlabError as exc:
-            error = str(exc)
-        except BaseException:
-            _broadcast((None, "rank 0 failed; its output says why"))
-            raise
-    result, error = _broadcast((result, error))
+    result, error = _broadcast(_on_rank0(fn, (None, RANK0_FAILED)) if is_main() else None)
     if error is not None:
         raise CnnlabError(error)
     return result
@@ -173,24 +179,11 @@ def main_first(fn: Callable[[], T]) -> T:
     cache (decoded images, compiled kernels) that the others then read instead of building."""
     if not active():
         return fn()
-    result = None
-    if is_main():
-        try:
-            result = fn()
-            error = None
-        except CnnlabError as exc:
-            error = str(exc)
-        except BaseException:
-            _broadcast("rank 0 failed; its output says why")
-            raise
-        _broadcast(error)
-        if error is not None:
-            raise CnnlabError(error)
-        return result
-    error = _broadcast(None)
+    result, error = _on_rank0(fn, RANK0_FAILED) if is_main() else (None, None)
+    error = _broadcast(error)
     if error is not None:
         raise CnnlabError(error)
-    return fn()
+    return result if is_main() else fn()
 
 
 def stop_flags(signum: int | None, first_nonfinite: torch.Tensor) -> tuple[int, int]:

@@ -63,8 +63,10 @@ class TrainStep:
         self.epoch = 1  # set by the loop: alternating flips depend on it
         self.frozen: list[nn.Parameter] = []  # parameters whose gradients are dropped before the update
         self.flip_base = None
-        if cfg.augment and cfg.flip == "alternate":  # seeded apart from the loop's generator
-            self.flip_base = torch.rand(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1)) < 0.5
+        if cfg.augment and cfg.flip == "alternate":  # seeded apart from the loop's generator; on the device, as
+            # the batch index is: looking orientations up there needs no host sync each step
+            draw = torch.rand(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))
+            self.flip_base = (draw < 0.5).to(device)
 
     def freeze(self, params: list[nn.Parameter]) -> None:
         """From now on ``params`` keep their values: their gradients (still computed, as DDP
@@ -86,7 +88,7 @@ class TrainStep:
         if self.cfg.augment:
             draws = augment_draws(len(index), generator, self.cfg.translate, self.flip_base is None)
             if self.flip_base is not None:
-                draws = (alternate_flips(self.flip_base, index.cpu(), self.epoch), *draws[1:])
+                draws = (alternate_flips(self.flip_base, index.to(self.flip_base.device), self.epoch), *draws[1:])
         if distributed.active():
             local = distributed.shard(index)
             draws = None if draws is None else tuple(None if t is None else distributed.shard(t) for t in draws)
@@ -157,5 +159,5 @@ class TrainStep:
         static_index.copy_(index)
         for static, new in zip(static_draws or (), draws or ()):
             if static is not None:
-                static.copy_(new.pin_memory(), non_blocking=True)
+                static.copy_(new if new.device == static.device else new.pin_memory(), non_blocking=True)
         self.graph.replay()

@@ -26,10 +26,10 @@ IMAGES = ("loss.png", "accuracy.png", "confusion_matrix.png")
 class Board:
     """The event writers of one run (``enabled`` False: none, every call does nothing).
     ``purge_step``: the first step to write again when a run continues (events from it on, left by
-    the interrupted attempt, are hidden)."""
+    the interrupted attempt, are hidden); ``validated`` False (``--val-split 0``): no validation folder."""
 
     def __init__(self, run_dir: Path, enabled: bool = True, purge_step: int | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, validated: bool = True):
         self.writers = None
         self.offset_steps = self.offset_epochs = 0  # a later phase of one run (transfer's fine-tuning) goes on
         self.last_step = 0
@@ -43,7 +43,7 @@ class Board:
                 "TensorBoard event files")
             return
         self.writers = {part: SummaryWriter(str(run_dir / part), purge_step=purge_step)
-                        for part in ("train", "validation")}
+                        for part in ("train", "validation")[:2 if validated else 1]}
 
     def step(self, step: int, lr: float) -> None:
         """After optimizer step ``step`` (from 1), taken at learning rate ``lr``."""
@@ -61,6 +61,8 @@ class Board:
         self.rates.clear()
         row = {**row, "epoch": row["epoch"] + self.offset_epochs}
         for part, columns in (("train", TRAIN_COLUMNS), ("validation", VALIDATION_COLUMNS)):
+            if part not in self.writers:
+                continue
             for column, tag in columns.items():
                 if isinstance(row.get(column), (int, float)):
                     self.writers[part].add_scalar(tag, row[column], step + self.offset_steps)

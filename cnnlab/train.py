@@ -225,7 +225,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: Splits |
     log(f"{cfg.preset}: {params:,} parameters, {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test images, {device}{ranks}; loaded in {time.perf_counter() - started:.1f}s")
     log(f"run directory: {run_dir}")
-    board = Board(run_dir, cfg.tensorboard and distributed.is_main(), log=log)
+    board = Board(run_dir, cfg.tensorboard and distributed.is_main(), log=log, validated=len(splits.val) > 0)
     return _run(cfg, run_dir, model, splits, device, None, log, board)
 
 
@@ -257,7 +257,7 @@ def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
         log(f"resuming {run_dir} after epoch {state['epoch']}")
     # events after the checkpoint's last step came from the attempt that stopped: hidden, then written anew
     done = steps_done(state) if state is not None else 0
-    board = Board(run_dir, cfg.tensorboard and distributed.is_main(), done + 1, log)
+    board = Board(run_dir, cfg.tensorboard and distributed.is_main(), done + 1, log, validated=len(splits.val) > 0)
     return _run(cfg, run_dir, model, splits, device, state, log, board)
 
 

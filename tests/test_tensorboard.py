@@ -97,3 +97,11 @@ def test_a_transfer_runs_two_phases_make_one_curve(tmp_path):
     lr = scalars(trained, "learning_rate")
     assert [s for s, _ in lr] == list(range(1, steps[-1] + 1))
     assert lr[-1][1] == pytest.approx(1e-4)  # fine-tuning at lr / 10
+
+
+def test_a_run_without_validation_images_writes_no_validation_folder(tiny_folder, tmp_path):
+    run = train(tiny(tiny_folder, tmp_path, val_split=0), log=lambda m: None)
+    assert not (run / "validation").exists()
+    history = read_history(run / "history.csv")
+    assert [v for _, v in scalars(events(run, "train"), "epoch_loss")] == pytest.approx(
+        [r["loss"] for r in history], rel=1e-6)
