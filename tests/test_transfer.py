@@ -307,3 +307,13 @@ def test_transfer_scores_with_the_mirror_image_by_default(pets, tmp_path):
     assert evaluate_run(mirrored, pets)["loss"] != pytest.approx(evaluate_run(plain, pets)["loss"], rel=1e-4)
     assert_one_line_error(cnnlab("transfer", "--data", pets, "--backbone", "efficientnet_lite0", "--tta", "3"),
                           "--tta")
+
+
+def test_a_transfer_run_recorded_before_tta_existed_reads_back_without_it():
+    from dataclasses import asdict
+
+    from cnnlab.config import from_record
+    record = asdict(TransferConfig(data="pets"))
+    assert from_record(TransferConfig, record).tta == 1
+    del record["tta"]
+    assert from_record(TransferConfig, record).tta == 0  # as it was trained and tested
