@@ -117,11 +117,9 @@ def resolve_config(preset: str, **overrides) -> TrainConfig:
 def from_record(config: type, record: dict):
     """The config dataclass a run's config.json was written from (its other keys ignored)."""
     values = {f.name: record[f.name] for f in fields(config) if f.name in record}
-    if config is TransferConfig and "tta" not in record:  # written before transfer runs had test-time augmentation
-        values["tta"] = 0
+    # absent: written before the run had test-time augmentation; true/false: before it had levels
+    values["tta"] = int(record.get("tta", 0))
     if config is TrainConfig:
-        if "tta" in values:  # written as true/false before test-time augmentation had levels
-            values["tta"] = int(values["tta"])
         if isinstance(values.get("preprocessing"), dict):
             values["preprocessing"] = Preprocessing.from_dict(values["preprocessing"])
         elif record.get("normalize") == "cifar10":  # a run written before preprocessing was recorded whole

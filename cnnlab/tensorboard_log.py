@@ -43,7 +43,7 @@ class Board:
                 "TensorBoard event files")
             return
         self.writers = {part: SummaryWriter(str(run_dir / part), purge_step=purge_step)
-                        for part in ("train", "validation")[:2 if validated else 1]}
+                        for part in (("train", "validation") if validated else ("train",))}
 
     def step(self, step: int, lr: float) -> None:
         """After optimizer step ``step`` (from 1), taken at learning rate ``lr``."""

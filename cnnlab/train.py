@@ -275,7 +275,7 @@ def _run(cfg: TrainConfig, run_dir: Path, model, splits: Splits, device, state, 
 
 
 def finish_run(run_dir: Path, model: nn.Module, splits: Splits, device: torch.device, history: list[dict],
-               stopper: EarlyStopping, preprocessing: Preprocessing, tta: bool, precision: str,
+               stopper: EarlyStopping, preprocessing: Preprocessing, tta: int, precision: str,
                log: Callable[[str], None], boundary: int | None = None, extra: dict | None = None,
                board: Board | None = None, settings: dict | None = None, explain_mistakes: bool = False) -> None:
     """Tests once on the held-out split and writes the run's results (runs.write_results, and
