@@ -61,18 +61,21 @@ def cnnlab_run(data: Path, out: Path, preset: str, epochs: int, seed: int, threa
 def airbench_runs(data: Path, runs: int, threads: int) -> list[tuple[float, float]]:
     """(training seconds, test accuracy with its test-time augmentation) of each port run."""
     env = {**os.environ, "AB_TRAIN": str(data / "train"), "AB_TEST": str(data / "test"), "THREADS": str(threads),
-           "RUNS": str(runs)}
+           "RUNS": str(runs), "PYTHONUNBUFFERED": "1"}  # each run reported as it ends
     for stale in Path("/tmp").glob("ab94-*.pt"):  # the port caches decoded images by name alone, not by folder
         stale.unlink()
-    with tempfile.TemporaryDirectory() as cwd:  # the port writes logs/ where it runs
-        done = subprocess.run([sys.executable, str(ANCHOR)], capture_output=True, text=True, env=env, cwd=cwd)
-    if done.returncode:
-        raise SystemExit(f"airbench94 port failed: {done.stderr.strip()[-2000:]}")
     results = []
-    for line in done.stdout.splitlines():  # |  run  |  eval  |  loss | acc | val | tta_val_acc | seconds |
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 7 and cells[1] == "eval":
-            results.append((float(cells[6]), float(cells[5])))
+    with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile("w+") as err:  # the port writes logs/ in cwd
+        port = subprocess.Popen([sys.executable, str(ANCHOR)], stdout=subprocess.PIPE, stderr=err, text=True,
+                                env=env, cwd=cwd)
+        for line in port.stdout:  # |  run  |  eval  |  loss | acc | val | tta_val_acc | seconds |
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 7 and cells[1] == "eval":
+                results.append((float(cells[6]), float(cells[5])))
+                print(f"  airbench94 port run {len(results)}: {results[-1][0]:.1f} s, {results[-1][1]:.2%}", flush=True)
+        if port.wait():
+            err.seek(0)
+            raise SystemExit(f"airbench94 port failed: {err.read().strip()[-2000:]}")
     return results
 
 
@@ -107,8 +110,10 @@ def main() -> None:
             print(summary("airbench94 port", table["airbench94 port"]), flush=True)
         for recipe in filter(None, args.recipes.split(",")):  # --recipes "" runs the port alone
             preset, epochs = re.fullmatch(r"([\w-]+):(\d+)", recipe).groups()
-            table[recipe] = [cnnlab_run(data, Path(tmp) / "runs", preset, int(epochs), seed, args.threads)
-                             for seed in range(args.seeds)]
+            table[recipe] = []
+            for seed in range(args.seeds):
+                table[recipe].append(cnnlab_run(data, Path(tmp) / "runs", preset, int(epochs), seed, args.threads))
+                print(f"  {recipe} seed {seed}: {table[recipe][-1][0]:.1f} s, {table[recipe][-1][1]:.2%}", flush=True)
             print(summary(recipe, table[recipe]), flush=True)
     print(json.dumps({k: [{"train_seconds": s, "test_accuracy": a} for s, a in v] for k, v in table.items()}))
 
