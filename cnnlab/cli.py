@@ -121,8 +121,11 @@ def _add_train_options(p):
     p.add_argument("--whiten-bias-epochs", type=_number(int, "--whiten-bias-epochs", 0), metavar="E",
                    help="epochs the whitening layer's bias trains before it freezes (a preset with one sets it)")
     p.add_argument("--bias-lr-scale", type=_number(float, "--bias-lr-scale", 0, True), metavar="S",
-                   help="batch-norm and whitening biases' learning rate is S times --lr, their decay per step "
+                   help="batch-norm biases' learning rate is S times --lr, their decay per step "
                         f"unchanged (default {TrainConfig.bias_lr_scale:g}{preset})")
+    p.add_argument("--whiten-bias-scaled", action=argparse.BooleanOptionalAction, default=None,
+                   help="the whitening layer's bias trains at --bias-lr-scale too, as in airbench94_muon (default "
+                        "off: at --lr, as in airbench94; a preset may set it)")
     p.add_argument("--head-lr-scale", type=_number(float, "--head-lr-scale", 0, True), metavar="S",
                    help="the output layer's learning rate is S times --lr, its decay per step unchanged "
                         f"(default {TrainConfig.head_lr_scale:g}{preset})")

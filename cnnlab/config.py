@@ -50,7 +50,8 @@ class TrainConfig:
     flip: str = "random"  # augmenting: "random" per image per batch, or "alternate" (data.alternate_flips)
     tta: int = 0  # test-time augmentation: 0 none, 1 + the mirror image, 2 + both mirrored 1-pixel shifts (test only; validation takes at most 1)
     whiten_bias_epochs: int = 0  # epochs the whitening layer's bias trains before it freezes (airbench: 3)
-    bias_lr_scale: float = 1.0  # batch-norm (and whitening) biases' lr multiplier, their decay per step unchanged
+    bias_lr_scale: float = 1.0  # batch-norm biases' lr multiplier, their decay per step unchanged
+    whiten_bias_scaled: bool = False  # the whitening bias trains at bias_lr_scale too (airbench94_muon; airbench94: at lr)
     head_lr_scale: float = 1.0  # the output layer's lr multiplier, its decay per step unchanged
     lookahead: bool = False  # airbench's moving average of the weights (optimizer.Lookahead)
     preprocessing: Preprocessing = UNIT
@@ -120,6 +121,8 @@ def from_record(config: type, record: dict):
     # absent: written before the run had test-time augmentation; true/false: before it had levels
     values["tta"] = int(record.get("tta", 0))
     if config is TrainConfig:
+        # absent: written when Muon runs alone scaled the whitening bias's rate
+        values.setdefault("whiten_bias_scaled", record.get("optimizer") == "muon")
         if isinstance(values.get("preprocessing"), dict):
             values["preprocessing"] = Preprocessing.from_dict(values["preprocessing"])
         elif record.get("normalize") == "cifar10":  # a run written before preprocessing was recorded whole

@@ -10,7 +10,7 @@ from torch import nn
 from .config import TrainConfig
 
 
-def _norm_biases(model: nn.Module, whitening: bool) -> list[nn.Parameter]:
+def _scaled_biases(model: nn.Module, whitening: bool) -> list[nn.Parameter]:
     """The trainable parameters of the batch-norm layers (with ``bn:noscale``, only their biases),
     and with ``whitening`` the whitening layer's bias."""
     from .layers import Whiten
@@ -28,15 +28,15 @@ def _head(model: nn.Module) -> list[nn.Parameter]:
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """The parameters that train, in groups: the rest first, then with ``cfg.bias_lr_scale`` != 1
-    the biases of batch norm (and, for Muon, of the whitening layer), with ``cfg.head_lr_scale``
+    the biases of batch norm (and with ``cfg.whiten_bias_scaled`` the whitening layer's), with ``cfg.head_lr_scale``
     != 1 the output layer, each at ``lr`` times its scale with its weight decay divided by it (the
     decay per step stays the same; airbench's biases move 64x faster, decay alike). With
     ``cfg.optimizer == "muon"`` the conv filters come first, in a group marked ``orthogonal``
     (see ``Muon``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     special = {}
-    if cfg.bias_lr_scale != 1:  # airbench94 keeps the whitening bias at the base rate, airbench94_muon does not
-        special.update({id(p): cfg.bias_lr_scale for p in _norm_biases(model, cfg.optimizer == "muon")})
+    if cfg.bias_lr_scale != 1:
+        special.update({id(p): cfg.bias_lr_scale for p in _scaled_biases(model, cfg.whiten_bias_scaled)})
     if cfg.head_lr_scale != 1:
         special.update({id(p): cfg.head_lr_scale for p in _head(model)})
     filters = {id(p) for p in params if p.dim() == 4} if cfg.optimizer == "muon" else set()

@@ -59,7 +59,7 @@ UNIT_STD_HEAD = ("dense:nobias:unitstd", "scale0.00390625")  # airbench94_muon's
 MUON_RECIPE = {"batch_size": 2000, "optimizer": "muon", "lr": 0.24, "momentum": 0.85, "weight_decay": 0.004 / 0.24,
                "bias_lr_scale": 106 / 0.24, "head_lr_scale": 1340 / 0.24, "schedule": "linear", "label_smoothing": 0.2,
                "augment": True, "translate": 2, "flip": "alternate", "tta": 2, "whiten_bias_epochs": 3,
-               "preprocessing": CIFAR10, "monitor": "val_accuracy"}
+               "whiten_bias_scaled": True, "preprocessing": CIFAR10, "monitor": "val_accuracy"}
 
 
 @dataclass(frozen=True)

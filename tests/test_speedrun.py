@@ -45,6 +45,19 @@ def test_batch_norm_biases_get_the_scaled_rate_and_the_same_decay_per_step():
     assert len(plain.param_groups) == 1
 
 
+def test_the_whitening_bias_joins_the_scaled_biases_only_where_the_recipe_says_so():
+    def scaled(preset, **overrides):  # the whitening bias's rate over the run's base rate
+        cfg = resolve_config(preset, data="x", **overrides)
+        model = build_model(get_preset(preset).layers, 10)
+        bias = next(m.bias for m in model.modules() if isinstance(m, Whiten)).requires_grad_()  # as _start sets it
+        groups = make_optimizer(model, cfg).param_groups
+        return next(g["lr"] for g in groups if any(p is bias for p in g["params"])) / cfg.lr
+    assert scaled("airbench94") == pytest.approx(1.0)  # airbench94: the base rate
+    assert scaled("airbench94", whiten_bias_scaled=True) == pytest.approx(64.0)
+    assert scaled("speedrun") == pytest.approx(106 / 0.24)  # airbench94_muon: the biases' rate
+    assert scaled("speedrun", whiten_bias_scaled=False) == pytest.approx(1.0)
+
+
 def test_lookahead_pulls_the_average_towards_the_weights_every_fifth_step_and_sets_them_to_it():
     model = nn.Linear(2, 1, bias=False)
     with torch.no_grad():
@@ -199,3 +212,13 @@ def test_the_muon_recipe_groups_filters_biases_and_head_at_their_rates():
     head = next(m for m in model.modules() if isinstance(m, nn.Linear))
     assert float(head.weight.detach().std()) == pytest.approx(1.0, rel=1e-4)
     assert lr_factor("linear", 0, 10) == 1.0 and lr_factor("linear", 5, 10) == 0.5 and lr_factor("linear", 10, 10) == 0
+
+
+def test_a_run_recorded_before_whiten_bias_scaled_existed_reads_back_as_it_trained():
+    from dataclasses import asdict
+
+    from cnnlab.config import TrainConfig, from_record
+    for preset, was in (("speedrun", True), ("airbench94", False)):  # then Muon alone scaled it
+        record = asdict(resolve_config(preset, data="x"))
+        del record["whiten_bias_scaled"]
+        assert from_record(TrainConfig, record).whiten_bias_scaled is was
