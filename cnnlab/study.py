@@ -247,7 +247,7 @@ def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: 
         return transfer(tcfg, log=log, splits=tsplits)
     for label, tcfg in recipes:
         log(f"\n=== transfer: {backbone} on {pets}, {label} ===")
-        attempt(f"transfer ({backbone}, {label})", lambda: transfer_run(tcfg))
+        attempt(f"transfer ({backbone}, {label})", partial(transfer_run, tcfg))
     if not runs:
         raise CnnlabError("; ".join(failures) or "nothing ran")
     if writes:
