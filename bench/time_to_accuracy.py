@@ -4,9 +4,12 @@ CIFAR-10 images, each over several seeds (mean and spread).
 
     python bench/time_to_accuracy.py --seeds 3 --recipes fast:6,fast:8,speedrun:8 --airbench
     python bench/time_to_accuracy.py --per-class 300 --seeds 2 --recipes fast:2 --airbench   # a smoke run
+    python bench/time_to_accuracy.py --seeds 3 --recipes "" --airbench --airbench-precision fp32   # the port in float32
 
 The shared folder has no test set: a stratified tenth of it (fixed by --split-seed) becomes test/, the
 rest train/; cnnlab trains on all of train/ (`--val-split 0`) and scores test/ once, as the port does.
+Runs go round-robin, seed by seed (the port once, then each recipe), so that the machine's drift over
+the hour falls on every recipe alike.
 Seconds are each tool's own count: cnnlab's `train_time_s` (its epochs), the port's
 `total_time_seconds` (its epochs and its final test-time-augmented pass); loading is in neither.
 """
@@ -58,15 +61,33 @@ def cnnlab_run(data: Path, out: Path, preset: str, epochs: int, seed: int, threa
     return metrics["train_time_s"], metrics["test_accuracy"]
 
 
-def airbench_runs(data: Path, runs: int, threads: int) -> list[tuple[float, float]]:
-    """(training seconds, test accuracy with its test-time augmentation) of each port run."""
+def forget_port_cache() -> None:
+    """Delete the port's decoded images: it caches them by name alone, not by folder."""
+    for stale in Path("/tmp").glob("ab94-*.pt"):
+        stale.unlink()
+
+
+# The port as shipped trains in bfloat16 autocast, emulated (and many times slower) on a CPU without
+# AVX512-BF16 or AMX. In float32 it runs with that autocast switched off and nothing else changed:
+# the fair baseline there, and on a bfloat16 CPU a measure of what bfloat16 costs the recipe.
+FLOAT32_PORT = """import runpy, sys, torch
+class _Float32(torch.autocast):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "enabled": False})
+torch.autocast = _Float32
+runpy.run_path(sys.argv[1], run_name="__main__")
+"""
+
+
+def airbench_runs(data: Path, runs: int, threads: int, precision: str = "bf16") -> list[tuple[float, float]]:
+    """(training seconds, test accuracy with its test-time augmentation) of each port run, in its
+    bfloat16 autocast as shipped (``precision`` "bf16") or with it off ("fp32")."""
     env = {**os.environ, "AB_TRAIN": str(data / "train"), "AB_TEST": str(data / "test"), "THREADS": str(threads),
            "RUNS": str(runs), "PYTHONUNBUFFERED": "1"}  # each run reported as it ends
-    for stale in Path("/tmp").glob("ab94-*.pt"):  # the port caches decoded images by name alone, not by folder
-        stale.unlink()
     results = []
     with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile("w+") as err:  # the port writes logs/ in cwd
-        port = subprocess.Popen([sys.executable, str(ANCHOR)], stdout=subprocess.PIPE, stderr=err, text=True,
+        command = [sys.executable, str(ANCHOR)] if precision == "bf16" else [sys.executable, "-c", FLOAT32_PORT, str(ANCHOR)]
+        port = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True,
                                 env=env, cwd=cwd)
         for line in port.stdout:  # |  run  |  eval  |  loss | acc | val | tta_val_acc | seconds |
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -93,28 +114,37 @@ def main() -> None:
     parser.add_argument("--recipes", default="fast:8", help="PRESET:EPOCHS,... (default fast:8)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--airbench", action="store_true", help="also run the airbench94 CPU port, --seeds times")
+    parser.add_argument("--airbench-precision", choices=("bf16", "fp32"), default="bf16",
+                        help="the port's precision: bf16 (its autocast, as shipped) or fp32 (autocast off)")
     parser.add_argument("--per-class", type=int, help="use only this many images of each class (a smoke run)")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
+    recipes = [r for r in args.recipes.split(",") if r]  # --recipes "" runs the port alone
+    bad = [r for r in recipes if not re.fullmatch(r"[\w-]+:\d+", r)]
+    if bad:
+        parser.error(f"--recipes {','.join(bad)}: give PRESET:EPOCHS, for example fast:8")
     cpu = cpu_model()
     print(f"cpu: {cpu}, {args.threads} threads; data {args.data}" + (f", {args.per_class} per class" if
                                                                        args.per_class else ""), flush=True)
-    table = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = make_split(Path(args.data), Path(tmp) / "data", args.per_class, args.split_seed)
         print(f"train {sum(1 for _ in (data / 'train').rglob('*.*'))} / test "
               f"{sum(1 for _ in (data / 'test').rglob('*.*'))} images", flush=True)
-        if args.airbench:
-            table["airbench94 port"] = airbench_runs(data, args.seeds, args.threads)
-            print(summary("airbench94 port", table["airbench94 port"]), flush=True)
-        for recipe in filter(None, args.recipes.split(",")):  # --recipes "" runs the port alone
-            preset, epochs = re.fullmatch(r"([\w-]+):(\d+)", recipe).groups()
-            table[recipe] = []
-            for seed in range(args.seeds):
+        port = f"airbench94 port{' (fp32)' if args.airbench_precision == 'fp32' else ''}"
+        table = {**({port: []} if args.airbench else {}), **{r: [] for r in recipes}}
+        forget_port_cache()
+        # Round-robin (port, then each recipe, seed by seed): the machine's speed drifts over an hour,
+        # and running all of one recipe first would hand it a different machine than the next.
+        for seed in range(args.seeds):
+            if args.airbench:
+                table[port] += airbench_runs(data, 1, args.threads, args.airbench_precision)
+            for recipe in recipes:
+                preset, epochs = re.fullmatch(r"([\w-]+):(\d+)", recipe).groups()
                 table[recipe].append(cnnlab_run(data, Path(tmp) / "runs", preset, int(epochs), seed, args.threads))
                 print(f"  {recipe} seed {seed}: {table[recipe][-1][0]:.1f} s, {table[recipe][-1][1]:.2%}", flush=True)
-            print(summary(recipe, table[recipe]), flush=True)
+        for label, results in table.items():
+            print(summary(label, results), flush=True)
     print(json.dumps({k: [{"train_seconds": s, "test_accuracy": a} for s, a in v] for k, v in table.items()}))
 
 
