@@ -18,7 +18,7 @@ from torch import nn
 
 from . import cache, distributed
 from .atomic import WriteError
-from .backbones import build, pretrained
+from .backbones import build, for_extraction, pretrained
 from .config import TrainConfig, TransferConfig, from_record, validate_transfer
 from .data import ImageSet, Splits, load_splits, photo_variants
 from .early_stopping import EarlyStopping
@@ -152,10 +152,11 @@ def cached_features(cfg: TransferConfig, features: nn.Module, prep: Preprocessin
         except Exception as exc:  # sealed, yet not what torch.save wrote: rebuilt all the same
             cache.warn_damaged(path, type(exc).__name__)
     start = time.perf_counter()
-    result = {name: extract_features(features, getattr(splits, name).images, prep, device, cfg.head == "gap",
+    base = for_extraction(features)
+    result = {name: extract_features(base, getattr(splits, name).images, prep, device, cfg.head == "gap",
                                      log=log, guard=guard, precision=cfg.precision)
               for name in ("train", "val", "test")}
-    copies = [extract_features(features, photo_variants(splits.train.images, cfg.seed * 1000 + k), prep, device,
+    copies = [extract_features(base, photo_variants(splits.train.images, cfg.seed * 1000 + k), prep, device,
                                cfg.head == "gap", log=log, guard=guard, precision=cfg.precision)
               for k in range(cfg.feature_copies)]  # one copy in memory at a time
     result["train"] = torch.cat([result["train"], *copies])

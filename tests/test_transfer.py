@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.backbones import (BACKBONES, CAFFE_PREPROCESSING, TORCHVISION_PREPROCESSING, build, get_backbone,
-                              keras_vgg_state)
+from cnnlab.backbones import (BACKBONES, CAFFE_PREPROCESSING, TORCHVISION_PREPROCESSING, build, for_extraction,
+                              get_backbone, keras_vgg_state)
 from cnnlab.errors import CnnlabError
 from cnnlab.preprocessing import Preprocessing
 from cnnlab.transfer import Head, TransferConfig, TransferModel, freeze_base, transfer
@@ -247,6 +247,26 @@ def test_predict_names_a_cat_in_chelsea_with_efficientnet_lite0(tmp_path):
     assert predictions["chelsea.png"][0]["probability"] > 0.5 and len(predictions["chelsea.png"]) == 3
     text = cnnlab("predict", tmp_path / "chelsea.png", "--model", "efficientnet_lite0").stdout
     assert "%  " in text and text.split(": ", 1)[1].split(" ")[0] in {w.split()[0] for w in cats}
+
+
+@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite2", 260)])
+def test_extraction_copy_folds_batch_norm_and_padding_into_the_convolutions(name, size):
+    features = build(name).features.eval()
+    generator = torch.Generator().manual_seed(0)
+    for bn in (m for m in features.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics as if trained
+        for t, low, high in ((bn.running_mean, -1, 1), (bn.running_var, 0.3, 3), (bn.weight, 0.5, 1.5), (bn.bias, -1, 1)):
+            t.data.copy_(torch.rand(t.shape, generator=generator) * (high - low) + low)
+    pads = lambda m: sum(isinstance(p, torch.nn.ZeroPad2d) for p in m.modules())  # noqa: E731
+    norms = lambda m: sum(isinstance(p, torch.nn.BatchNorm2d) for p in m.modules())  # noqa: E731
+    before = (pads(features), norms(features))
+    fast = for_extraction(features)
+    x = torch.randn(2, 3, size, size, generator=generator)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), features(x), atol=1e-4, rtol=1e-4)
+    assert norms(fast) == 0 and (pads(features), norms(features)) == before and before[1] > 40
+    assert 0 < pads(fast) < before[0] / 2  # only the stride-2 layers' lopsided 'same' padding is left
+    vgg = build("vgg19").features
+    assert for_extraction(vgg) is vgg  # no batch norm to fold
 
 
 @pytest.mark.parametrize("name, size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
