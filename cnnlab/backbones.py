@@ -70,7 +70,7 @@ class LiteFeatures(nn.Module):
         """A copy for inference that computes the same function in fewer passes over memory: each
         batch norm folded into the convolution before it (its running statistics and affine), and
         each symmetric 'same' padding done by the convolution instead of a separate zero-padding
-        copy. Batch norm and padding were about a third of a CPU forward pass (bench/transfer.py).
+        copy: on a CPU both are passes over memory of their own (BENCHMARKS.md, transfer learning).
         The copy cannot be fine-tuned (its batch norms are gone); this module is left as it was."""
         out = copy.deepcopy(self).eval()
         for seq in (out.stem, out.head):
