@@ -120,8 +120,8 @@ def main() -> None:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
-    recipes = [r for r in args.recipes.split(",") if r]  # --recipes "" runs the port alone
-    bad = [r for r in recipes if not re.fullmatch(r"[\w-]+:\d+", r)]
+    recipes = {r: re.fullmatch(r"([\w-]+):(\d+)", r) for r in args.recipes.split(",") if r}  # "" runs the port alone
+    bad = [r for r, parsed in recipes.items() if parsed is None]
     if bad:
         parser.error(f"--recipes {','.join(bad)}: give PRESET:EPOCHS, for example fast:8")
     cpu = cpu_model()
@@ -139,8 +139,8 @@ def main() -> None:
         for seed in range(args.seeds):
             if args.airbench:
                 table[port] += airbench_runs(data, 1, args.threads, args.airbench_precision)
-            for recipe in recipes:
-                preset, epochs = re.fullmatch(r"([\w-]+):(\d+)", recipe).groups()
+            for recipe, parsed in recipes.items():
+                preset, epochs = parsed.groups()
                 table[recipe].append(cnnlab_run(data, Path(tmp) / "runs", preset, int(epochs), seed, args.threads))
                 print(f"  {recipe} seed {seed}: {table[recipe][-1][0]:.1f} s, {table[recipe][-1][1]:.2%}", flush=True)
         for label, results in table.items():
