@@ -5,6 +5,8 @@ CIFAR-10 images, each over several seeds (mean and spread).
     python bench/time_to_accuracy.py --seeds 3 --recipes fast:6,fast:8,speedrun:8 --airbench
     python bench/time_to_accuracy.py --per-class 300 --seeds 2 --recipes fast:2 --airbench   # a smoke run
     python bench/time_to_accuracy.py --seeds 3 --recipes "" --airbench --airbench-precision fp32   # the port in float32
+    python bench/time_to_accuracy.py --seeds 1 --recipes speedrun:8,speedrun:8:fp32 --airbench --airbench-precision both
+                                                  # what bfloat16 costs each recipe, side by side
 
 The shared folder has no test set: a stratified tenth of it (fixed by --split-seed) becomes test/, the
 rest train/; cnnlab trains on all of train/ (`--val-split 0`) and scores test/ once, as the port does.
@@ -49,12 +51,14 @@ def make_split(source: Path, work: Path, per_class: int | None, seed: int) -> Pa
     return work
 
 
-def cnnlab_run(data: Path, out: Path, preset: str, epochs: int, seed: int, threads: int) -> tuple[float, float]:
+def cnnlab_run(data: Path, out: Path, preset: str, epochs: int, precision: str, seed: int,
+               threads: int) -> tuple[float, float]:
     """(training seconds, test accuracy) of one `cnnlab train` run on all of train/."""
-    name = f"{preset}-{epochs}-{seed}"
+    name = f"{preset}-{epochs}-{precision}-{seed}"
     done = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--preset", preset, "--data", str(data),
-                           "--val-split", "0", "--epochs", str(epochs), "--seed", str(seed), "--threads", str(threads),
-                           "--no-tensorboard", "--out", str(out), "--name", name], capture_output=True, text=True)
+                           "--val-split", "0", "--epochs", str(epochs), "--precision", precision, "--seed", str(seed),
+                           "--threads", str(threads), "--no-tensorboard", "--out", str(out), "--name", name],
+                          capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"cnnlab {name} failed: {done.stderr.strip()[-2000:]}")
     metrics = json.loads((out / name / "metrics.json").read_text())
@@ -93,7 +97,8 @@ def airbench_runs(data: Path, runs: int, threads: int, precision: str = "bf16") 
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if len(cells) == 7 and cells[1] == "eval":
                 results.append((float(cells[6]), float(cells[5])))
-                print(f"  airbench94 port run {len(results)}: {results[-1][0]:.1f} s, {results[-1][1]:.2%}", flush=True)
+                print(f"  airbench94 port ({precision}) run {len(results)}: {results[-1][0]:.1f} s, {results[-1][1]:.2%}",
+                      flush=True)
         if port.wait():
             err.seek(0)
             raise SystemExit(f"airbench94 port failed: {err.read().strip()[-2000:]}")
@@ -111,19 +116,25 @@ def summary(label: str, results: list[tuple[float, float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10/train"))
-    parser.add_argument("--recipes", default="fast:8", help="PRESET:EPOCHS,... (default fast:8)")
+    parser.add_argument("--recipes", default="fast:8",
+                        help="PRESET:EPOCHS[:PRECISION],... (default fast:8; PRECISION auto, fp32 or bf16, default auto)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--airbench", action="store_true", help="also run the airbench94 CPU port, --seeds times")
-    parser.add_argument("--airbench-precision", choices=("bf16", "fp32"), default="bf16",
-                        help="the port's precision: bf16 (its autocast, as shipped) or fp32 (autocast off)")
+    parser.add_argument("--airbench-precision", choices=("bf16", "fp32", "both"), default="bf16",
+                        help="the port's precision: bf16 (its autocast, as shipped), fp32 (autocast off) or both, "
+                             "round-robin")
     parser.add_argument("--per-class", type=int, help="use only this many images of each class (a smoke run)")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
-    recipes = {r: re.fullmatch(r"([\w-]+):(\d+)", r) for r in args.recipes.split(",") if r}  # "" runs the port alone
+    recipes = {r: re.fullmatch(r"([\w-]+):(\d+)(?::(auto|fp32|bf16))?", r)
+               for r in args.recipes.split(",") if r}  # "" runs the port alone
     bad = [r for r, parsed in recipes.items() if parsed is None]
     if bad:
-        parser.error(f"--recipes {','.join(bad)}: give PRESET:EPOCHS, for example fast:8")
+        parser.error(f"--recipes {','.join(bad)}: give PRESET:EPOCHS[:PRECISION], for example fast:8 or fast:8:fp32")
+    port_precisions = ("bf16", "fp32") if args.airbench_precision == "both" else (args.airbench_precision,)
+    ports = {precision: "airbench94 port" + (" (fp32)" if precision == "fp32" else "")
+             for precision in port_precisions if args.airbench}
     cpu = cpu_model()
     print(f"cpu: {cpu}, {args.threads} threads; data {args.data}" + (f", {args.per_class} per class" if
                                                                        args.per_class else ""), flush=True)
@@ -131,17 +142,17 @@ def main() -> None:
         data = make_split(Path(args.data), Path(tmp) / "data", args.per_class, args.split_seed)
         print(f"train {sum(1 for _ in (data / 'train').rglob('*.*'))} / test "
               f"{sum(1 for _ in (data / 'test').rglob('*.*'))} images", flush=True)
-        port = f"airbench94 port{' (fp32)' if args.airbench_precision == 'fp32' else ''}"
-        table = {**({port: []} if args.airbench else {}), **{r: [] for r in recipes}}
+        table = {**{label: [] for label in ports.values()}, **{r: [] for r in recipes}}
         forget_port_cache()
         # Round-robin (port, then each recipe, seed by seed): the machine's speed drifts over an hour,
         # and running all of one recipe first would hand it a different machine than the next.
         for seed in range(args.seeds):
-            if args.airbench:
-                table[port] += airbench_runs(data, 1, args.threads, args.airbench_precision)
+            for precision, label in ports.items():
+                table[label] += airbench_runs(data, 1, args.threads, precision)
             for recipe, parsed in recipes.items():
-                preset, epochs = parsed.groups()
-                table[recipe].append(cnnlab_run(data, Path(tmp) / "runs", preset, int(epochs), seed, args.threads))
+                preset, epochs, precision = parsed.groups()
+                table[recipe].append(cnnlab_run(data, Path(tmp) / "runs", preset, int(epochs), precision or "auto",
+                                                seed, args.threads))
                 print(f"  {recipe} seed {seed}: {table[recipe][-1][0]:.1f} s, {table[recipe][-1][1]:.2%}", flush=True)
         for label, results in table.items():
             print(summary(label, results), flush=True)
