@@ -72,7 +72,21 @@ def forward_flops(model: nn.Module, shape=(3, 32, 32)) -> float:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), for every absolute figure a benchmark prints."""
+    """The CPU's model name (/proc/cpuinfo) with its family, model number, clock and bfloat16 units,
+    for every absolute figure a benchmark prints: one model name ("Intel(R) Xeon(R) Processor") has
+    covered machines three times apart in speed."""
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.exists() else []
-    return next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "unknown")
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first core's
+    if "model name" not in fields:
+        return "unknown"
+    flags = set(fields.get("flags", "").split())
+    units = [name for flag, name in (("amx_tile", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    if not units:
+        units = ["AVX-512, no bfloat16"] if "avx512f" in flags else ["no AVX-512"]
+    clock = f", {float(fields['cpu MHz']):.0f} MHz" if "cpu MHz" in fields else ""
+    return (f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+            f"{clock}; {', '.join(units)})")
