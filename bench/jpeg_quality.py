@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from common import cpu_model  # noqa: E402
-from time_to_accuracy import cnnlab_run, make_split  # noqa: E402
+from time_to_accuracy import cnnlab_run, make_split, parse_recipe  # noqa: E402
 
 
 def reencode(split: Path, out: Path, quality: int) -> float:
@@ -52,7 +52,7 @@ def reencode(split: Path, out: Path, quality: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10/train"))
-    parser.add_argument("--recipe", default="speedrun:8", help="PRESET:EPOCHS (default speedrun:8)")
+    parser.add_argument("--recipe", default="speedrun:8", help="PRESET:EPOCHS[:PRECISION] (default speedrun:8)")
     parser.add_argument("--qualities", default="50,30", help="JPEG qualities to re-encode at, besides the images as "
                                                              "shared (default 50,30)")
     parser.add_argument("--seed", type=int, default=0)
@@ -60,12 +60,15 @@ def main() -> None:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
-    preset, _, epochs = args.recipe.partition(":")
+    recipe = parse_recipe(args.recipe)
+    if recipe is None:
+        parser.error(f"--recipe {args.recipe}: give PRESET:EPOCHS[:PRECISION], for example speedrun:8 or "
+                     "speedrun:8:fp32")
+    preset, epochs, precision = recipe
     try:
         qualities = [int(q) for q in args.qualities.split(",") if q]
-        epochs = int(epochs)
     except ValueError:
-        parser.error("give --recipe PRESET:EPOCHS and --qualities as numbers, for example speedrun:8 and 50,30")
+        parser.error(f"--qualities {args.qualities}: give whole numbers, for example 50,30")
     if any(not 1 <= q <= 95 for q in qualities):
         parser.error("--qualities: each between 1 and 95 (Pillow's range for JPEG)")
     print(f"cpu: {cpu_model()}, {args.threads} threads; {args.recipe}, seed {args.seed}", flush=True)
@@ -77,7 +80,7 @@ def main() -> None:
             if quality is not None:
                 data = Path(tmp) / f"q{quality}"
                 psnr = reencode(shared, data, quality)
-            seconds, accuracy = cnnlab_run(data, Path(tmp) / f"runs-{quality}", preset, epochs, "auto", args.seed,
+            seconds, accuracy = cnnlab_run(data, Path(tmp) / f"runs-{quality}", preset, epochs, precision, args.seed,
                                             args.threads)
             label = "as shared (q75)" if quality is None else f"re-encoded at {quality}"
             rows.append((label, psnr, seconds, accuracy))

@@ -31,7 +31,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from common import cpu_model  # noqa: E402
+from cnnlab.config import PRECISIONS  # noqa: E402
 ANCHOR = ROOT.parent / "shared" / "anchors" / "airbench94_cpu.py"
+
+
+RECIPE = re.compile(r"([\w-]+):(\d+)(?::(" + "|".join(PRECISIONS) + "))?")
+
+
+def parse_recipe(text: str) -> tuple[str, int, str] | None:
+    """PRESET:EPOCHS[:PRECISION] as (preset, epochs, precision, "auto" when not given); None when
+    the text is not of that form."""
+    parsed = RECIPE.fullmatch(text)
+    if parsed is None:
+        return None
+    preset, epochs, precision = parsed.groups()
+    return preset, int(epochs), precision or "auto"
 
 
 def make_split(source: Path, work: Path, per_class: int | None, seed: int) -> Path:
@@ -117,7 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10/train"))
     parser.add_argument("--recipes", default="fast:8",
-                        help="PRESET:EPOCHS[:PRECISION],... (default fast:8; PRECISION auto, fp32 or bf16, default auto)")
+                        help=f"PRESET:EPOCHS[:PRECISION],... (default fast:8; PRECISION {', '.join(PRECISIONS)}, "
+                             "default auto)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--airbench", action="store_true", help="also run the airbench94 CPU port, --seeds times")
     parser.add_argument("--airbench-precision", choices=("bf16", "fp32", "both"), default="bf16",
@@ -127,8 +142,7 @@ def main() -> None:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
-    recipes = {r: re.fullmatch(r"([\w-]+):(\d+)(?::(auto|fp32|bf16))?", r)
-               for r in args.recipes.split(",") if r}  # "" runs the port alone
+    recipes = {r: parse_recipe(r) for r in args.recipes.split(",") if r}  # "" runs the port alone
     bad = [r for r, parsed in recipes.items() if parsed is None]
     if bad:
         parser.error(f"--recipes {','.join(bad)}: give PRESET:EPOCHS[:PRECISION], for example fast:8 or fast:8:fp32")
@@ -150,9 +164,9 @@ def main() -> None:
             for precision, label in ports.items():
                 table[label] += airbench_runs(data, 1, args.threads, precision)
             for recipe, parsed in recipes.items():
-                preset, epochs, precision = parsed.groups()
-                table[recipe].append(cnnlab_run(data, Path(tmp) / "runs", preset, int(epochs), precision or "auto",
-                                                seed, args.threads))
+                preset, epochs, precision = parsed
+                table[recipe].append(cnnlab_run(data, Path(tmp) / "runs", preset, epochs, precision, seed,
+                                                args.threads))
                 print(f"  {recipe} seed {seed}: {table[recipe][-1][0]:.1f} s, {table[recipe][-1][1]:.2%}", flush=True)
         for label, results in table.items():
             print(summary(label, results), flush=True)
