@@ -452,8 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")  # rank 0 says it once
     from .runtime import keep_freed_memory
     keep_freed_memory()
+    code = None
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        return code
     except RunInterrupted as exc:
         _error(f"cnnlab {args.command}: stopped by {exc}")
         return exc.exit_code
@@ -478,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if "torch" in sys.modules:
             from .distributed import close
-            close()
+            close(wait_for_peers=code == 0)
 
 
 def _error(line: str) -> None:

@@ -12,6 +12,7 @@ whole batch's mean loss, as on one process.
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from typing import Callable, TypeVar
 
@@ -23,6 +24,7 @@ from .errors import CnnlabError
 
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=30)  # a rank waits this long for the others (rank 0 decoding a large image folder)
+FREE_WAIT_S = 0.05  # GIL-free pause before leaving the group: see close()
 
 
 def launched() -> bool:
@@ -72,10 +74,22 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
-def close() -> None:
-    """Leaves the process group (at the end of a command)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def close(wait_for_peers: bool = False) -> None:
+    """Leaves the process group at the end of a command; ``wait_for_peers`` (the command succeeded)
+    first meets the other ranks at a barrier, so none tears down while the others still talk."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_for_peers and active():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is already gone: there is no one left to wait for
+            pass
+    # gloo's worker threads free a collective's tensors after the call returned, and freeing one
+    # that Python dropped takes the GIL; a worker still waiting for it when the interpreter
+    # finalizes aborts the process ("terminate called without an active exception"). Sleeping
+    # releases the GIL to them (the barrier above does too, while it waits).
+    time.sleep(FREE_WAIT_S)
+    dist.destroy_process_group()
 
 
 def describe(batch_size: int) -> dict:
