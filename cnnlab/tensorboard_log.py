@@ -11,6 +11,7 @@ duplicated points. Without the ``tensorboard`` package a run says so once and tr
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,18 @@ TRAIN_COLUMNS = {"loss": "epoch_loss", "accuracy": "epoch_accuracy", "lr": "epoc
 VALIDATION_COLUMNS = {"val_loss": "epoch_loss", "val_accuracy": "epoch_accuracy", "val_precision": "epoch_precision",
                       "val_recall": "epoch_recall", "val_f1": "epoch_f1"}
 IMAGES = ("loss.png", "accuracy.png", "confusion_matrix.png")
+
+
+def wait_past_event_files(folders: list[Path]) -> None:
+    """Waits into the second after the newest event file's in ``folders``. TensorBoard reads a folder's
+    files in name order, and a file is named by the second it was opened in, then the pid and a
+    per-process count compared as text ("10" before "8"): a resumed run's file opened in the same
+    second as the interrupted one's could be read first, its points before theirs."""
+    stamps = [int(stamp) for folder in folders if folder.is_dir()
+              for stamp in (p.name.split(".")[3] for p in folder.glob("events.out.tfevents.*")) if stamp.isdigit()]
+    wait = max(stamps) + 1 - time.time() if stamps else 0
+    if wait > 0:
+        time.sleep(wait)
 
 
 class Board:
@@ -42,8 +55,9 @@ class Board:
             log("note: the tensorboard package is not installed (pip install tensorboard): this run writes no "
                 "TensorBoard event files")
             return
-        self.writers = {part: SummaryWriter(str(run_dir / part), purge_step=purge_step)
-                        for part in (("train", "validation") if validated else ("train",))}
+        parts = ("train", "validation") if validated else ("train",)
+        wait_past_event_files([run_dir / part for part in parts])
+        self.writers = {part: SummaryWriter(str(run_dir / part), purge_step=purge_step) for part in parts}
 
     def step(self, step: int, lr: float) -> None:
         """After optimizer step ``step`` (from 1), taken at learning rate ``lr``."""

@@ -2,12 +2,14 @@
 import json
 import os
 import signal
+import time
 
 import pytest
 
 from cnnlab.config import resolve_config
 from cnnlab.errors import RunInterrupted
 from cnnlab.runs import read_history
+from cnnlab.tensorboard_log import Board
 from cnnlab.train import resume, train
 from conftest import make_folder
 from test_cli import cnnlab
@@ -64,6 +66,26 @@ def test_a_resumed_run_continues_its_curves_without_duplicated_points(tiny_folde
     history = read_history(run / "history.csv")
     assert [v for _, v in scalars(events(run, "validation"), "epoch_loss")] == pytest.approx(
         [r["val_loss"] for r in history], rel=1e-6)
+
+
+def test_a_run_resumed_within_the_second_is_still_read_after_the_interrupted_attempt(tmp_path, monkeypatch):
+    # the CI flake made certain: both attempts open their files in one second, the first with writer
+    # count 8 and the second with 10, and "10" sorts before "8"
+    from tensorboard.summary.writer import event_file_writer
+    clock = [1796239601.25]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    monkeypatch.setattr(time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(8))
+    interrupted = Board(tmp_path, log=lambda m: None)
+    for step in (5, 10):
+        interrupted.epoch(step, {"epoch": step // 5, "loss": 1.0 / step, "val_loss": 2.0 / step})
+    interrupted.close()
+    resumed = Board(tmp_path, purge_step=11, log=lambda m: None)
+    resumed.epoch(15, {"epoch": 3, "loss": 1.0 / 15, "val_loss": 2.0 / 15})
+    resumed.close()
+    assert clock[0] == pytest.approx(1796239602, abs=1e-6)  # it waited into the next second, no longer
+    for part in ("train", "validation"):
+        assert [s for s, _ in scalars(events(tmp_path, part), "epoch_loss")] == [5, 10, 15]
 
 
 def test_no_tensorboard_writes_no_event_files(tiny_folder, tmp_path):
