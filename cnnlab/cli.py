@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from dataclasses import fields
 
@@ -16,12 +17,16 @@ from .errors import CnnlabError, RunInterrupted
 
 # torchrun's rank, read before torch loads: only rank 0 (or a plain process) prints
 MAIN_RANK = os.environ.get("RANK", "0") == "0"
+# how long another rank that fails waits before it exits, so that rank 0 says why first: torchrun
+# SIGTERMs every rank once one has exited, and rank 0 may not have reached its line yet
+REPORT_WAIT_S = 3.0
 
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line and exit code 2 (printed by rank 0 alone)."""
 
     def error(self, message):
+        _leave_the_report_to_rank0()
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n" if MAIN_RANK else None)
 
 
@@ -486,6 +491,17 @@ def main(argv: list[str] | None = None) -> int:
 def _error(line: str) -> None:
     if MAIN_RANK:
         print(line, file=sys.stderr)
+    _leave_the_report_to_rank0()
+
+
+def _leave_the_report_to_rank0() -> None:
+    """On a rank other than 0, waits before a failure's exit: the ranks fail alike (same arguments,
+    same data), and rank 0 alone says why."""
+    if not MAIN_RANK:
+        try:
+            time.sleep(REPORT_WAIT_S)
+        except KeyboardInterrupt:  # a second Ctrl-C: exit now, still without a traceback
+            pass
 
 
 def _peer_lost(exc: RuntimeError) -> str | None:

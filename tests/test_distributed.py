@@ -2,6 +2,7 @@
 data; faults (SIGTERM, a rank killed), two "nodes" on 127.0.0.1, bad input."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -200,6 +201,23 @@ def test_bad_input_under_torchrun_is_one_line(data, tmp_path, private_cache, bad
     assert done.returncode != 0 and len(lines) == 1 and says in lines[0], done.stderr[-2000:]
     assert "Traceback" not in "\n".join(l for l in done.stderr.splitlines() if l.startswith("[rank"))
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("main_rank", [True, False])
+def test_only_rank_0_says_why_and_the_others_wait_for_it(monkeypatch, capsys, tmp_path, main_rank):
+    """torchrun SIGTERMs every rank once one has exited: a rank other than 0 that exited at once
+    with the shared error could kill rank 0 before it printed the line (a flake seen in CI)."""
+    from cnnlab import cli
+    waits = []
+    monkeypatch.setattr(cli, "MAIN_RANK", main_rank)
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    for argv in (["train", "--lr", "-1"], ["evaluate", str(tmp_path / "no-run"), "--data", str(tmp_path)]):
+        with pytest.raises(SystemExit) if argv[1] == "--lr" else contextlib.nullcontext():
+            assert cli.main(argv) != 0
+        said = [l for l in capsys.readouterr().err.splitlines() if l.startswith("cnnlab")]
+        assert len(said) == (1 if main_rank else 0), said
+        assert waits == ([] if main_rank else [cli.REPORT_WAIT_S]), argv
+        waits.clear()
 
 
 def test_transfer_features_are_extracted_by_both_ranks_into_one_cache(tmp_path, private_cache):
