@@ -29,6 +29,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, preprocessing: Prepro
     ``tta`` (see ``augmented_logits``); ``precision`` as in ``runtime.compute_dtype``. Under
     torchrun each rank computes its part of ``images`` and every rank gets all the logits."""
     model.eval()
+    if hasattr(model, "for_inference"):  # a transfer model: its base folded for the pass (transfer.py)
+        model = model.for_inference()
     dtype = compute_dtype(precision, device)
     batch_size = batch_size or inference_batch(images)
     prepare = preprocessing.on(device)

@@ -269,6 +269,24 @@ def test_extraction_copy_folds_batch_norm_and_padding_into_the_convolutions(name
     assert for_extraction(vgg) is vgg  # no batch norm to fold
 
 
+def test_scoring_a_transfer_model_runs_a_folded_copy_and_leaves_the_model_as_it_was(monkeypatch):
+    from cnnlab import inference
+    from cnnlab.backbones import TORCHVISION_PREPROCESSING
+    built = build("efficientnet_lite0")
+    model = TransferModel(built.features, Head("gap", built.channels, built.grid, 3)).eval()
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_var.data.uniform_(0.3, 3, generator=torch.Generator().manual_seed(1))
+    norms = lambda m: sum(isinstance(p, torch.nn.BatchNorm2d) for p in m.modules())  # noqa: E731
+    seen = []
+    monkeypatch.setattr(inference, "augmented_logits", lambda net, x, tta: seen.append(norms(net)) or net(x).float())
+    images = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8)
+    logits = inference.predict_logits(model, images, TORCHVISION_PREPROCESSING, torch.device("cpu"), precision="fp32")
+    with torch.no_grad():
+        direct = model(TORCHVISION_PREPROCESSING.on(torch.device("cpu"))(images).contiguous())
+    assert seen and set(seen) == {0}  # every batch ran through a copy without batch norms
+    assert norms(model) > 40 and torch.allclose(logits, direct, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name, size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
 def test_the_larger_efficientnet_lites_see_chelsea_at_their_own_size(tmp_path, name, size):
     from PIL import Image
