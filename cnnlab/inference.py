@@ -3,6 +3,8 @@ on a labelled set, and the most confident mistakes. evaluate, predict and the en
 use this; none of them needs the training loop."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,21 +49,40 @@ def predict_logits(model: nn.Module, images: torch.Tensor, preprocessing: Prepro
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def augmented_logits(model: nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
-    """float32 logits for the batch ``x``: level 0 the image alone; 1 the mean with its mirror
-    image; 2 (airbench's) half that, half the same for the image shifted one pixel up-left and one
-    down-right (reflect-padded), each with its mirror image: 6 views."""
-    def mirrored(v):
-        return (model(v).float() + model(v.flip(3)).float()) / 2
+def tta_views(tta: int) -> list[tuple[float, str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """(weight, name, view) of each view that test-time augmentation level ``tta`` averages the
+    logits of, for prepared image batches: level 0 the image alone; 1 the image and its mirror
+    image, half each; 2 (airbench's) half that, half the same for the image shifted one pixel
+    up-left and one down-right (reflect-padded), each with its mirror image: 6 views."""
+    def image(x):
+        return x
 
+    def mirror(x):
+        return x.flip(3)
+
+    def shifted(top: int, mirrored: bool):
+        def view(x):
+            h, w = x.shape[2:]
+            y = F.pad(x, (1, 1, 1, 1), mode="reflect")[:, :, top:top + h, top:top + w]
+            return y.flip(3) if mirrored else y
+        return view
+
+    if not tta:
+        return [(1.0, "image", image)]
+    pair = [(0.5, "image", image), (0.5, "mirror", mirror)]
+    if tta == 1:
+        return pair
+    shifts = [(0.125, f"{name}{' mirror' if m else ''}", shifted(top, m))
+              for top, name in ((0, "up-left"), (2, "down-right")) for m in (False, True)]
+    return [(w / 2, name, view) for w, name, view in pair] + shifts
+
+
+def augmented_logits(model: nn.Module, x: torch.Tensor, tta: int) -> torch.Tensor:
+    """float32 logits for the batch ``x``: the weighted sum of the model's logits over the views of
+    ``tta_views(tta)``."""
     if not tta or x.dim() != 4:  # cached features have no pixels to mirror or shift
         return model(x).float()
-    if tta == 1:
-        return mirrored(x)
-    h, w = x.shape[2:]
-    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    shifted = (mirrored(padded[:, :, :h, :w]) + mirrored(padded[:, :, 2:, 2:])) / 2
-    return (mirrored(x) + shifted) / 2
+    return sum(weight * model(view(x)).float() for weight, _, view in tta_views(tta))
 
 
 def _output_width(model: nn.Module, probe: torch.Tensor, prepare, device, dtype) -> int:

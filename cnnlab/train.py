@@ -277,12 +277,15 @@ def _run(cfg: TrainConfig, run_dir: Path, model, splits: Splits, device, state, 
 def finish_run(run_dir: Path, model: nn.Module, splits: Splits, device: torch.device, history: list[dict],
                stopper: EarlyStopping, preprocessing: Preprocessing, tta: int, precision: str,
                log: Callable[[str], None], boundary: int | None = None, extra: dict | None = None,
-               board: Board | None = None, settings: dict | None = None, explain_mistakes: bool = False) -> None:
+               board: Board | None = None, settings: dict | None = None, explain_mistakes: bool = False,
+               logits: torch.Tensor | None = None) -> None:
     """Tests once on the held-out split and writes the run's results (runs.write_results, and
     to ``board`` the plots and ``settings`` with the test scores); ``boundary`` marks where
     fine-tuning began on the curves, ``extra`` joins the metrics; ``explain_mistakes`` shows the
-    most confident mistakes with the Grad-CAM map of the class they were taken for."""
-    logits = predict_logits(model, splits.test.images, preprocessing, device, tta=tta, precision=precision)
+    most confident mistakes with the Grad-CAM map of the class they were taken for; ``logits``,
+    the test split's already computed (from cached features), saves the pass through ``model``."""
+    if logits is None:
+        logits = predict_logits(model, splits.test.images, preprocessing, device, tta=tta, precision=precision)
     test = score_logits(logits, splits.test.labels, splits.class_names)
     best = stopper.best_epoch or len(history)
     train_time = sum(r["seconds"] for r in history)

@@ -22,7 +22,7 @@ from .backbones import build, for_extraction, pretrained
 from .config import TrainConfig, TransferConfig, from_record, validate_transfer
 from .data import ImageSet, Splits, load_splits, photo_variants
 from .early_stopping import EarlyStopping
-from .inference import inference_batch
+from .inference import inference_batch, predict_logits, tta_views
 from .interrupts import InterruptGuard, Interrupted, guarded_run
 from .preprocessing import Preprocessing
 from .presets import count_parameters
@@ -108,9 +108,11 @@ def _feature_key(cfg: TransferConfig, weights_path: Path, prep: Preprocessing, s
 @torch.inference_mode()
 def extract_features(features: nn.Module, images: torch.Tensor, prep: Preprocessing, device: torch.device,
                      pool: bool, batch_size: int | None = None, log: Callable[[str], None] | None = None,
-                     guard: InterruptGuard | None = None, precision: str = "auto") -> torch.Tensor:
+                     guard: InterruptGuard | None = None, precision: str = "auto",
+                     view: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The base's outputs for uint8 images, float16, (N, C) when ``pool`` else (N, C, H, W), its
-    convolutions in ``compute_dtype(precision)``. With ``guard``, a signal stops it at the end of
+    convolutions in ``compute_dtype(precision)``; with ``view``, for that view of each prepared
+    batch (one of ``inference.tta_views``). With ``guard``, a signal stops it at the end of
     a batch (raises ``Interrupted`` with epoch 0): on a CPU the whole extraction can take minutes.
     Under torchrun each rank extracts its part of ``images`` and every rank gets all the features
     (a signal then stops every rank at the end of the same batch)."""
@@ -133,7 +135,8 @@ def extract_features(features: nn.Module, images: torch.Tensor, prep: Preprocess
         part = images[first + i:min(first + i + batch_size, stop)]
         if len(part):
             with autocast(device, dtype):
-                y = features(prepare(part)).float()
+                x = prepare(part)
+                y = features(view(x) if view else x).float()
             out.append((y.mean((2, 3)) if pool else y).half().cpu())
         if log and b % 250 == 249:
             done = (b + 1) * batch_size * distributed.world_size()
@@ -147,27 +150,52 @@ def cached_features(cfg: TransferConfig, features: nn.Module, prep: Preprocessin
                     splits: Splits, weights_path: Path, log: Callable[[str], None],
                     guard: InterruptGuard | None = None) -> tuple[dict, bool]:
     """({'train'|'val'|'test': features}, whether they came from the disk cache): read from the
-    cache, or computed once and cached. Under torchrun the ranks extract together and rank 0
-    writes the one cache entry; whether to read it is rank 0's call, so all ranks agree."""
+    cache, or computed once and cached; then the features of each further view of the test split
+    that test-time augmentation scores (``inference.tta_views``) as 'test <view>' (none when
+    fine-tuning will change the base), each view in a cache file of its own, so that runs with and
+    without test-time augmentation share the rest.
+    Under torchrun the ranks extract together and rank 0 writes the cache; whether to read it is
+    rank 0's call, so all ranks agree."""
     key = _feature_key(cfg, weights_path, prep, splits, compute_dtype(cfg.precision, device))
-    path = default_cache_dir() / f"features-{key}.pt"
+    base = for_extraction(features)
+
+    def extract(images: torch.Tensor, view=None) -> torch.Tensor:
+        return extract_features(base, images, prep, device, cfg.head == "gap", log=log, guard=guard,
+                                precision=cfg.precision, view=view)
+
+    def all_splits() -> dict:
+        start = time.perf_counter()
+        result = {name: extract(getattr(splits, name).images) for name in ("train", "val", "test")}
+        copies = [extract(photo_variants(splits.train.images, cfg.seed * 1000 + k))
+                  for k in range(cfg.feature_copies)]  # one copy in memory at a time
+        result["train"] = torch.cat([result["train"], *copies])
+        n = sum(len(v) for v in result.values())
+        log(f"extracted features of {n} images in {time.perf_counter() - start:.1f}s "
+            f"({n / (time.perf_counter() - start):.1f} images/s)")
+        return result
+
+    def test_view(name: str, view) -> dict:
+        start = time.perf_counter()
+        out = extract(splits.test.images, view)
+        log(f"extracted features of the test split's {name} images in {time.perf_counter() - start:.1f}s")
+        return {"test": out}
+
+    result, hit = _from_cache(default_cache_dir() / f"features-{key}.pt", all_splits, log)
+    for _, name, view in [] if cfg.fine_tune_epochs else tta_views(cfg.tta)[1:]:
+        path = default_cache_dir() / f"features-{key}-test-{name.replace(' ', '-')}.pt"
+        views, view_hit = _from_cache(path, lambda name=name, view=view: test_view(name, view), log)
+        result[f"test {name}"], hit = views["test"], hit and view_hit
+    return result, hit
+
+
+def _from_cache(path: Path, compute: Callable[[], dict], log: Callable[[str], None]) -> tuple[dict, bool]:
+    """(the tensors cached at ``path``, True), or (``compute()``, False) with rank 0 caching them."""
     if distributed.on_main(lambda: cache.check(path) is not None):
         try:
             return torch.load(path, weights_only=True), True
         except Exception as exc:  # sealed, yet not what torch.save wrote: rebuilt all the same
             cache.warn_damaged(path, type(exc).__name__)
-    start = time.perf_counter()
-    base = for_extraction(features)
-    result = {name: extract_features(base, getattr(splits, name).images, prep, device, cfg.head == "gap",
-                                     log=log, guard=guard, precision=cfg.precision)
-              for name in ("train", "val", "test")}
-    copies = [extract_features(base, photo_variants(splits.train.images, cfg.seed * 1000 + k), prep, device,
-                               cfg.head == "gap", log=log, guard=guard, precision=cfg.precision)
-              for k in range(cfg.feature_copies)]  # one copy in memory at a time
-    result["train"] = torch.cat([result["train"], *copies])
-    n = sum(len(v) for v in result.values())
-    log(f"extracted features of {n} images in {time.perf_counter() - start:.1f}s "
-        f"({n / (time.perf_counter() - start):.1f} images/s)")
+    result = compute()
     if not distributed.is_main():
         return result, False
     try:
@@ -178,6 +206,16 @@ def cached_features(cfg: TransferConfig, features: nn.Module, prep: Preprocessin
     except (OSError, WriteError) as exc:
         log(f"warning: could not cache features ({exc})")
     return result, False
+
+
+def cached_test_logits(head: nn.Module, feats: dict, tta: int, prep: Preprocessing, device: torch.device,
+                       precision: str) -> torch.Tensor:
+    """The test split's logits from its cached features, each view of ``tta_views(tta)`` weighted
+    as ``inference.augmented_logits`` weighs it: the same scores as the whole model on the photos
+    (up to the cache's float16 rounding) without running the base again."""
+    return sum(weight * predict_logits(head, feats["test" if name == "image" else f"test {name}"], prep, device,
+                                       precision=precision)
+               for weight, name, _ in tta_views(tta))
 
 
 # ---------------------------------------------------------------- a run
@@ -228,16 +266,20 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
             f"{f' x {distributed.world_size()} ranks' if distributed.active() else ''}; "
             f"ready in {time.perf_counter() - started:.1f}s")
         log(f"run directory: {run_dir}")
-        history, stopper, boundary, extra = _phases(cfg, model, built, prep, splits, weights_path, device,
-                                                    run_dir, guard, log, board)
+        history, stopper, boundary, extra, logits = _phases(cfg, model, built, prep, splits, weights_path, device,
+                                                            run_dir, guard, log, board)
         finish_run(run_dir, model, splits, device, history, stopper, prep, cfg.tta, cfg.precision, log,
-                   boundary=boundary, extra=extra, board=board, settings=asdict(cfg), explain_mistakes=True)
+                   boundary=boundary, extra=extra, board=board, settings=asdict(cfg), explain_mistakes=True,
+                   logits=logits)
     return run_dir
 
 
 def _phases(cfg, model, built, prep, splits, weights_path, device, run_dir, guard, log, board):
+    """(history, early stopping, fine-tuning's first epoch, extra metrics, the test split's logits
+    when its cached features still hold for the model, else None)."""
     frozen_cfg = phase_config(cfg, cfg.epochs, cfg.lr, prep)
     extra = {"feature_cache": None}
+    feats = None
     if cfg.feature_cache and not cfg.augment:
         start = time.perf_counter()
         feats, hit = cached_features(cfg, model.features, prep, device, splits, weights_path, log, guard)
@@ -256,13 +298,16 @@ def _phases(cfg, model, built, prep, splits, weights_path, device, run_dir, guar
     if distributed.is_main():
         write_history(run_dir / "history.csv", history)
     boundary = None
+    logits = None  # fine-tuning changes the base: the test then runs through the whole model
+    if feats is not None and not cfg.fine_tune_epochs:
+        logits = cached_test_logits(model.head, feats, cfg.tta, prep, device, cfg.precision)
     if cfg.fine_tune_epochs:
         board.offset_steps, board.offset_epochs = board.last_step, len(history)
         history, stopper, boundary = _fine_tune(cfg, model, built, prep, splits, device, guard, log, history,
                                                 stopper, extra, board)
         if distributed.is_main():
             write_history(run_dir / "history.csv", history)
-    return history, stopper, boundary, extra
+    return history, stopper, boundary, extra, logits
 
 
 def _fine_tune(cfg, model, built, prep, splits, device, guard, log, history, frozen: EarlyStopping, extra, board):

@@ -48,13 +48,15 @@ def world(tmp_path_factory):
     return root
 
 
+FEATURES = "features-" + "?" * 24 + ".pt"  # the photos' features; the test split's mirror images have their own
 ENTRIES = [("train", "images-*.npy"), ("train", "images-*.npy.json"), ("train", "kernels/cnnlab_kernels_*.so"),
-           ("train", "kernels/cnnlab_kernels_*.so.json"), ("transfer", "features-*.pt"),
-           ("transfer", "features-*.pt.json")]
+           ("train", "kernels/cnnlab_kernels_*.so.json"), ("transfer", FEATURES), ("transfer", FEATURES + ".json"),
+           ("transfer", "features-*-test-mirror.pt")]
 # every entry and every kind of damage, not every pair (each case is a run: CI's time)
 DAMAGES = {"images-*.npy": ("truncated", "garbled"), "images-*.npy.json": ("zero-length",),
            "kernels/cnnlab_kernels_*.so": ("truncated", "garbled"), "kernels/cnnlab_kernels_*.so.json": ("garbled",),
-           "features-*.pt": ("garbled", "zero-length"), "features-*.pt.json": ("truncated",)}
+           FEATURES: ("garbled", "zero-length"), FEATURES + ".json": ("truncated",),
+           "features-*-test-mirror.pt": ("garbled",)}
 CASES = [(kind, pattern, how) for kind, pattern in ENTRIES for how in DAMAGES[pattern]]
 
 

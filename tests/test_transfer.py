@@ -168,6 +168,43 @@ def test_feature_cache_is_reused_and_invalidated(pets, tmp_path):
     assert run("e") == "written"
 
 
+def test_a_frozen_run_scores_its_test_split_from_cached_features_with_the_mirror_images_cached_too(
+        pets, tmp_path, private_cache, monkeypatch):
+    from cnnlab import train
+    from cnnlab import transfer as transfer_module
+    from cnnlab.data import load_splits
+    from cnnlab.evaluate import load_model
+    from cnnlab.inference import predict_logits, score_logits
+    extracted, scored = [], []
+    extract, through_model = transfer_module.extract_features, train.predict_logits
+    monkeypatch.setattr(transfer_module, "extract_features",
+                        lambda base, images, *a, **k: extracted.append(len(images)) or extract(base, images, *a, **k))
+    monkeypatch.setattr(train, "predict_logits",
+                        lambda model, images, *a, **k: scored.append(len(images)) or through_model(model, images, *a, **k))
+
+    def run(name, **settings):
+        cfg = TransferConfig(data=str(pets), backbone="efficientnet_lite0", head="gap", epochs=1, batch_size=4,
+                             val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), name=name,
+                             precision="fp32", **settings)
+        return transfer(cfg, log=lambda m: None)
+
+    def metrics(run_dir):
+        return json.loads((run_dir / "metrics.json").read_text())
+    first = run("a")
+    assert extracted == [8, 4, 4, 4] and scored == []  # train, val, test, the test's mirror images; no pass after
+    model, config, prep = load_model(first)
+    test = load_splits(str(pets), prep.size, 0.25, 0.25, 0).test
+    whole = score_logits(predict_logits(model, test.images, prep, torch.device("cpu"), tta=1, precision="fp32"),
+                         test.labels, config["class_names"])
+    assert metrics(first)["test_loss"] == pytest.approx(whole["loss"], rel=2e-3)  # the cache keeps float16
+    extracted.clear()
+    again, plain = run("b"), run("c", tta=0)  # without test-time augmentation: the same cache, less of it
+    assert extracted == [] and scored == [] and metrics(again)["feature_cache"] == metrics(plain)["feature_cache"] == "hit"
+    assert metrics(again)["test_loss"] == metrics(first)["test_loss"] != metrics(plain)["test_loss"]
+    tuned = run("d", fine_tune_epochs=1)  # fine-tuning changes the base: its mirror images are not extracted
+    assert extracted == [] and scored == [4] and metrics(tuned)["feature_cache"] == "hit"
+
+
 def test_photo_variants_are_seeded_altered_copies():
     from cnnlab.data import photo_variants
     images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8)
@@ -186,7 +223,7 @@ def test_feature_copies_join_the_cache_as_more_training_rows(pets, tmp_path, pri
     run(0)
     copied = run(2)
     entries = {len(torch.load(p, weights_only=True)["train"]): torch.load(p, weights_only=True)
-               for p in private_cache.glob("features-*.pt")}
+               for p in private_cache.glob("features-*.pt") if "-test-" not in p.name}  # not the mirror images
     assert sorted(entries) == [8, 24]  # 8 training photos; with 2 copies each, 8 + 16 rows, in their own entry
     assert torch.equal(entries[24]["train"][:8], entries[8]["train"])  # the photos first, unchanged
     assert torch.equal(entries[24]["test"], entries[8]["test"])  # only training photos get copies
