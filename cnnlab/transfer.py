@@ -3,6 +3,7 @@ optional fine-tuning of the last blocks. Both phases run through train.py's loop
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io
 import math
@@ -157,10 +158,10 @@ def cached_features(cfg: TransferConfig, features: nn.Module, prep: Preprocessin
     Under torchrun the ranks extract together and rank 0 writes the cache; whether to read it is
     rank 0's call, so all ranks agree."""
     key = _feature_key(cfg, weights_path, prep, splits, compute_dtype(cfg.precision, device))
-    base = for_extraction(features)
+    base = functools.cache(lambda: for_extraction(features))  # folded only when something is extracted
 
     def extract(images: torch.Tensor, view=None) -> torch.Tensor:
-        return extract_features(base, images, prep, device, cfg.head == "gap", log=log, guard=guard,
+        return extract_features(base(), images, prep, device, cfg.head == "gap", log=log, guard=guard,
                                 precision=cfg.precision, view=view)
 
     def all_splits() -> dict:
