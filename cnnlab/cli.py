@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights file (.pth state dict, or Keras .h5 for VGG)")
     p.add_argument("--weights-variant", "--weights-kind", dest="weights_variant", choices=WEIGHTS_VARIANTS,
                    help="which weights (and so which preprocessing); default: the backbone's first")
+    p.add_argument("--image-size", type=_number(int, "--image-size", 32), metavar="PX",
+                   help="input size the base sees, photos resized to PX x PX (default: the size its weights were "
+                        "trained at: 224, efficientnet_lite1 240, _lite2 260); larger costs time, and for "
+                        "EfficientNet-Lite gained accuracy on new photos (BENCHMARKS.md)")
     p.add_argument("--head", choices=HEADS, help=f"flatten -> dense (the seed's) or global average pooling -> dense "
                    f"(default {TransferConfig.head})")
     p.add_argument("--epochs", type=_number(int, "--epochs", 1), metavar="N",

@@ -74,6 +74,7 @@ class TransferConfig:
     backbone: str = "vgg19"
     weights_file: str | None = None  # None: the backbone's shipped, cached or downloaded file
     weights_variant: str | None = None  # one of WEIGHTS_VARIANTS; None: the backbone's first
+    image_size: int | None = None  # the input size the base sees; None: the size its weights were trained at
     head: str = "gap"  # held-out photos: better than the seed's flatten head (BENCHMARKS.md); reproduce keeps flatten
     epochs: int = 4
     batch_size: int = 32
@@ -207,6 +208,8 @@ def validate_transfer(cfg: TransferConfig) -> None:
     _check(_common(cfg) + [
         (cfg.fine_tune_epochs >= 0, f"--fine-tune-epochs must be 0 or more (got {cfg.fine_tune_epochs})"),
         (cfg.unfreeze >= 1, f"--unfreeze must be at least 1 (got {cfg.unfreeze})"),
+        (cfg.image_size is None or cfg.image_size >= 32,
+         f"--image-size must be at least 32, the base's total stride (got {cfg.image_size})"),
         (cfg.feature_copies >= 0, f"--feature-copies must be 0 or more (got {cfg.feature_copies})"),
         (cfg.fine_tune_lr is None or cfg.fine_tune_lr > 0, f"--fine-tune-lr must be positive (got {cfg.fine_tune_lr})"),
         _choice(cfg.head, HEADS, "--head"),

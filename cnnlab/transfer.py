@@ -239,7 +239,7 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
     distributed.check_batch(cfg.batch_size)
     started = time.perf_counter()
     built, weights, weights_path = distributed.main_first(
-        lambda: pretrained(cfg.backbone, cfg.weights_variant, cfg.weights_file))  # a download happens once
+        lambda: pretrained(cfg.backbone, cfg.weights_variant, cfg.weights_file, cfg.image_size))  # one download
     prep = weights.preprocessing
     if splits is None:
         splits = distributed.main_first(lambda: load_splits(cfg.data, prep.size, cfg.val_split, cfg.test_split,
@@ -337,9 +337,10 @@ def _fine_tune(cfg, model, built, prep, splits, device, guard, log, history, fro
 
 def build_from_config(config: dict) -> tuple[TransferModel, Preprocessing]:
     """A transfer run's model (architecture only: weights come from its model.pt) and preprocessing."""
-    built = build(config["backbone"])
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    built = build(config["backbone"], prep.size)
     head = Head(config["head"], built.channels, built.grid, len(config["class_names"]))
-    return TransferModel(built.features, head), Preprocessing.from_dict(config["preprocessing"])
+    return TransferModel(built.features, head), prep
 
 
 def resume_transfer(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:

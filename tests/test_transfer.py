@@ -393,3 +393,34 @@ def test_a_transfer_run_recorded_before_tta_existed_reads_back_without_it():
     assert from_record(TransferConfig, record).tta == 1
     del record["tta"]
     assert from_record(TransferConfig, record).tta == 0  # as it was trained and tested
+
+
+def test_efficientnet_lite_built_for_another_input_size_pads_the_tensorflow_way_at_that_size():
+    own, odd = build("efficientnet_lite0"), build("efficientnet_lite0", 97)
+    # 'same' padding gives ceil(n / 2) at each of the five stride-2 convolutions: 97 -> 49 -> 25 -> 13 -> 7 -> 4;
+    # the padding fixed for 224 would give 3
+    assert odd.grid == 4 and odd.features.eval()(torch.zeros(1, 3, 97, 97)).shape == (1, 1280, 4, 4)
+    assert own.features.eval()(torch.zeros(1, 3, 97, 97)).shape[-1] == 3
+    assert build("efficientnet_lite0", 224).net.state_dict().keys() == own.net.state_dict().keys()
+    assert build("vgg19", 256).grid == 8 and build("vgg19").grid == 7
+
+
+def test_image_size_sets_the_input_the_base_sees_and_the_run_reads_back_at_it(pets, tmp_path):
+    from cnnlab.evaluate import evaluate_run, load_model
+
+    def run(size):
+        cfg = TransferConfig(data=str(pets), backbone="efficientnet_lite0", head="flatten", epochs=1, batch_size=4,
+                             val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), precision="fp32",
+                             image_size=size)
+        return transfer(cfg, log=lambda m: None)
+    run_dir = run(97)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["preprocessing"]["size"] == 97 and config["feature_shape"] == [1280, 4, 4]
+    assert json.loads((run_dir / "metrics.json").read_text())["feature_cache"] == "written"
+    model, _, prep = load_model(run_dir)  # the flatten head fits only a base rebuilt at 97
+    assert prep.size == 97 and model.head.linear.in_features == 1280 * 16
+    # a base rebuilt at the run's own size, or the flatten head could not take its features
+    assert evaluate_run(run_dir, pets)["images"] == sum(1 for f in pets.rglob("*") if f.is_file())
+    assert json.loads((run(None) / "config.json").read_text())["preprocessing"]["size"] == 224
+    assert_one_line_error(cnnlab("transfer", "--data", pets, "--backbone", "efficientnet_lite0",
+                                 "--image-size", "16"), "--image-size")
