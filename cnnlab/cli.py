@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which weights (and so which preprocessing); default: the backbone's first")
     p.add_argument("--image-size", type=_number(int, "--image-size", 32), metavar="PX",
                    help="input size the base sees, photos resized to PX x PX (default: the size its weights were "
-                        "trained at: 224, efficientnet_lite1 240, _lite2 260); larger costs time, and for "
-                        "EfficientNet-Lite gained accuracy on new photos (BENCHMARKS.md)")
+                        "trained at: 224, efficientnet_lite1 240, _lite2 260); larger costs time for a few "
+                        "tenths of a point on new photos at most (BENCHMARKS.md)")
     p.add_argument("--head", choices=HEADS, help=f"flatten -> dense (the seed's) or global average pooling -> dense "
                    f"(default {TransferConfig.head})")
     p.add_argument("--epochs", type=_number(int, "--epochs", 1), metavar="N",
