@@ -185,7 +185,7 @@ def cached_features(cfg: TransferConfig, features: nn.Module, prep: Preprocessin
     for _, name, view in [] if cfg.fine_tune_epochs else tta_views(cfg.tta)[1:]:
         path = default_cache_dir() / f"features-{key}-test-{name.replace(' ', '-')}.pt"
         views, view_hit = _from_cache(path, lambda name=name, view=view: test_view(name, view), log)
-        result[f"test {name}"], hit = views["test"], hit and view_hit
+        result[_test_key(name)], hit = views["test"], hit and view_hit
     return result, hit
 
 
@@ -214,9 +214,13 @@ def cached_test_logits(head: nn.Module, feats: dict, tta: int, prep: Preprocessi
     """The test split's logits from its cached features, each view of ``tta_views(tta)`` weighted
     as ``inference.augmented_logits`` weighs it: the same scores as the whole model on the photos
     (up to the cache's float16 rounding) without running the base again."""
-    return sum(weight * predict_logits(head, feats["test" if name == "image" else f"test {name}"], prep, device,
-                                       precision=precision)
+    return sum(weight * predict_logits(head, feats[_test_key(name)], prep, device, precision=precision)
                for weight, name, _ in tta_views(tta))
+
+
+def _test_key(view: str) -> str:
+    """Where ``cached_features`` keeps the test split's features of the view named ``view``."""
+    return "test" if view == "image" else f"test {view}"
 
 
 # ---------------------------------------------------------------- a run
