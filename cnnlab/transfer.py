@@ -25,6 +25,7 @@ from .data import ImageSet, Splits, load_splits, photo_variants
 from .early_stopping import EarlyStopping
 from .inference import inference_batch, predict_logits, tta_views
 from .interrupts import InterruptGuard, Interrupted, guarded_run
+from .onnx_extraction import OnnxBase, extraction_base
 from .preprocessing import Preprocessing
 from .presets import count_parameters
 from .runs import create_run_dir, run_record, unfinished_config, write_history, write_json, write_samples
@@ -157,8 +158,9 @@ def cached_features(cfg: TransferConfig, features: nn.Module, prep: Preprocessin
     without test-time augmentation share the rest.
     Under torchrun the ranks extract together and rank 0 writes the cache; whether to read it is
     rank 0's call, so all ranks agree."""
-    key = _feature_key(cfg, weights_path, prep, splits, compute_dtype(cfg.precision, device))
-    base = functools.cache(lambda: for_extraction(features))  # folded only when something is extracted
+    dtype = compute_dtype(cfg.precision, device)
+    key = _feature_key(cfg, weights_path, prep, splits, dtype)
+    base = functools.cache(lambda: extraction_base(features, prep.size, device, dtype, log))  # only when needed
 
     def extract(images: torch.Tensor, view=None) -> torch.Tensor:
         return extract_features(base(), images, prep, device, cfg.head == "gap", log=log, guard=guard,
@@ -171,8 +173,9 @@ def cached_features(cfg: TransferConfig, features: nn.Module, prep: Preprocessin
                   for k in range(cfg.feature_copies)]  # one copy in memory at a time
         result["train"] = torch.cat([result["train"], *copies])
         n = sum(len(v) for v in result.values())
+        by = ", onnxruntime" if isinstance(base(), OnnxBase) else ""
         log(f"extracted features of {n} images in {time.perf_counter() - start:.1f}s "
-            f"({n / (time.perf_counter() - start):.1f} images/s)")
+            f"({n / (time.perf_counter() - start):.1f} images/s{by})")
         return result
 
     def test_view(name: str, view) -> dict:

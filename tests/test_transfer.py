@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.backbones import (BACKBONES, CAFFE_PREPROCESSING, TORCHVISION_PREPROCESSING, build, for_extraction,
-                              get_backbone, keras_vgg_state)
+from cnnlab.backbones import (BACKBONES, CAFFE_PREPROCESSING, LITE_PREPROCESSING, TORCHVISION_PREPROCESSING, build,
+                              for_extraction, get_backbone, keras_vgg_state)
 from cnnlab.errors import CnnlabError
 from cnnlab.preprocessing import Preprocessing
 from cnnlab.transfer import Head, TransferConfig, TransferModel, freeze_base, transfer
@@ -424,3 +424,50 @@ def test_image_size_sets_the_input_the_base_sees_and_the_run_reads_back_at_it(pe
     assert json.loads((run(None) / "config.json").read_text())["preprocessing"]["size"] == 224
     assert_one_line_error(cnnlab("transfer", "--data", pets, "--backbone", "efficientnet_lite0",
                                  "--image-size", "16"), "--image-size")
+
+
+def _trained_lite(size: int):
+    """EfficientNet-Lite0 built for ``size``, its batch-norm statistics as if trained."""
+    features = build("efficientnet_lite0", size).features.eval()
+    generator = torch.Generator().manual_seed(3)
+    for bn in (m for m in features.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_var.data.uniform_(0.3, 3, generator=generator)
+        bn.running_mean.data.uniform_(-1, 1, generator=generator)
+    return features
+
+
+def test_float32_extraction_on_a_cpu_runs_the_lite_base_in_onnxruntime_with_the_same_features():
+    from cnnlab.onnx_extraction import OnnxBase, extraction_base
+    from cnnlab.transfer import extract_features
+    features, cpu = _trained_lite(64), torch.device("cpu")
+    base = extraction_base(features, 64, cpu, None)
+    assert isinstance(base, OnnxBase)
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)  # batches of 2, 2 and 1
+    for pool, view in ((True, None), (False, lambda x: x.flip(3))):
+        ours = extract_features(base, images, LITE_PREPROCESSING, cpu, pool, batch_size=2, precision="fp32", view=view)
+        torchs = extract_features(for_extraction(features), images, LITE_PREPROCESSING, cpu, pool, batch_size=2,
+                                  precision="fp32", view=view)
+        assert ours.shape == torchs.shape and ours.shape[:2] == (5, 1280)
+        assert torch.allclose(ours.float(), torchs.float(), atol=2e-3, rtol=2e-3)  # float16 in the cache
+
+
+def test_onnxruntime_extraction_only_where_it_pays(monkeypatch):
+    from cnnlab.onnx_extraction import OnnxBase, extraction_base
+    features, cpu = _trained_lite(64), torch.device("cpu")
+    assert not isinstance(extraction_base(features, 64, cpu, torch.bfloat16), OnnxBase)  # bfloat16: PyTorch's
+    vgg = build("vgg19", 64).features
+    assert extraction_base(vgg, 64, cpu, None) is vgg  # measured on EfficientNet-Lite only
+    monkeypatch.setenv("CNNLAB_ONNXRUNTIME", "0")
+    assert not isinstance(extraction_base(features, 64, cpu, None), OnnxBase)
+
+
+def test_a_base_onnxruntime_cannot_take_is_extracted_by_pytorch_with_a_warning(monkeypatch):
+    from cnnlab import onnx_extraction
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+    monkeypatch.setattr(onnx_extraction.torch.onnx, "export", refuse)
+    said = []
+    base = onnx_extraction.extraction_base(_trained_lite(64), 64, torch.device("cpu"), None, said.append)
+    assert not isinstance(base, onnx_extraction.OnnxBase) and sum(isinstance(m, torch.nn.BatchNorm2d)
+                                                                     for m in base.modules()) == 0
+    assert len(said) == 1 and "unsupported operator" in said[0] and "PyTorch" in said[0]

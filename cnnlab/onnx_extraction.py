@@ -1,0 +1,63 @@
+"""A frozen EfficientNet-Lite base run by onnxruntime for feature extraction in float32 on a CPU.
+
+In float32 (CPUs without native bfloat16, or ``--precision fp32``) onnxruntime's CPU kernels run the
+folded Lite bases about twice as fast as PyTorch's (BENCHMARKS.md, transfer learning), with the same
+features to about 1e-5. Where the CPU computes bfloat16, PyTorch's bfloat16 base is as fast, and on
+a GPU PyTorch runs it, so both stay PyTorch. ``CNNLAB_ONNXRUNTIME=0`` switches this off."""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import LiteFeatures, for_extraction
+
+
+class OnnxBase(nn.Module):
+    """``base`` exported to ONNX in memory and run by onnxruntime on ``threads`` CPU threads: a
+    module that maps a float32 (N, 3, H, W) batch to the base's float32 output, as ``base`` does."""
+
+    def __init__(self, base: nn.Module, size: int, threads: int):
+        super().__init__()
+        import onnxruntime
+
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's notes on shape inference
+            # the TorchScript exporter: 1 s for Lite2, where the dynamo one takes 6
+            torch.onnx.export(base.eval(), (torch.zeros(1, 3, size, size),), buf, input_names=["x"],
+                              output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        # its threads would spin between batches, taking the cores from PyTorch's preprocessing of the next one
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # onnxruntime reads C-contiguous arrays: a channels_last batch is copied once here
+        return torch.from_numpy(self.session.run(None, {"x": np.ascontiguousarray(x.float().numpy())})[0])
+
+
+def switched_off() -> bool:
+    return os.environ.get("CNNLAB_ONNXRUNTIME", "1") == "0"
+
+
+def extraction_base(features: nn.Module, size: int, device: torch.device, dtype: torch.dtype | None,
+                    log=None) -> nn.Module:
+    """The fastest frozen copy of ``features`` for extracting features at ``size`` x ``size``:
+    an EfficientNet-Lite base in float32 on a CPU run by onnxruntime (``OnnxBase``), anything else
+    ``backbones.for_extraction``'s PyTorch copy. When the export fails, PyTorch's, with a warning."""
+    base = for_extraction(features)
+    if device.type != "cpu" or dtype is not None or not isinstance(features, LiteFeatures) or switched_off():
+        return base
+    try:
+        return OnnxBase(base, size, torch.get_num_threads())
+    except Exception as exc:  # an exporter or onnxruntime that cannot take the graph: PyTorch's is as exact
+        if log:
+            log(f"warning: onnxruntime cannot run this base ({type(exc).__name__}: {str(exc)[:120]}); "
+                "extracting with PyTorch")
+        return base
