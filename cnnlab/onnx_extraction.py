@@ -1,9 +1,9 @@
 """A frozen EfficientNet-Lite base run by onnxruntime for feature extraction in float32 on a CPU.
 
 In float32 (CPUs without native bfloat16, or ``--precision fp32``) onnxruntime's CPU kernels run the
-folded Lite bases about twice as fast as PyTorch's (BENCHMARKS.md, transfer learning), with the same
-features to about 1e-5. Where the CPU computes bfloat16, PyTorch's bfloat16 base is as fast, and on
-a GPU PyTorch runs it, so both stay PyTorch. ``CNNLAB_ONNXRUNTIME=0`` switches this off."""
+folded Lite bases faster than PyTorch's (BENCHMARKS.md, transfer learning), with the same features to
+about 1e-5. Where the CPU computes bfloat16, PyTorch's bfloat16 base is about as fast, and on a GPU
+PyTorch runs it, so both stay PyTorch. ``CNNLAB_ONNXRUNTIME=0`` switches this off."""
 from __future__ import annotations
 
 import io
@@ -28,7 +28,7 @@ class OnnxBase(nn.Module):
         buf = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's notes on shape inference
-            # the TorchScript exporter: 1 s for Lite2, where the dynamo one takes 6
+            # the TorchScript exporter: several times faster than the dynamo one for these graphs
             torch.onnx.export(base.eval(), (torch.zeros(1, 3, size, size),), buf, input_names=["x"],
                               output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
         options = onnxruntime.SessionOptions()
