@@ -42,7 +42,7 @@ class OnnxBase(nn.Module):
         return torch.from_numpy(self.session.run(None, {"x": np.ascontiguousarray(x.float().numpy())})[0])
 
 
-def switched_off() -> bool:
+def _switched_off() -> bool:
     return os.environ.get("CNNLAB_ONNXRUNTIME", "1") == "0"
 
 
@@ -52,7 +52,7 @@ def extraction_base(features: nn.Module, size: int, device: torch.device, dtype:
     an EfficientNet-Lite base in float32 on a CPU run by onnxruntime (``OnnxBase``), anything else
     ``backbones.for_extraction``'s PyTorch copy. When the export fails, PyTorch's, with a warning."""
     base = for_extraction(features)
-    if device.type != "cpu" or dtype is not None or not isinstance(features, LiteFeatures) or switched_off():
+    if device.type != "cpu" or dtype is not None or not isinstance(features, LiteFeatures) or _switched_off():
         return base
     try:
         return OnnxBase(base, size, torch.get_num_threads())
