@@ -1,6 +1,8 @@
 // cnnlab's native CPU kernels, built on first use by cnnlab/kernels.py with the machine's C++
-// compiler: training-mode batch norm -> ReLU -> 2x2 max-pool (-> dropout) as one step, forward
-// and backward, for channels_last float32 and bfloat16 tensors (see cnnlab/layers.py for why it pays).
+// compiler, each a training-mode block as one step, forward and backward, for channels_last float32
+// and bfloat16 tensors (see cnnlab/layers.py for why it pays): batch norm -> ReLU -> 2x2 max-pool
+// (-> dropout), the seed presets' block, here first; (2x2 max-pool ->) batch norm -> GELU, the
+// airbench presets' blocks, further down.
 //
 // x is (N, H, W, C) in memory. Forward: one pass for the per-channel mean and variance, one pass
 // that normalizes each 2x2 window, takes its maximum, applies the ReLU and the dropout mask; it
@@ -10,6 +12,7 @@
 // is drawn or stored. Backward: one pass over the pooled values for the two per-channel sums, one pass
 // writing the input gradient a * (g - mean(g) - xhat * mean(g * xhat)), where g is non-zero only
 // at each window's argmax. Arithmetic is float32 with double-precision per-channel totals.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -232,11 +235,208 @@ void backward(const T *x, const T *grad, const uint8_t *flags, const T *pooled, 
     }
 }
 
+// ---- (2x2 max-pool ->) batch norm -> GELU: airbench's conv -> pool -> bn -> gelu and conv -> bn -> gelu
+//
+// Forward: one pass pools each 2x2 window (the first maximum wins, as in PyTorch; a NaN or infinity
+// anywhere makes its channel's statistics NaN, so it reaches the loss as PyTorch's would), stores
+// the pooled value and which of the 4 positions it came from, and sums the per-channel statistics;
+// one pass writes gelu(a * p + b). Without the pooling the statistics are summed over x itself.
+// Backward: one pass for the two per-channel sums of g = grad * gelu'(a * p + b), one pass writing
+// the input gradient a * g + c2 + c3 * p to the position each window's maximum came from (zeros at
+// the three others). GELU is the exact one, x * Phi(x), with erf from Abramowitz and Stegun 7.1.26
+// (error under 1.5e-7) and a Cephes exp: plain arithmetic, so the compiler vectorizes the loops.
+
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+
+inline float exp_nonpositive(float v) {  // exp(v) for v <= 0; below -87 float's normals run out
+    v = v < -87.0f ? -87.0f : v;
+    float n = float(int(v * 1.44269504f - 0.5f));  // round to nearest: truncation of a non-positive value
+    float r = v - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = (int32_t(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+// Phi(z), the standard normal CDF, and exp(-z^2 / 2)
+inline float normal_cdf(float z, float &gauss) {
+    float u = std::fabs(z) * kSqrtHalf;
+    float t = 1.0f / (1.0f + 0.3275911f * u);
+    gauss = exp_nonpositive(-u * u);
+    float tail = 0.5f * ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t +
+                         0.254829592f) * t * gauss;  // 0.5 * erfc(|z| / sqrt 2)
+    return z < 0.0f ? tail : 1.0f - tail;
+}
+
+inline float gelu(float z) {
+    float gauss;
+    return z * normal_cdf(z, gauss);
+}
+
+inline float gelu_slope(float z) {
+    float gauss;
+    float cdf = normal_cdf(z, gauss);
+    return cdf + z * gauss * kInvSqrt2Pi;
+}
+
+template <typename T>
+void max_pool_row(int64_t C, const T *__restrict__ q0, const T *__restrict__ q1, const T *__restrict__ q2,
+                  const T *__restrict__ q3, const T *__restrict__ shift, T *__restrict__ pooled,
+                  uint8_t *__restrict__ where, float *__restrict__ s, float *__restrict__ q) {
+    for (int64_t c = 0; c < C; c++) {
+        float x0 = load(q0[c]), x1 = load(q1[c]), x2 = load(q2[c]), x3 = load(q3[c]);
+        bool m1 = x1 > x0, m3 = x3 > x2;  // the first maximum wins, as in PyTorch
+        float xa = m1 ? x1 : x0, xb = m3 ? x3 : x2;
+        bool mb = xb > xa;
+        float p = mb ? xb : xa;
+        pooled[c] = store<T>(p);  // exact: p is one of the inputs
+        where[c] = uint8_t(mb ? 2 + m3 : m1);
+        float v = p - load(shift[c]);
+        s[c] += v + (x0 + x1 + x2 + x3) * 0.0f;  // a NaN or infinity in any window poisons its channel
+        q[c] += v * v;
+    }
+}
+
+template <typename T>
+void gelu_row(int64_t C, const float *__restrict__ a, const float *__restrict__ b, const T *__restrict__ p,
+              T *__restrict__ out) {
+    for (int64_t c = 0; c < C; c++) out[c] = store<T>(gelu(a[c] * load(p[c]) + b[c]));
+}
+
+template <typename T>
+void gelu_grad_sums_row(int64_t C, const float *__restrict__ a, const float *__restrict__ b,
+                        const T *__restrict__ p, const T *__restrict__ grad, float *__restrict__ s,
+                        float *__restrict__ q) {
+    for (int64_t c = 0; c < C; c++) {
+        float v = load(p[c]);
+        float g = load(grad[c]) * gelu_slope(a[c] * v + b[c]);
+        s[c] += g;
+        q[c] += g * v;
+    }
+}
+
+// the batch-norm input gradient of one row: a * g + c2 + c3 * p, g = grad * gelu'(a * p + b)
+template <typename T>
+void bn_gelu_dx_row(int64_t C, const float *__restrict__ a, const float *__restrict__ b,
+                    const float *__restrict__ c2, const float *__restrict__ c3, const T *__restrict__ p,
+                    const T *__restrict__ grad, float *__restrict__ dx) {
+    for (int64_t c = 0; c < C; c++) {
+        float v = load(p[c]);
+        float g = load(grad[c]) * gelu_slope(a[c] * v + b[c]);
+        dx[c] = a[c] * g + c2[c] + c3[c] * v;
+    }
+}
+
+template <typename T>
+void unpool_row(int64_t C, const float *__restrict__ dp, const uint8_t *__restrict__ where, uint8_t k,
+                T *__restrict__ dx) {
+    for (int64_t c = 0; c < C; c++) dx[c] = store<T>(where[c] == k ? dp[c] : 0.0f);
+}
+
+// mean, invstd, the running statistics, and the affine a, b, from shifted per-channel sums over count values
+void bn_statistics(int64_t C, int64_t count, const double *sum, const double *sum2, const float *shift,
+                   const float *weight, const float *bias, float *running_mean, float *running_var, float momentum,
+                   float eps, float *mean, float *invstd, float *a, float *b) {
+    for (int64_t c = 0; c < C; c++) {
+        double shifted = sum[c] / count, var = sum2[c] / count - shifted * shifted;
+        if (var < 0) var = 0;
+        double m = shifted + shift[c];
+        mean[c] = float(m);
+        invstd[c] = float(1.0 / std::sqrt(var + eps));
+        a[c] = weight[c] * invstd[c];
+        b[c] = bias[c] - mean[c] * a[c];
+        running_mean[c] = (1 - momentum) * running_mean[c] + momentum * float(m);
+        running_var[c] = (1 - momentum) * running_var[c] + momentum * float(var * count / (count > 1 ? count - 1 : 1));
+    }
+}
+
+// x: (N, H, W, C). With pool, p = the 2x2-pooled x, written to pooled with where; else p = x.
+template <typename T>
+void bn_gelu_forward(const T *x, int64_t N, int64_t H, int64_t W, int64_t C, int pool, const float *weight,
+                     const float *bias, float *running_mean, float *running_var, float momentum, float eps, T *out,
+                     T *pooled, uint8_t *where, float *mean, float *invstd, int threads) {
+    int64_t OH = pool ? H / 2 : H, OW = pool ? W / 2 : W, rows = N * OH * OW;
+    std::vector<double> sum(C), sum2(C);
+    std::vector<float> shift(C), a(C), b(C);
+    for (int64_t c = 0; c < C; c++) shift[c] = load(x[c]);
+    if (pool) {
+        channel_sums(rows, C, threads, sum.data(), sum2.data(), [&](int64_t r, float *s, float *q) {
+            int64_t n = r / (OH * OW), oh = r / OW % OH, ow = r % OW;
+            const T *q0 = x + ((n * H + 2 * oh) * W + 2 * ow) * C;
+            max_pool_row(C, q0, q0 + C, q0 + W * C, q0 + W * C + C, x, pooled + r * C, where + r * C, s, q);
+        });
+    } else {
+        channel_sums(rows, C, threads, sum.data(), sum2.data(),
+                     [&](int64_t r, float *s, float *q) { stats_row(C, x + r * C, x, s, q); });
+    }
+    bn_statistics(C, rows, sum.data(), sum2.data(), shift.data(), weight, bias, running_mean, running_var, momentum,
+                  eps, mean, invstd, a.data(), b.data());
+    const T *p = pool ? pooled : x;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) gelu_row(C, a.data(), b.data(), p + r * C, out + r * C);
+}
+
+template <typename T>
+void bn_gelu_backward(const T *grad, const T *p, const uint8_t *where, int64_t N, int64_t H, int64_t W, int64_t C,
+                      int pool, const float *weight, const float *bias, const float *mean, const float *invstd,
+                      float *grad_weight, float *grad_bias, T *dx, int threads) {
+    int64_t OH = pool ? H / 2 : H, OW = pool ? W / 2 : W, rows = N * OH * OW;
+    std::vector<float> a(C), b(C), c2(C), c3(C);
+    for (int64_t c = 0; c < C; c++) {
+        a[c] = weight[c] * invstd[c];
+        b[c] = bias[c] - mean[c] * a[c];
+    }
+    std::vector<double> gsum(C), gpsum(C);
+    channel_sums(rows, C, threads, gsum.data(), gpsum.data(), [&](int64_t r, float *s, float *q) {
+        gelu_grad_sums_row(C, a.data(), b.data(), p + r * C, grad + r * C, s, q);
+    });
+    for (int64_t c = 0; c < C; c++) {
+        grad_bias[c] = float(gsum[c]);
+        grad_weight[c] = float(invstd[c] * (gpsum[c] - mean[c] * gsum[c]));
+        c3[c] = -a[c] * invstd[c] * grad_weight[c] / rows;
+        c2[c] = -a[c] * grad_bias[c] / rows - c3[c] * mean[c];
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> dp(C);
+#pragma omp for schedule(static)
+        for (int64_t nr = 0; nr < N * OH; nr++) {
+            int64_t n = nr / OH, oh = nr % OH;
+            for (int64_t ow = 0; ow < OW; ow++) {
+                int64_t r = nr * OW + ow;
+                if (!pool) {
+                    bn_gelu_dx_row(C, a.data(), b.data(), c2.data(), c3.data(), p + r * C, grad + r * C, dp.data());
+                    for (int64_t c = 0; c < C; c++) dx[r * C + c] = store<T>(dp[c]);
+                    continue;
+                }
+                bn_gelu_dx_row(C, a.data(), b.data(), c2.data(), c3.data(), p + r * C, grad + r * C, dp.data());
+                for (uint8_t k = 0; k < 4; k++)
+                    unpool_row(C, dp.data(), where + r * C, k,
+                               dx + ((n * H + 2 * oh + k / 2) * W + 2 * ow + k % 2) * C);
+            }
+            if (!pool) continue;
+            if (W % 2)  // an odd last column is outside every window
+                for (int64_t k = 0; k < 2; k++)
+                    std::fill_n(dx + ((n * H + 2 * oh + k) * W + W - 1) * C, C, store<T>(0.0f));
+            if (H % 2 && oh == OH - 1)  // and so is an odd last row
+                std::fill_n(dx + (n * H + H - 1) * W * C, W * C, store<T>(0.0f));
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
-int cnnlab_kernels_version() { return 2; }
+int cnnlab_kernels_version() { return 3; }
 
 // key0, key1: the dropout mask's key; threshold: p * 2^32 (0: no dropout); scale: 1 / (1 - p)
 #define CNNLAB_KERNELS(SUFFIX, T)                                                                             \
@@ -259,5 +459,25 @@ int cnnlab_kernels_version() { return 2; }
 
 CNNLAB_KERNELS(f32, float)
 CNNLAB_KERNELS(bf16, uint16_t)
+
+// pool: 1 to max-pool 2x2 first (pooled and where are then written), 0 for batch norm -> GELU alone
+#define CNNLAB_GELU_KERNELS(SUFFIX, T)                                                                        \
+    void cnnlab_bn_gelu_forward_##SUFFIX(const T *x, int64_t N, int64_t H, int64_t W, int64_t C, int pool,      \
+                                         const float *weight, const float *bias, float *running_mean,           \
+                                         float *running_var, float momentum, float eps, T *out, T *pooled,      \
+                                         uint8_t *where, float *mean, float *invstd, int threads) {             \
+        bn_gelu_forward<T>(x, N, H, W, C, pool, weight, bias, running_mean, running_var, momentum, eps, out,    \
+                           pooled, where, mean, invstd, threads);                                              \
+    }                                                                                                            \
+    void cnnlab_bn_gelu_backward_##SUFFIX(const T *grad, const T *p, const uint8_t *where, int64_t N, int64_t H, \
+                                          int64_t W, int64_t C, int pool, const float *weight, const float *bias, \
+                                          const float *mean, const float *invstd, float *grad_weight,            \
+                                          float *grad_bias, T *dx, int threads) {                                \
+        bn_gelu_backward<T>(grad, p, where, N, H, W, C, pool, weight, bias, mean, invstd, grad_weight, grad_bias, \
+                            dx, threads);                                                                        \
+    }
+
+CNNLAB_GELU_KERNELS(f32, float)
+CNNLAB_GELU_KERNELS(bf16, uint16_t)
 
 }  // extern "C"

@@ -1,5 +1,7 @@
-"""Native CPU kernels (``kernels.cpp``): training-mode batch norm -> ReLU -> 2x2 max-pool, and the
-dropout after it when there is one, in one step, for channels_last float32 and bfloat16 batches.
+"""Native CPU kernels (``kernels.cpp``), each a training-mode block in one step, for channels_last
+float32 and bfloat16 batches: batch norm -> ReLU -> 2x2 max-pool, and the dropout after it when
+there is one (the seed presets' block); 2x2 max-pool -> batch norm -> GELU, and batch norm -> GELU
+(the airbench presets' blocks).
 
 The library is compiled on first use with the machine's C++ compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``; about a second) into ``$CNNLAB_CACHE/kernels/`` (else
@@ -35,9 +37,12 @@ FLAG_SETS = (
 COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC"]
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I, _F, _U = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_uint32
-SIGNATURES = {
-    "forward": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _F, _F, _U, _U, _U, _F, _P, _P, _P, _P, _P, ctypes.c_int],
-    "backward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _F, _P, _P, _P, ctypes.c_int],
+_C = ctypes.c_int
+SIGNATURES = {  # each function, as cnnlab_NAME_f32 and cnnlab_NAME_bf16
+    "bn_relu_pool2_forward": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _F, _F, _U, _U, _U, _F, _P, _P, _P, _P, _P, _C],
+    "bn_relu_pool2_backward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _F, _P, _P, _P, _C],
+    "bn_gelu_forward": [_P, _I, _I, _I, _I, _C, _P, _P, _P, _P, _F, _F, _P, _P, _P, _P, _P, _C],
+    "bn_gelu_backward": [_P, _P, _P, _I, _I, _I, _I, _C, _P, _P, _P, _P, _P, _P, _P, _C],
 }
 
 
@@ -109,7 +114,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"could not load {path}: {exc}"
     for suffix in SUFFIX.values():
         for name, argtypes in SIGNATURES.items():
-            function = getattr(lib, f"cnnlab_bn_relu_pool2_{name}_{suffix}")
+            function = getattr(lib, f"cnnlab_{name}_{suffix}")
             function.argtypes, function.restype = argtypes, None
     return lib, note
 
@@ -181,4 +186,37 @@ class BNReLUPool2Native(torch.autograd.Function):
         getattr(ctx.lib, f"cnnlab_bn_relu_pool2_backward_{SUFFIX[x.dtype]}")(
             _ptr(x), _ptr(grad), _ptr(flags), _ptr(pooled), n, h, w, c, _ptr(weight), _ptr(mean), _ptr(invstd),
             ctx.scale, _ptr(grad_weight), _ptr(grad_bias), _ptr(grad_x), torch.get_num_threads())
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+class BNGELUNative(torch.autograd.Function):
+    """``gelu(BatchNorm2d(x))`` in training mode, after ``MaxPool2d(2)`` when ``pool``, by the native
+    kernels (exact GELU, ``nn.GELU()``); updates ``running_mean``/``running_var`` in place (unbiased
+    variance), as ``nn.BatchNorm2d`` does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, pool: bool):
+        n, c, h, w = x.shape
+        oh, ow = (h // 2, w // 2) if pool else (h, w)
+        out = torch.empty((n, c, oh, ow), dtype=x.dtype, memory_format=torch.channels_last)
+        pooled = torch.empty((n, oh, ow, c), dtype=x.dtype) if pool else x
+        where = torch.empty((n, oh, ow, c), dtype=torch.uint8) if pool else torch.empty(0, dtype=torch.uint8)
+        mean, invstd = torch.empty(c), torch.empty(c)
+        ctx.lib, ctx.pool, ctx.shape = _load()[0], pool, (n, c, h, w)
+        getattr(ctx.lib, f"cnnlab_bn_gelu_forward_{SUFFIX[x.dtype]}")(
+            _ptr(x), n, h, w, c, int(pool), _ptr(weight), _ptr(bias), _ptr(running_mean), _ptr(running_var),
+            momentum, eps, _ptr(out), _ptr(pooled), _ptr(where), _ptr(mean), _ptr(invstd), torch.get_num_threads())
+        ctx.save_for_backward(pooled, where, weight, bias, mean, invstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        pooled, where, weight, bias, mean, invstd = ctx.saved_tensors
+        n, c, h, w = ctx.shape
+        grad = grad.to(pooled.dtype).contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty((n, c, h, w), dtype=pooled.dtype, memory_format=torch.channels_last)
+        grad_weight, grad_bias = torch.empty(c), torch.empty(c)
+        getattr(ctx.lib, f"cnnlab_bn_gelu_backward_{SUFFIX[pooled.dtype]}")(
+            _ptr(grad), _ptr(pooled), _ptr(where), n, h, w, c, int(ctx.pool), _ptr(weight), _ptr(bias), _ptr(mean),
+            _ptr(invstd), _ptr(grad_weight), _ptr(grad_bias), _ptr(grad_x), torch.get_num_threads())
         return grad_x, grad_weight, grad_bias, None, None, None, None, None

@@ -15,6 +15,12 @@ is ``a*x + b`` and ReLU is monotone, so ``max(relu(a*x + b)) = relu(a*max(x) + b
 positions, so its two per-channel sums are taken over the pooled quarter of the tensor and the input
 gradient is one dense pass plus a scatter. State-dict keys and results are those of the unfused
 layers (equal to rounding; tested in float64).
+
+The airbench presets' blocks, conv -> 2x2 max-pool -> batch norm -> GELU and conv -> batch norm ->
+GELU, run as one native step each too where the kernels are built (``bn_gelu``): there the stock
+layers' memory-bound passes (pooling with int64 indices and its backward's zero fill over the
+unpooled gradient, batch norm, GELU, each forward and backward) are most of a step that is not a
+convolution. Without the kernels they run as the stock layers.
 """
 from __future__ import annotations
 
@@ -164,6 +170,36 @@ def _fused_dropout(layers: list[nn.Module], i: int, x: torch.Tensor) -> float:
     return 0.0
 
 
+def _is_pool2(layer: nn.Module) -> bool:
+    return (type(layer) is nn.MaxPool2d and layer.kernel_size in (2, (2, 2)) and layer.stride in (2, (2, 2))
+            and layer.padding in (0, (0, 0)) and layer.dilation in (1, (1, 1)) and not layer.ceil_mode
+            and not layer.return_indices)
+
+
+def _bn_gelu_span(layers: list[nn.Module], i: int, x: torch.Tensor) -> int:
+    """How many layers from layers[i] the native (2x2 max-pool ->) batch norm -> GELU kernel runs
+    as one step for ``x`` (3 with the pooling, 2 without, 0 when it cannot)."""
+    pool = i < len(layers) and _is_pool2(layers[i])
+    j = i + pool
+    if j + 1 >= len(layers):
+        return 0
+    bn, gelu = layers[j:j + 2]
+    fits = (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
+            and type(gelu) is nn.GELU and gelu.approximate == "none"
+            and x.requires_grad and torch.is_grad_enabled() and kernels.supports(x, bn)
+            and (not pool or x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2) > 1))
+    return 2 + pool if fits else 0
+
+
+def bn_gelu(x: torch.Tensor, bn: nn.BatchNorm2d, pool: bool = False) -> torch.Tensor:
+    """``gelu(bn(x))``, after ``MaxPool2d(2)`` when ``pool``, for a training-mode ``bn``, by the
+    native kernels (``kernels.supports(x, bn)`` must hold); updates its statistics."""
+    bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    return kernels.BNGELUNative.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps,
+                                      pool)
+
+
 def _relu_then_pool(layers: list[nn.Module], i: int) -> bool:
     """Whether layers[i:i+2] are a ReLU and a max-pool, which may swap: ReLU is monotone, so
     ``maxpool(relu(x)) == relu(maxpool(x))`` bit for bit, gradients included, and the ReLU then
@@ -173,8 +209,9 @@ def _relu_then_pool(layers: list[nn.Module], i: int) -> bool:
 
 class Net(nn.Sequential):
     """An ``nn.Sequential`` (same layers, same state-dict keys) whose forward fuses each
-    batch norm -> ReLU -> 2x2 max-pool run when training on CPU (see ``bn_relu_pool``), and
-    elsewhere pools before the ReLU (see ``_relu_then_pool``)."""
+    batch norm -> ReLU -> 2x2 max-pool run when training on CPU (see ``bn_relu_pool``) and each
+    (2x2 max-pool ->) batch norm -> GELU run where the native kernels take it (see ``bn_gelu``),
+    and elsewhere pools before the ReLU (see ``_relu_then_pool``)."""
 
     def forward(self, x):
         layers = list(self)
@@ -188,6 +225,9 @@ class Net(nn.Sequential):
                 p = _fused_dropout(layers, i + 3, x)
                 x = bn_relu_pool(x, layers[i], p)
                 i += 4 if p else 3
+            elif span := _bn_gelu_span(layers, i, x):
+                x = bn_gelu(x, layers[i + span - 2], pool=span == 3)
+                i += span
             elif _relu_then_pool(layers, i):
                 x = layers[i](layers[i + 1](x))
                 i += 2

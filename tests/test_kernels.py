@@ -1,5 +1,6 @@
-"""The native batch norm -> ReLU -> 2x2 max-pool kernels compute what the stock layers compute,
-are built once and reused, and training falls back to PyTorch's kernels without them."""
+"""The native kernels (batch norm -> ReLU -> 2x2 max-pool; (2x2 max-pool ->) batch norm -> GELU)
+compute what the stock layers compute, are built once and reused, and training falls back to
+PyTorch's kernels without them."""
 import stat
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from cnnlab import kernels
-from cnnlab.layers import BNReLUPool2, Dropout, Net, bn_relu_pool
+from cnnlab.layers import BNReLUPool2, Dropout, Net, bn_gelu, bn_relu_pool
 from cnnlab.presets import PRESETS, build_model
 from cnnlab.runtime import environment
 from conftest import random_bn
@@ -166,6 +167,124 @@ def test_native_runs_inside_net_in_bfloat16_and_matches_the_fallback(monkeypatch
     assert native[0] == pytest.approx(fallback[0], rel=2e-2)
     cos = torch.nn.functional.cosine_similarity(native[1].flatten(), fallback[1].flatten(), dim=0)
     assert cos > 0.98
+
+
+def _gelu_reference(x, bn, grad, pool):
+    """(MaxPool2d(2) ->) BatchNorm2d -> GELU as stock layers in float64: output, gradients, state."""
+    ref_bn = nn.BatchNorm2d(bn.num_features, momentum=bn.momentum, eps=bn.eps).double()
+    ref_bn.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in bn.state_dict().items()})
+    x64 = x.detach().double().requires_grad_()
+    y = nn.Sequential(*([nn.MaxPool2d(2)] if pool else []), ref_bn, nn.GELU())(x64)
+    y.backward(grad.double())
+    return y.detach(), x64.grad, ref_bn.weight.grad, ref_bn.bias.grad, ref_bn.state_dict()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pool", [True, False])
+@pytest.mark.parametrize("shape,momentum,eps", [
+    ((8, 16, 12, 12), 0.4, 1e-12),  # airbench's batch norm
+    ((3, 5, 7, 9), None, 1e-5),     # odd sizes: the last row and column lie outside every window
+    ((2, 3, 4, 2), 0.1, 1e-5),      # pooled, 4 values a channel
+    ((4, 70, 6, 5), 0.1, 1e-5),     # more channels than one vector register holds
+])
+def test_native_bn_gelu_matches_stock_layers(dtype, pool, shape, momentum, eps):
+    torch.manual_seed(2)
+    x = (torch.randn(*shape) * 3 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[0, :, :2, :2] = 0.25  # a window of ties: the first position takes the gradient, as in PyTorch
+    bn = random_bn(shape[1], 2, momentum)
+    bn.eps = eps
+    out_shape = (shape[0], shape[1], shape[2] // 2, shape[3] // 2) if pool else shape
+    grad = torch.randn(*out_shape).to(dtype)  # rounded as the kernel takes it, so both see the same
+    y_ref, dx_ref, dw_ref, db_ref, state_ref = _gelu_reference(x, bn, grad, pool)
+    xn = x.clone().requires_grad_()
+    y = bn_gelu(xn, bn, pool)
+    y.backward(grad)
+    assert y.dtype == dtype and y.shape == out_shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert xn.grad.dtype == dtype and xn.grad.is_contiguous(memory_format=torch.channels_last)
+    if pool and shape[2] % 2:
+        assert (xn.grad[:, :, -1] == 0).all()  # outside every window: no gradient
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    torch.testing.assert_close(y.detach().double(), y_ref, rtol=tol, atol=tol * float(y_ref.abs().max()))
+    torch.testing.assert_close(xn.grad.double(), dx_ref, rtol=tol, atol=tol * float(dx_ref.abs().max()))
+    for got, want in ((bn.weight.grad, dw_ref), (bn.bias.grad, db_ref)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    for key, value in state_ref.items():
+        torch.testing.assert_close(bn.state_dict()[key].double() if value.is_floating_point() else bn.state_dict()[key],
+                                   value, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+def test_native_bn_gelu_passes_nan_on_even_from_a_value_the_pooling_drops():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    outs = [bn_gelu(x.clone().requires_grad_(), random_bn(8, 3), pool=True) for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+    x[1, 2, 2:4, 2:4] = torch.tensor([[5.0, float("nan")], [1.0, 2.0]])  # the window's max is 5, not the NaN
+    y = bn_gelu(x.requires_grad_(), random_bn(8, 3), pool=True)
+    assert y[:, 2].isnan().all() and not y[:, :2].isnan().any()  # as in PyTorch, the NaN reaches the loss
+
+
+@needs_kernels
+@pytest.mark.parametrize("preset", ["fast", "airbench94"])
+def test_the_airbench_presets_run_their_blocks_natively_and_match_the_stock_layers(monkeypatch, preset):
+    torch.manual_seed(0)
+    model = build_model(PRESETS[preset].layers, 10).to(memory_format=torch.channels_last)
+    x = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    original = kernels.BNGELUNative.forward
+    monkeypatch.setattr(kernels.BNGELUNative, "forward",
+                        staticmethod(lambda ctx, *a: calls.append((a[0].dtype, a[-1])) or original(ctx, *a)))
+
+    def step(dtype):
+        model.load_state_dict(state)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype, enabled=dtype == torch.bfloat16):
+            loss = model(x.clone().requires_grad_()).float().logsumexp(1).mean()
+        loss.backward()
+        conv = next(m for m in model if type(m) is nn.Conv2d)
+        return loss.item(), conv.weight.grad.clone(), {k: v.clone() for k, v in model.state_dict().items()}
+
+    native = {dtype: step(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    # three groups, each conv -> pool -> bn -> gelu then conv -> bn -> gelu, in both precisions
+    assert calls == [(dtype, pool) for dtype in (torch.float32, torch.bfloat16) for pool in (True, False) * 3]
+    monkeypatch.setenv("CNNLAB_NATIVE", "0")
+    for dtype, (loss, grad, after) in native.items():
+        stock_loss, stock_grad, stock_after = step(dtype)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert loss == pytest.approx(stock_loss, rel=tol)
+        for key, value in stock_after.items():  # the running statistics moved alike
+            torch.testing.assert_close(after[key], value, rtol=tol, atol=tol)
+        if dtype == torch.float32:
+            torch.testing.assert_close(grad, stock_grad, rtol=tol, atol=tol * float(stock_grad.abs().max()))
+        else:  # bfloat16 convolutions' rounding moves this net's first gradients by about a fifth either way
+            assert torch.nn.functional.cosine_similarity(grad.flatten(), stock_grad.flatten(), dim=0) > 0.9
+    assert len(calls) == 12  # switched off: the stock layers ran
+
+
+@needs_kernels
+def test_native_bn_gelu_in_bfloat16_is_closer_to_float64_than_the_stock_layers():
+    """Each block rounds once, at its output, where the stock layers round after each layer."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 32, 16, 16) * 0.5 + 0.2).bfloat16().contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(64, 32, 8, 8).bfloat16()
+    bn = random_bn(32, 1, momentum=0.4)
+
+    def run(kind):
+        b = nn.BatchNorm2d(32, momentum=0.4)
+        b.load_state_dict(bn.state_dict())
+        xx = (x.double() if kind == "float64" else x).detach().clone().requires_grad_()
+        b = b.double() if kind == "float64" else b
+        y = bn_gelu(xx, b, pool=True) if kind == "native" else nn.Sequential(nn.MaxPool2d(2), b, nn.GELU())(xx)
+        y.backward(grad.to(y.dtype))
+        return y.detach().double(), xx.grad.double()
+
+    exact, stock, native = run("float64"), run("stock"), run("native")
+    for i in range(2):  # output, input gradient
+        error = {name: float((got[i] - exact[i]).norm() / exact[i].norm()) for name, got in
+                 (("stock", stock), ("native", native))}
+        assert error["native"] < error["stock"] < 2 ** -7, error
 
 
 def test_switched_off_training_uses_pytorch_kernels(monkeypatch):
