@@ -6,6 +6,7 @@ optimizer groups, bfloat16 autocast and summed loss), side by side on the same r
     python bench/speedrun_step.py                 # images/s of each, and the ratio
     python bench/speedrun_step.py --profile       # + the top operators of one cnnlab step
     python bench/speedrun_step.py --preset speedrun --batch 2000
+    python bench/speedrun_step.py --preset fast --batch 2000 --native both --no-port   # the native kernels' gain
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from cnnlab.config import resolve_config  # noqa: E402
 from cnnlab.data import ImageSet  # noqa: E402
 from cnnlab.optimizer import make_optimizer  # noqa: E402
 from cnnlab.presets import build_model, get_preset, init_whitening  # noqa: E402
-from cnnlab.runtime import memory_format, setup  # noqa: E402
+from cnnlab.runtime import keep_freed_memory, memory_format, setup  # noqa: E402
 from cnnlab.step import TrainStep  # noqa: E402
 
 ANCHOR = ROOT.parent / "shared" / "anchors" / "airbench94_cpu.py"
@@ -72,6 +73,21 @@ def port_stepper(images: torch.Tensor, labels: torch.Tensor, batch: int):
     return step
 
 
+def with_native(on: bool, step):
+    """``step`` run with cnnlab's native kernels switched on or off (CNNLAB_NATIVE, read at each call)."""
+    def run(i):
+        before = os.environ.get("CNNLAB_NATIVE")
+        os.environ["CNNLAB_NATIVE"] = "1" if on else "0"
+        try:
+            step(i)
+        finally:
+            if before is None:
+                del os.environ["CNNLAB_NATIVE"]
+            else:
+                os.environ["CNNLAB_NATIVE"] = before
+    return run
+
+
 def timed(step, steps: int) -> float:
     step(-1)  # warm-up: oneDNN picks its kernels on the first call
     start = time.perf_counter()
@@ -89,15 +105,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-port", action="store_true")
+    parser.add_argument("--native", choices=("on", "both"), default="on",
+                        help="both: the preset's step with the native kernels and without, alternating rounds")
     args = parser.parse_args()
     setup("cpu", args.threads)
+    keep_freed_memory()  # as the command line does: both steps reuse their freed activation buffers
     os.environ["THREADS"] = str(args.threads)
     torch.manual_seed(0)
     images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (4096,))
-    print(f"cpu: {cpu_model()}, {args.threads} threads; {args.preset} vs the airbench94 port, batch {args.batch}, "
+    print(f"cpu: {cpu_model()}, {args.threads} threads; {args.preset}, native kernels {args.native}, batch {args.batch}, "
           f"{args.steps} steps x {args.rounds} rounds", flush=True)
     steppers = {args.preset: cnnlab_stepper(args.preset, images, labels, args.batch)}
+    if args.native == "both":  # one model each: the same work, its own optimizer state
+        steppers[args.preset] = with_native(True, steppers[args.preset])
+        steppers[f"{args.preset} (stock)"] = with_native(False, cnnlab_stepper(args.preset, images, labels,
+                                                                               args.batch))
     if not args.no_port:
         steppers["airbench94 port"] = port_stepper(images, labels, args.batch)
     totals = {name: 0.0 for name in steppers}
@@ -107,9 +130,9 @@ def main() -> None:
     rates = {name: args.batch * args.steps * args.rounds / seconds for name, seconds in totals.items()}
     for name, rate in rates.items():
         print(f"{name:<18} {rate:8.0f} images/s", flush=True)
-    if len(rates) == 2:
-        a, b = rates.values()
-        print(f"ratio {args.preset} / port: {a / b:.2f}x")
+    first = rates[args.preset]
+    for name, rate in list(rates.items())[1:]:
+        print(f"ratio {args.preset} / {name}: {first / rate:.2f}x")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         step = steppers[args.preset]

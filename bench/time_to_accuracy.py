@@ -7,6 +7,8 @@ CIFAR-10 images, each over several seeds (mean and spread).
     python bench/time_to_accuracy.py --seeds 3 --recipes "" --airbench --airbench-precision fp32   # the port in float32
     python bench/time_to_accuracy.py --seeds 1 --recipes speedrun:8,speedrun:8:fp32 --airbench --airbench-precision both
                                                   # what bfloat16 costs each recipe, side by side
+    python bench/time_to_accuracy.py --seeds 1 --recipes fast:8 --native both --airbench
+                                                  # each recipe with cnnlab's native kernels and without
 
 The shared folder has no test set: a stratified tenth of it (fixed by --split-seed) becomes test/, the
 rest train/; cnnlab trains on all of train/ (`--val-split 0`) and scores test/ once, as the port does.
@@ -66,13 +68,14 @@ def make_split(source: Path, work: Path, per_class: int | None, seed: int) -> Pa
 
 
 def cnnlab_run(data: Path, out: Path, preset: str, epochs: int, precision: str, seed: int,
-               threads: int) -> tuple[float, float]:
-    """(training seconds, test accuracy) of one `cnnlab train` run on all of train/."""
-    name = f"{preset}-{epochs}-{precision}-{seed}"
+               threads: int, native: bool = True) -> tuple[float, float]:
+    """(training seconds, test accuracy) of one `cnnlab train` run on all of train/; ``native``
+    False runs it with the native kernels switched off (CNNLAB_NATIVE=0)."""
+    name = f"{preset}-{epochs}-{precision}-{seed}" + ("" if native else "-stock")
     done = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--preset", preset, "--data", str(data),
                            "--val-split", "0", "--epochs", str(epochs), "--precision", precision, "--seed", str(seed),
                            "--threads", str(threads), "--no-tensorboard", "--out", str(out), "--name", name],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, "CNNLAB_NATIVE": "1" if native else "0"})
     if done.returncode:
         raise SystemExit(f"cnnlab {name} failed: {done.stderr.strip()[-2000:]}")
     metrics = json.loads((out / name / "metrics.json").read_text())
@@ -122,7 +125,7 @@ def airbench_runs(data: Path, runs: int, threads: int, precision: str = "bf16") 
 def summary(label: str, results: list[tuple[float, float]]) -> str:
     seconds, accs = zip(*results)
     spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
-    return (f"{label:<16} {statistics.mean(seconds):8.1f} s ± {spread(seconds):5.1f}   "
+    return (f"{label:<18} {statistics.mean(seconds):8.1f} s ± {spread(seconds):5.1f}   "
             f"{statistics.mean(accs):7.2%} ± {spread(accs):.2%}   (n={len(results)}: "
             + ", ".join(f"{a:.2%}" for a in accs) + ")")
 
@@ -138,14 +141,18 @@ def main() -> None:
     parser.add_argument("--airbench-precision", choices=("bf16", "fp32", "both"), default="bf16",
                         help="the port's precision: bf16 (its autocast, as shipped), fp32 (autocast off) or both, "
                              "round-robin")
+    parser.add_argument("--native", choices=("on", "both"), default="on",
+                        help="both: each recipe also with cnnlab's native kernels switched off, as 'RECIPE (stock)'")
     parser.add_argument("--per-class", type=int, help="use only this many images of each class (a smoke run)")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
-    recipes = {r: parse_recipe(r) for r in args.recipes.split(",") if r}  # "" runs the port alone
-    bad = [r for r, parsed in recipes.items() if parsed is None]
+    parsed = {r: parse_recipe(r) for r in args.recipes.split(",") if r}  # "" runs the port alone
+    bad = [r for r, recipe in parsed.items() if recipe is None]
     if bad:
         parser.error(f"--recipes {','.join(bad)}: give PRESET:EPOCHS[:PRECISION], for example fast:8 or fast:8:fp32")
+    natives = (True, False) if args.native == "both" else (True,)
+    recipes = {r + ("" if native else " (stock)"): (*recipe, native) for r, recipe in parsed.items() for native in natives}
     port_precisions = ("bf16", "fp32") if args.airbench_precision == "both" else (args.airbench_precision,)
     ports = {precision: "airbench94 port" + (" (fp32)" if precision == "fp32" else "")
              for precision in port_precisions if args.airbench}
@@ -163,10 +170,9 @@ def main() -> None:
         for seed in range(args.seeds):
             for precision, label in ports.items():
                 table[label] += airbench_runs(data, 1, args.threads, precision)
-            for recipe, parsed in recipes.items():
-                preset, epochs, precision = parsed
+            for recipe, (preset, epochs, precision, native) in recipes.items():
                 table[recipe].append(cnnlab_run(data, Path(tmp) / "runs", preset, epochs, precision, seed,
-                                                args.threads))
+                                                args.threads, native))
                 print(f"  {recipe} seed {seed}: {table[recipe][-1][0]:.1f} s, {table[recipe][-1][1]:.2%}", flush=True)
         for label, results in table.items():
             print(summary(label, results), flush=True)
