@@ -152,6 +152,20 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _call(lib: ctypes.CDLL, name: str, dtype: torch.dtype, *args) -> None:
+    """``cnnlab_NAME_f32`` or ``_bf16`` on ``args`` (tensors as their data pointers), then the thread count."""
+    getattr(lib, f"cnnlab_{name}_{SUFFIX[dtype]}")(*(_ptr(a) if isinstance(a, torch.Tensor) else a for a in args),
+                                                   torch.get_num_threads())
+
+
+def _backward_buffers(grad: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype):
+    """A block's backward buffers: ``grad`` as the kernels read it (``dtype``, channels_last), and
+    empty input (``shape``, channels_last), weight and bias gradients."""
+    return (grad.to(dtype).contiguous(memory_format=torch.channels_last),
+            torch.empty(shape, dtype=dtype, memory_format=torch.channels_last), torch.empty(shape[1]),
+            torch.empty(shape[1]))
+
+
 class BNReLUPool2Native(torch.autograd.Function):
     """``MaxPool2d(2)(relu(BatchNorm2d(x)))`` in training mode, then inverted dropout with rate
     ``p`` (none for 0), by the native kernels; updates ``running_mean``/``running_var`` in place
@@ -169,10 +183,8 @@ class BNReLUPool2Native(torch.autograd.Function):
         pooled = torch.empty((n, h // 2, w // 2, c), dtype=x.dtype)
         mean, invstd = torch.empty(c), torch.empty(c)
         ctx.lib = _load()[0]  # kept for the backward, whatever CNNLAB_NATIVE says by then
-        getattr(ctx.lib, f"cnnlab_bn_relu_pool2_forward_{SUFFIX[x.dtype]}")(
-            _ptr(x), n, h, w, c, _ptr(weight), _ptr(bias), _ptr(running_mean), _ptr(running_var), momentum, eps,
-            key0, key1, threshold, ctx.scale, _ptr(out), _ptr(flags), _ptr(pooled), _ptr(mean), _ptr(invstd),
-            torch.get_num_threads())
+        _call(ctx.lib, "bn_relu_pool2_forward", x.dtype, x, n, h, w, c, weight, bias, running_mean, running_var,
+              momentum, eps, key0, key1, threshold, ctx.scale, out, flags, pooled, mean, invstd)
         ctx.save_for_backward(x, weight, flags, pooled, mean, invstd)
         return out
 
@@ -180,12 +192,9 @@ class BNReLUPool2Native(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, flags, pooled, mean, invstd = ctx.saved_tensors
         n, c, h, w = x.shape
-        grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        grad_x = torch.empty_like(x, memory_format=torch.channels_last)
-        grad_weight, grad_bias = torch.empty(c), torch.empty(c)
-        getattr(ctx.lib, f"cnnlab_bn_relu_pool2_backward_{SUFFIX[x.dtype]}")(
-            _ptr(x), _ptr(grad), _ptr(flags), _ptr(pooled), n, h, w, c, _ptr(weight), _ptr(mean), _ptr(invstd),
-            ctx.scale, _ptr(grad_weight), _ptr(grad_bias), _ptr(grad_x), torch.get_num_threads())
+        grad, grad_x, grad_weight, grad_bias = _backward_buffers(grad, x.shape, x.dtype)
+        _call(ctx.lib, "bn_relu_pool2_backward", x.dtype, x, grad, flags, pooled, n, h, w, c, weight, mean, invstd,
+              ctx.scale, grad_weight, grad_bias, grad_x)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -203,9 +212,8 @@ class BNGELUNative(torch.autograd.Function):
         where = torch.empty((n, oh, ow, c), dtype=torch.uint8) if pool else torch.empty(0, dtype=torch.uint8)
         mean, invstd = torch.empty(c), torch.empty(c)
         ctx.lib, ctx.pool, ctx.shape = _load()[0], pool, (n, c, h, w)
-        getattr(ctx.lib, f"cnnlab_bn_gelu_forward_{SUFFIX[x.dtype]}")(
-            _ptr(x), n, h, w, c, int(pool), _ptr(weight), _ptr(bias), _ptr(running_mean), _ptr(running_var),
-            momentum, eps, _ptr(out), _ptr(pooled), _ptr(where), _ptr(mean), _ptr(invstd), torch.get_num_threads())
+        _call(ctx.lib, "bn_gelu_forward", x.dtype, x, n, h, w, c, int(pool), weight, bias, running_mean, running_var,
+              momentum, eps, out, pooled, where, mean, invstd)
         ctx.save_for_backward(pooled, where, weight, bias, mean, invstd)
         return out
 
@@ -213,10 +221,7 @@ class BNGELUNative(torch.autograd.Function):
     def backward(ctx, grad):
         pooled, where, weight, bias, mean, invstd = ctx.saved_tensors
         n, c, h, w = ctx.shape
-        grad = grad.to(pooled.dtype).contiguous(memory_format=torch.channels_last)
-        grad_x = torch.empty((n, c, h, w), dtype=pooled.dtype, memory_format=torch.channels_last)
-        grad_weight, grad_bias = torch.empty(c), torch.empty(c)
-        getattr(ctx.lib, f"cnnlab_bn_gelu_backward_{SUFFIX[pooled.dtype]}")(
-            _ptr(grad), _ptr(pooled), _ptr(where), n, h, w, c, int(ctx.pool), _ptr(weight), _ptr(bias), _ptr(mean),
-            _ptr(invstd), _ptr(grad_weight), _ptr(grad_bias), _ptr(grad_x), torch.get_num_threads())
+        grad, grad_x, grad_weight, grad_bias = _backward_buffers(grad, ctx.shape, pooled.dtype)
+        _call(ctx.lib, "bn_gelu_backward", pooled.dtype, grad, pooled, where, n, h, w, c, int(ctx.pool), weight, bias,
+              mean, invstd, grad_weight, grad_bias, grad_x)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
