@@ -137,6 +137,8 @@ def main() -> None:
                         help=f"PRESET:EPOCHS[:PRECISION],... (default fast:8; PRECISION {', '.join(PRECISIONS)}, "
                              "default auto)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="cnnlab's seeds are FIRST-SEED and on (the port's "
+                        "runs are unseeded)")
     parser.add_argument("--airbench", action="store_true", help="also run the airbench94 CPU port, --seeds times")
     parser.add_argument("--airbench-precision", choices=("bf16", "fp32", "both"), default="bf16",
                         help="the port's precision: bf16 (its autocast, as shipped), fp32 (autocast off) or both, "
@@ -167,7 +169,7 @@ def main() -> None:
         forget_port_cache()
         # Round-robin (port, then each recipe, seed by seed): the machine's speed drifts over an hour,
         # and running all of one recipe first would hand it a different machine than the next.
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for precision, label in ports.items():
                 table[label] += airbench_runs(data, 1, args.threads, precision)
             for recipe, (preset, epochs, precision, native) in recipes.items():
