@@ -132,6 +132,12 @@ class BNReLUPool2(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
+def _is_pool2(layer: nn.Module) -> bool:
+    return (type(layer) is nn.MaxPool2d and layer.kernel_size in (2, (2, 2)) and layer.stride in (2, (2, 2))
+            and layer.padding in (0, (0, 0)) and layer.dilation in (1, (1, 1)) and not layer.ceil_mode
+            and not layer.return_indices)
+
+
 def _fusable(layers: list[nn.Module], i: int, x: torch.Tensor) -> bool:
     """Whether layers[i:i+3] are BatchNorm2d (training, affine, tracked), ReLU, MaxPool2d(2) and
     ``x`` is a CPU batch that needs gradients, in float32 or in a form the native kernels take."""
@@ -139,22 +145,25 @@ def _fusable(layers: list[nn.Module], i: int, x: torch.Tensor) -> bool:
         return False
     bn, relu, pool = layers[i:i + 3]
     return (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
-            and isinstance(relu, nn.ReLU) and type(pool) is nn.MaxPool2d
-            and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
-            and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+            and isinstance(relu, nn.ReLU) and _is_pool2(pool)
             and x.device.type == "cpu" and x.dim() == 4
             and x.requires_grad and torch.is_grad_enabled()
             and x.shape[0] * x.shape[2] * x.shape[3] > 1
             and (x.dtype == torch.float32 or kernels.supports(x, bn)))
 
 
+def _step_momentum(bn: nn.BatchNorm2d) -> float:
+    """Counts one more training batch for ``bn`` and returns the weight its running statistics
+    give this batch, as ``nn.BatchNorm2d`` does (a cumulative average when its momentum is None)."""
+    bn.num_batches_tracked.add_(1)
+    return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+
+
 def bn_relu_pool(x: torch.Tensor, bn: nn.BatchNorm2d, dropout: float = 0.0) -> torch.Tensor:
     """``MaxPool2d(2)(relu(bn(x)))`` for a training-mode ``bn``, fused (updates its statistics):
     by the native kernels where they take ``x``, else (float32) by ``BNReLUPool2``. ``dropout``
     (native kernels only) also applies a dropout of that rate to the result."""
-    bn.num_batches_tracked.add_(1)
-    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    args = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
+    args = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _step_momentum(bn), bn.eps)
     if kernels.supports(x, bn):
         return kernels.BNReLUPool2Native.apply(*args, dropout)
     if dropout:
@@ -168,12 +177,6 @@ def _fused_dropout(layers: list[nn.Module], i: int, x: torch.Tensor) -> float:
     if i < len(layers) and type(layers[i]) is Dropout and layers[i].training and layers[i].p > 0:
         return layers[i].p if kernels.supports(x, layers[i - 3]) else 0.0
     return 0.0
-
-
-def _is_pool2(layer: nn.Module) -> bool:
-    return (type(layer) is nn.MaxPool2d and layer.kernel_size in (2, (2, 2)) and layer.stride in (2, (2, 2))
-            and layer.padding in (0, (0, 0)) and layer.dilation in (1, (1, 1)) and not layer.ceil_mode
-            and not layer.return_indices)
 
 
 def _bn_gelu_span(layers: list[nn.Module], i: int, x: torch.Tensor) -> int:
@@ -194,10 +197,8 @@ def _bn_gelu_span(layers: list[nn.Module], i: int, x: torch.Tensor) -> int:
 def bn_gelu(x: torch.Tensor, bn: nn.BatchNorm2d, pool: bool = False) -> torch.Tensor:
     """``gelu(bn(x))``, after ``MaxPool2d(2)`` when ``pool``, for a training-mode ``bn``, by the
     native kernels (``kernels.supports(x, bn)`` must hold); updates its statistics."""
-    bn.num_batches_tracked.add_(1)
-    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    return kernels.BNGELUNative.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps,
-                                      pool)
+    return kernels.BNGELUNative.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _step_momentum(bn),
+                                      bn.eps, pool)
 
 
 def _relu_then_pool(layers: list[nn.Module], i: int) -> bool:
