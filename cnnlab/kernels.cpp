@@ -166,6 +166,36 @@ void channel_sums(int64_t rows, int64_t C, int threads, double *sum, double *sum
     }
 }
 
+// mean, invstd, the running statistics, and the affine a, b, from shifted per-channel sums over count values
+void bn_statistics(int64_t C, int64_t count, const double *sum, const double *sum2, const float *shift,
+                   const float *weight, const float *bias, float *running_mean, float *running_var, float momentum,
+                   float eps, float *mean, float *invstd, float *a, float *b) {
+    for (int64_t c = 0; c < C; c++) {
+        double shifted = sum[c] / count, var = sum2[c] / count - shifted * shifted;
+        if (var < 0) var = 0;
+        double m = shifted + shift[c];
+        mean[c] = float(m);
+        invstd[c] = float(1.0 / std::sqrt(var + eps));
+        a[c] = weight[c] * invstd[c];
+        b[c] = bias[c] - mean[c] * a[c];
+        running_mean[c] = (1 - momentum) * running_mean[c] + momentum * float(m);
+        running_var[c] = (1 - momentum) * running_var[c] + momentum * float(var * count / (count > 1 ? count - 1 : 1));
+    }
+}
+
+// the weight and bias gradients from the per-channel sums of g and g * x over count values, and the
+// terms of batch norm's input gradient a * g + c2 + c3 * x
+void bn_backward_terms(int64_t C, int64_t count, const double *gsum, const double *gxsum, const float *mean,
+                       const float *invstd, const float *a, float *grad_weight, float *grad_bias, float *c2,
+                       float *c3) {
+    for (int64_t c = 0; c < C; c++) {
+        grad_bias[c] = float(gsum[c]);
+        grad_weight[c] = float(invstd[c] * (gxsum[c] - mean[c] * gsum[c]));
+        c3[c] = -a[c] * invstd[c] * grad_weight[c] / count;
+        c2[c] = -a[c] * grad_bias[c] / count - c3[c] * mean[c];
+    }
+}
+
 template <typename T>
 void forward(const T *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *weight, const float *bias,
              float *running_mean, float *running_var, float momentum, float eps, Dropout drop, T *out,
@@ -174,18 +204,10 @@ void forward(const T *x, int64_t N, int64_t H, int64_t W, int64_t C, const float
     std::vector<double> sum(C), sum2(C);
     channel_sums(count, C, threads, sum.data(), sum2.data(),
                  [&](int64_t r, float *s, float *q) { stats_row(C, x + r * C, x, s, q); });
-    std::vector<float> a(C), b(C);
-    for (int64_t c = 0; c < C; c++) {
-        double shifted = sum[c] / count, var = sum2[c] / count - shifted * shifted;
-        if (var < 0) var = 0;
-        double m = shifted + load(x[c]);
-        mean[c] = float(m);
-        invstd[c] = float(1.0 / std::sqrt(var + eps));
-        a[c] = weight[c] * invstd[c];
-        b[c] = bias[c] - mean[c] * a[c];
-        running_mean[c] = (1 - momentum) * running_mean[c] + momentum * float(m);
-        running_var[c] = (1 - momentum) * running_var[c] + momentum * float(var * count / (count - 1));
-    }
+    std::vector<float> shift(C), a(C), b(C);
+    for (int64_t c = 0; c < C; c++) shift[c] = load(x[c]);
+    bn_statistics(C, count, sum.data(), sum2.data(), shift.data(), weight, bias, running_mean, running_var, momentum,
+                  eps, mean, invstd, a.data(), b.data());
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t nr = 0; nr < N * OH; nr++) {
         int64_t n = nr / OH, oh = nr % OH;
@@ -212,13 +234,9 @@ void backward(const T *x, const T *grad, const uint8_t *flags, const T *pooled, 
         grad_sums_row(C, grad + r * C, flags + r * C, pooled + r * C, scale, s, q);
     });
     std::vector<float> a(C), c2(C), c3(C);
-    for (int64_t c = 0; c < C; c++) {
-        a[c] = weight[c] * invstd[c];
-        grad_bias[c] = float(gsum[c]);
-        grad_weight[c] = float(invstd[c] * (gpsum[c] - mean[c] * gsum[c]));
-        c3[c] = -a[c] * invstd[c] * grad_weight[c] / count;
-        c2[c] = -a[c] * grad_bias[c] / count - c3[c] * mean[c];
-    }
+    for (int64_t c = 0; c < C; c++) a[c] = weight[c] * invstd[c];
+    bn_backward_terms(C, count, gsum.data(), gpsum.data(), mean, invstd, a.data(), grad_weight, grad_bias, c2.data(),
+                      c3.data());
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t nh = 0; nh < N * H; nh++) {
         int64_t n = nh / H, h = nh % H;
@@ -341,23 +359,6 @@ void unpool_row(int64_t C, const float *__restrict__ dp, const uint8_t *__restri
     for (int64_t c = 0; c < C; c++) dx[c] = store<T>(where[c] == k ? dp[c] : 0.0f);
 }
 
-// mean, invstd, the running statistics, and the affine a, b, from shifted per-channel sums over count values
-void bn_statistics(int64_t C, int64_t count, const double *sum, const double *sum2, const float *shift,
-                   const float *weight, const float *bias, float *running_mean, float *running_var, float momentum,
-                   float eps, float *mean, float *invstd, float *a, float *b) {
-    for (int64_t c = 0; c < C; c++) {
-        double shifted = sum[c] / count, var = sum2[c] / count - shifted * shifted;
-        if (var < 0) var = 0;
-        double m = shifted + shift[c];
-        mean[c] = float(m);
-        invstd[c] = float(1.0 / std::sqrt(var + eps));
-        a[c] = weight[c] * invstd[c];
-        b[c] = bias[c] - mean[c] * a[c];
-        running_mean[c] = (1 - momentum) * running_mean[c] + momentum * float(m);
-        running_var[c] = (1 - momentum) * running_var[c] + momentum * float(var * count / (count > 1 ? count - 1 : 1));
-    }
-}
-
 // x: (N, H, W, C). With pool, p = the 2x2-pooled x, written to pooled with where; else p = x.
 template <typename T>
 void bn_gelu_forward(const T *x, int64_t N, int64_t H, int64_t W, int64_t C, int pool, const float *weight,
@@ -398,12 +399,8 @@ void bn_gelu_backward(const T *grad, const T *p, const uint8_t *where, int64_t N
     channel_sums(rows, C, threads, gsum.data(), gpsum.data(), [&](int64_t r, float *s, float *q) {
         gelu_grad_sums_row(C, a.data(), b.data(), p + r * C, grad + r * C, s, q);
     });
-    for (int64_t c = 0; c < C; c++) {
-        grad_bias[c] = float(gsum[c]);
-        grad_weight[c] = float(invstd[c] * (gpsum[c] - mean[c] * gsum[c]));
-        c3[c] = -a[c] * invstd[c] * grad_weight[c] / rows;
-        c2[c] = -a[c] * grad_bias[c] / rows - c3[c] * mean[c];
-    }
+    bn_backward_terms(C, rows, gsum.data(), gpsum.data(), mean, invstd, a.data(), grad_weight, grad_bias, c2.data(),
+                      c3.data());
 #pragma omp parallel num_threads(threads)
     {
         std::vector<float> dp(C);
@@ -412,15 +409,13 @@ void bn_gelu_backward(const T *grad, const T *p, const uint8_t *where, int64_t N
             int64_t n = nr / OH, oh = nr % OH;
             for (int64_t ow = 0; ow < OW; ow++) {
                 int64_t r = nr * OW + ow;
-                if (!pool) {
-                    bn_gelu_dx_row(C, a.data(), b.data(), c2.data(), c3.data(), p + r * C, grad + r * C, dp.data());
-                    for (int64_t c = 0; c < C; c++) dx[r * C + c] = store<T>(dp[c]);
-                    continue;
-                }
                 bn_gelu_dx_row(C, a.data(), b.data(), c2.data(), c3.data(), p + r * C, grad + r * C, dp.data());
-                for (uint8_t k = 0; k < 4; k++)
-                    unpool_row(C, dp.data(), where + r * C, k,
-                               dx + ((n * H + 2 * oh + k / 2) * W + 2 * ow + k % 2) * C);
+                if (!pool)
+                    for (int64_t c = 0; c < C; c++) dx[r * C + c] = store<T>(dp[c]);
+                else
+                    for (uint8_t k = 0; k < 4; k++)
+                        unpool_row(C, dp.data(), where + r * C, k,
+                                   dx + ((n * H + 2 * oh + k / 2) * W + 2 * ow + k % 2) * C);
             }
             if (!pool) continue;
             if (W % 2)  // an odd last column is outside every window
