@@ -9,10 +9,14 @@ CIFAR-10 images, each over several seeds (mean and spread).
                                                   # what bfloat16 costs each recipe, side by side
     python bench/time_to_accuracy.py --seeds 1 --recipes fast:8 --native both --airbench
                                                   # each recipe with cnnlab's native kernels and without
+    python bench/time_to_accuracy.py --tune --seeds 2 --recipes "fast:8,fast:8 --batch-size 1000 --lr 0.17"
+                                                  # choosing settings: scored on a part of train/, not test/
 
 The shared folder has no test set: a stratified tenth of it (fixed by --split-seed) becomes test/, the
 rest train/; cnnlab trains on all of train/ (`--val-split 0`) and scores test/ once, as the port does.
-Runs go round-robin, seed by seed (the port once, then each recipe), so that the machine's drift over
+A recipe may carry `cnnlab train` options after its name (`fast:8 --batch-size 1000`). `--tune` scores
+on a stratified ninth of train/ instead (and trains on the rest), so settings are chosen without
+touching test/. Runs go round-robin, seed by seed (the port once, then each recipe), so that the machine's drift over
 the hour falls on every recipe alike.
 Seconds are each tool's own count: cnnlab's `train_time_s` (its epochs), the port's
 `total_time_seconds` (its epochs and its final test-time-augmented pass); loading is in neither.
@@ -37,27 +41,31 @@ from cnnlab.config import PRECISIONS  # noqa: E402
 ANCHOR = ROOT.parent / "shared" / "anchors" / "airbench94_cpu.py"
 
 
-RECIPE = re.compile(r"([\w-]+):(\d+)(?::(" + "|".join(PRECISIONS) + "))?")
+RECIPE = re.compile(r"([\w-]+):(\d+)(?::(" + "|".join(PRECISIONS) + r"))?((?: +\S+)*)")
 
 
-def parse_recipe(text: str) -> tuple[str, int, str] | None:
-    """PRESET:EPOCHS[:PRECISION] as (preset, epochs, precision, "auto" when not given); None when
-    the text is not of that form."""
-    parsed = RECIPE.fullmatch(text)
+def parse_recipe(text: str) -> tuple[str, int, str, tuple[str, ...]] | None:
+    """PRESET:EPOCHS[:PRECISION][ OPTIONS] as (preset, epochs, precision, "auto" when not given, the
+    `cnnlab train` options); None when the text is not of that form."""
+    parsed = RECIPE.fullmatch(text.strip())
     if parsed is None:
         return None
-    preset, epochs, precision = parsed.groups()
-    return preset, int(epochs), precision or "auto"
+    preset, epochs, precision, options = parsed.groups()
+    return preset, int(epochs), precision or "auto", tuple(options.split())
 
 
-def make_split(source: Path, work: Path, per_class: int | None, seed: int) -> Path:
-    """work/train/<class>/ and work/test/<class>/ of links, a stratified tenth as the test set."""
+def make_split(source: Path, work: Path, per_class: int | None, seed: int, tune: bool = False) -> Path:
+    """work/train/<class>/ and work/test/<class>/ of links, a stratified tenth as the test set; with
+    ``tune``, that tenth is left out and a ninth of the rest is scored instead."""
     import torch
 
     from cnnlab.data import scan_folder, stratified_split
     classes, files = scan_folder(source, per_class)
     labels = torch.tensor([label for _, label in files])
     train, _, test = stratified_split(labels, 0.0, 0.1, seed)
+    if tune:  # the test tenth stays out; a ninth of the rest (as many images) is scored instead
+        kept, _, held = stratified_split(labels[train], 0.0, 1 / 9, seed)
+        train, test = train[kept], train[held]
     for part, index in (("train", train), ("test", test)):
         for i in index.tolist():
             path, label = files[i]
@@ -68,13 +76,16 @@ def make_split(source: Path, work: Path, per_class: int | None, seed: int) -> Pa
 
 
 def cnnlab_run(data: Path, out: Path, preset: str, epochs: int, precision: str, seed: int,
-               threads: int, native: bool = True) -> tuple[float, float]:
-    """(training seconds, test accuracy) of one `cnnlab train` run on all of train/; ``native``
-    False runs it with the native kernels switched off (CNNLAB_NATIVE=0)."""
-    name = f"{preset}-{epochs}-{precision}-{seed}" + ("" if native else "-stock")
+               threads: int, native: bool = True, options: tuple[str, ...] = ()) -> tuple[float, float]:
+    """(training seconds, test accuracy) of one `cnnlab train` run on all of train/, with ``options``
+    added to its command line; ``native`` False runs it with the native kernels switched off
+    (CNNLAB_NATIVE=0)."""
+    name = "-".join([preset, str(epochs), precision, str(seed), *(o.strip("-") for o in options)]) \
+        + ("" if native else "-stock")
     done = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--preset", preset, "--data", str(data),
                            "--val-split", "0", "--epochs", str(epochs), "--precision", precision, "--seed", str(seed),
-                           "--threads", str(threads), "--no-tensorboard", "--out", str(out), "--name", name],
+                           "--threads", str(threads), "--no-tensorboard", "--out", str(out), "--name", name,
+                           *options],
                           capture_output=True, text=True, env={**os.environ, "CNNLAB_NATIVE": "1" if native else "0"})
     if done.returncode:
         raise SystemExit(f"cnnlab {name} failed: {done.stderr.strip()[-2000:]}")
@@ -134,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10/train"))
     parser.add_argument("--recipes", default="fast:8",
-                        help=f"PRESET:EPOCHS[:PRECISION],... (default fast:8; PRECISION {', '.join(PRECISIONS)}, "
+                        help=f"PRESET:EPOCHS[:PRECISION][ OPTIONS],... (default fast:8; PRECISION {', '.join(PRECISIONS)}, "
                              "default auto)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="cnnlab's seeds are FIRST-SEED and on (the port's "
@@ -147,12 +158,15 @@ def main() -> None:
                         help="both: each recipe also with cnnlab's native kernels switched off, as 'RECIPE (stock)'")
     parser.add_argument("--per-class", type=int, help="use only this many images of each class (a smoke run)")
     parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--tune", action="store_true", help="score on a stratified ninth of train/, not on test/ "
+                        "(for choosing settings; the port, with --airbench, scores on it too)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
     parsed = {r: parse_recipe(r) for r in args.recipes.split(",") if r}  # "" runs the port alone
     bad = [r for r, recipe in parsed.items() if recipe is None]
     if bad:
-        parser.error(f"--recipes {','.join(bad)}: give PRESET:EPOCHS[:PRECISION], for example fast:8 or fast:8:fp32")
+        parser.error(f"--recipes {','.join(bad)}: give PRESET:EPOCHS[:PRECISION][ OPTIONS], for example fast:8, fast:8:fp32 "
+                     "or 'fast:8 --batch-size 1000'")
     natives = (True, False) if args.native == "both" else (True,)
     recipes = {r + ("" if native else " (stock)"): (*recipe, native) for r, recipe in parsed.items() for native in natives}
     port_precisions = ("bf16", "fp32") if args.airbench_precision == "both" else (args.airbench_precision,)
@@ -162,7 +176,7 @@ def main() -> None:
     print(f"cpu: {cpu}, {args.threads} threads; data {args.data}" + (f", {args.per_class} per class" if
                                                                        args.per_class else ""), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_split(Path(args.data), Path(tmp) / "data", args.per_class, args.split_seed)
+        data = make_split(Path(args.data), Path(tmp) / "data", args.per_class, args.split_seed, args.tune)
         print(f"train {sum(1 for _ in (data / 'train').rglob('*.*'))} / test "
               f"{sum(1 for _ in (data / 'test').rglob('*.*'))} images", flush=True)
         table = {**{label: [] for label in ports.values()}, **{r: [] for r in recipes}}
@@ -172,9 +186,9 @@ def main() -> None:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for precision, label in ports.items():
                 table[label] += airbench_runs(data, 1, args.threads, precision)
-            for recipe, (preset, epochs, precision, native) in recipes.items():
+            for recipe, (preset, epochs, precision, options, native) in recipes.items():
                 table[recipe].append(cnnlab_run(data, Path(tmp) / "runs", preset, epochs, precision, seed,
-                                                args.threads, native))
+                                                args.threads, native, options))
                 print(f"  {recipe} seed {seed}: {table[recipe][-1][0]:.1f} s, {table[recipe][-1][1]:.2%}", flush=True)
         for label, results in table.items():
             print(summary(label, results), flush=True)
