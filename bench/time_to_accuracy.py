@@ -16,8 +16,8 @@ The shared folder has no test set: a stratified tenth of it (fixed by --split-se
 rest train/; cnnlab trains on all of train/ (`--val-split 0`) and scores test/ once, as the port does.
 A recipe may carry `cnnlab train` options after its name (`fast:8 --batch-size 1000`). `--tune` scores
 on a stratified ninth of train/ instead (and trains on the rest), so settings are chosen without
-touching test/. Runs go round-robin, seed by seed (the port once, then each recipe), so that the machine's drift over
-the hour falls on every recipe alike.
+touching test/. Runs go round-robin, seed by seed (the port once, then each recipe), so that the
+machine's drift over the hour falls on every recipe alike.
 Seconds are each tool's own count: cnnlab's `train_time_s` (its epochs), the port's
 `total_time_seconds` (its epochs and its final test-time-augmented pass); loading is in neither.
 """
@@ -63,7 +63,7 @@ def make_split(source: Path, work: Path, per_class: int | None, seed: int, tune:
     classes, files = scan_folder(source, per_class)
     labels = torch.tensor([label for _, label in files])
     train, _, test = stratified_split(labels, 0.0, 0.1, seed)
-    if tune:  # the test tenth stays out; a ninth of the rest (as many images) is scored instead
+    if tune:  # a ninth of the rest is as many images as the test tenth
         kept, _, held = stratified_split(labels[train], 0.0, 1 / 9, seed)
         train, test = train[kept], train[held]
     for part, index in (("train", train), ("test", test)):
@@ -145,8 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10/train"))
     parser.add_argument("--recipes", default="fast:8",
-                        help=f"PRESET:EPOCHS[:PRECISION][ OPTIONS],... (default fast:8; PRECISION {', '.join(PRECISIONS)}, "
-                             "default auto)")
+                        help="PRESET:EPOCHS[:PRECISION][ OPTIONS],... (default fast:8; PRECISION "
+                             f"{', '.join(PRECISIONS)}, default auto; OPTIONS: `cnnlab train` options)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="cnnlab's seeds are FIRST-SEED and on (the port's "
                         "runs are unseeded)")
@@ -165,8 +165,8 @@ def main() -> None:
     parsed = {r: parse_recipe(r) for r in args.recipes.split(",") if r}  # "" runs the port alone
     bad = [r for r, recipe in parsed.items() if recipe is None]
     if bad:
-        parser.error(f"--recipes {','.join(bad)}: give PRESET:EPOCHS[:PRECISION][ OPTIONS], for example fast:8, fast:8:fp32 "
-                     "or 'fast:8 --batch-size 1000'")
+        parser.error(f"--recipes {','.join(bad)}: give PRESET:EPOCHS[:PRECISION][ OPTIONS], for example fast:8, "
+                     "fast:8:fp32 or 'fast:8 --batch-size 1000'")
     natives = (True, False) if args.native == "both" else (True,)
     recipes = {r + ("" if native else " (stock)"): (*recipe, native) for r, recipe in parsed.items() for native in natives}
     port_precisions = ("bf16", "fp32") if args.airbench_precision == "both" else (args.airbench_precision,)
