@@ -14,9 +14,10 @@ from cnnlab.errors import CnnlabError
 from cnnlab.inference import augmented_logits
 from cnnlab.layers import Whiten
 from cnnlab.optimizer import Lookahead, Muon, lr_factor, make_optimizer, orthogonalize
-from cnnlab.presets import build_model, get_preset
+from cnnlab.presets import build_model, get_preset, muon_recipe
 from cnnlab.train import _start, fit
 
+RATES = ("batch_size", "lr", "weight_decay", "bias_lr_scale", "head_lr_scale")  # what muon_recipe derives
 
 def airbench94_config(folder, tmp_path, preset="airbench94", **overrides):
     settings = dict(data=str(folder), epochs=3, batch_size=16, whiten_bias_epochs=2, threads=1, precision="fp32",
@@ -54,7 +55,7 @@ def test_the_whitening_bias_joins_the_scaled_biases_only_where_the_recipe_says_s
         return next(g["lr"] for g in groups if any(p is bias for p in g["params"])) / cfg.lr
     assert scaled("airbench94") == pytest.approx(1.0)  # airbench94: the base rate
     assert scaled("airbench94", whiten_bias_scaled=True) == pytest.approx(64.0)
-    assert scaled("speedrun") == pytest.approx(106 / 0.24)  # airbench94_muon: the biases' rate
+    assert scaled("speedrun") == pytest.approx(0.053 * 500 / 0.12)  # airbench94_muon: the biases' rate
     assert scaled("speedrun", whiten_bias_scaled=False) == pytest.approx(1.0)
 
 
@@ -198,7 +199,8 @@ def test_muon_steps_filters_along_their_orthogonalized_momentum_and_the_rest_as_
 
 
 def test_the_muon_recipe_groups_filters_biases_and_head_at_their_rates():
-    cfg = resolve_config("speedrun", data="x")
+    published = muon_recipe(2000, 0.24)  # airbench94_muon as it runs on a GPU
+    cfg = resolve_config("speedrun", data="x", **{k: published[k] for k in RATES})
     model = build_model(get_preset("speedrun").layers, 10)
     next(m for m in model.modules() if isinstance(m, Whiten)).bias.requires_grad_(True)  # as train._start does
     groups = make_optimizer(model, cfg).param_groups
@@ -214,14 +216,15 @@ def test_the_muon_recipe_groups_filters_biases_and_head_at_their_rates():
     assert lr_factor("linear", 0, 10) == 1.0 and lr_factor("linear", 5, 10) == 0.5 and lr_factor("linear", 10, 10) == 0
 
 
-def test_fast_takes_airbench94_muons_rates_per_image_at_its_batch_of_500():
-    fast, speedrun = (resolve_config(p, data="x") for p in ("fast", "speedrun"))
-    assert (fast.batch_size, fast.lr, speedrun.batch_size, speedrun.lr) == (500, 0.12, 2000, 0.24)
-    groups = [g for g in make_optimizer(build_model(get_preset("fast").layers, 10), fast).param_groups
+@pytest.mark.parametrize("preset", ["fast", "speedrun"])
+def test_the_cpu_presets_take_airbench94_muons_rates_per_image_at_a_batch_of_500(preset):
+    cfg = resolve_config(preset, data="x")
+    assert (cfg.batch_size, cfg.lr) == (500, 0.12)
+    groups = [g for g in make_optimizer(build_model(get_preset(preset).layers, 10), cfg).param_groups
               if not g["orthogonal"]]
-    per_image = sorted(round(g["lr"] / fast.batch_size, 6) for g in groups)  # a mean loss's rate per image
-    assert per_image == [0.053, 0.67]  # airbench94_muon's biases and head (it sums the loss), as speedrun's above
-    assert all(g["lr"] * g["weight_decay"] == pytest.approx(2e-6 * fast.batch_size) for g in groups)
+    per_image = sorted(round(g["lr"] / cfg.batch_size, 6) for g in groups)  # a mean loss's rate per image
+    assert per_image == [0.053, 0.67]  # airbench94_muon's biases and head (it sums the loss), as published above
+    assert all(g["lr"] * g["weight_decay"] == pytest.approx(2e-6 * cfg.batch_size) for g in groups)
 
 
 def test_a_run_recorded_before_whiten_bias_scaled_existed_reads_back_as_it_trained():
