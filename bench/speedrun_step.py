@@ -7,6 +7,7 @@ optimizer groups, bfloat16 autocast and summed loss), side by side on the same r
     python bench/speedrun_step.py --profile       # + the top operators of one cnnlab step
     python bench/speedrun_step.py --preset speedrun --batch 2000
     python bench/speedrun_step.py --preset fast --batch 2000 --native both --no-port   # the native kernels' gain
+    python bench/speedrun_step.py --preset speedrun --batch 500 --muon both --no-port  # Muon in the run's dtype
 """
 from __future__ import annotations
 
@@ -26,19 +27,25 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import cpu_model  # noqa: E402
 from cnnlab.config import resolve_config  # noqa: E402
 from cnnlab.data import ImageSet  # noqa: E402
-from cnnlab.optimizer import make_optimizer  # noqa: E402
+from cnnlab.optimizer import Muon, make_optimizer  # noqa: E402
 from cnnlab.presets import build_model, get_preset, init_whitening  # noqa: E402
-from cnnlab.runtime import keep_freed_memory, memory_format, setup  # noqa: E402
+from cnnlab.runtime import compute_dtype, keep_freed_memory, memory_format, setup  # noqa: E402
 from cnnlab.step import TrainStep  # noqa: E402
 
 ANCHOR = ROOT.parent / "shared" / "anchors" / "airbench94_cpu.py"
 
 
-def cnnlab_stepper(preset: str, images: torch.Tensor, labels: torch.Tensor, batch: int):
+def cnnlab_stepper(preset: str, images: torch.Tensor, labels: torch.Tensor, batch: int,
+                   muon_bf16: bool = False):
+    """A step of ``preset`` as ``cnnlab train`` runs it; with ``muon_bf16``, Muon orthogonalizes in
+    airbench's bfloat16 whatever the run's dtype."""
     cfg = resolve_config(preset, data="x", batch_size=batch)
     model = build_model(get_preset(preset).layers, 10).to(memory_format=memory_format(cfg.channels_last))
     init_whitening(model, cfg.preprocessing(images[:1000], channels_last=False))
-    step = TrainStep(model, make_optimizer(model, cfg), ImageSet(images, labels), cfg, torch.device("cpu"))
+    opt = make_optimizer(model, cfg, compute_dtype(cfg.precision, torch.device("cpu")))
+    if muon_bf16 and isinstance(opt, Muon):
+        opt.dtype = torch.bfloat16
+    step = TrainStep(model, opt, ImageSet(images, labels), cfg, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     model.train()
     return lambda i: step(torch.randperm(len(images), generator=generator)[:batch], generator)
@@ -107,6 +114,8 @@ def main() -> None:
     parser.add_argument("--no-port", action="store_true")
     parser.add_argument("--native", choices=("on", "both"), default="on",
                         help="both: the preset's step with the native kernels and without, alternating rounds")
+    parser.add_argument("--muon", choices=("run", "both"), default="run",
+                        help="both: the preset's step with Muon in the run's dtype and in bfloat16, alternating rounds")
     args = parser.parse_args()
     setup("cpu", args.threads)
     keep_freed_memory()  # as the command line does: both steps reuse their freed activation buffers
@@ -121,6 +130,8 @@ def main() -> None:
         steppers[args.preset] = with_native(True, steppers[args.preset])
         steppers[f"{args.preset} (stock)"] = with_native(False, cnnlab_stepper(args.preset, images, labels,
                                                                                args.batch))
+    if args.muon == "both":
+        steppers[f"{args.preset} (Muon bf16)"] = cnnlab_stepper(args.preset, images, labels, args.batch, muon_bf16=True)
     if not args.no_port:
         steppers["airbench94 port"] = port_stepper(images, labels, args.batch)
     totals = {name: 0.0 for name in steppers}

@@ -63,7 +63,7 @@ def _bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: t
     model = build_model(PRESETS[preset].layers, 10)
     init_whitening(model, cfg.preprocessing(data.images[:2000], channels_last=False))
     model = model.to(device, memory_format=memory_format(cfg.channels_last))  # as cnnlab train lays it out
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, compute_dtype(cfg.precision, device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     generator = torch.Generator().manual_seed(0)
     subset = data.subset(torch.arange(steps * batch)).to(device)
@@ -98,7 +98,7 @@ def bench_eager(preset: str, data: ImageSet, steps: int, batch: int, device: tor
     torch.backends.cudnn.benchmark = False  # PyTorch's default
     torch.manual_seed(0)
     model = plain_model(preset).to(device)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, None)
     x_all = data.images[:steps * batch].to(device).float() / 255  # in memory, NCHW, as a hand-written loop has it
     y_all = data.labels[:steps * batch].to(device)
     model.train()
@@ -120,7 +120,7 @@ def bench_tutorial(preset: str, root: Path, steps: int, batch: int) -> float:
                                          generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = plain_model(preset)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, None)
     model.train()
     it = iter(loader)
     for _ in range(3):

@@ -49,11 +49,13 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The run's optimizer over the parameters that train (``param_groups``)."""
+def make_optimizer(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype | None) -> torch.optim.Optimizer:
+    """The run's optimizer over the parameters that train (``param_groups``); ``dtype`` is the
+    run's compute dtype (``runtime.compute_dtype``), which Muon's matrix products take too."""
     groups = param_groups(model, cfg)
     if cfg.optimizer == "muon":
-        return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    dtype=dtype or torch.float32)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
@@ -65,12 +67,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """About ``U V^T`` for ``g = U S V^T`` (2-D), by airbench's quintic Newton-Schulz iteration in
-    bfloat16: its coefficients maximise the slope at zero, so 3 steps bring every singular value
-    to roughly 0.5-1.5, which trains as well as exactly 1."""
+    ``dtype`` (airbench's bfloat16): its coefficients maximise the slope at zero, so 3 steps bring
+    every singular value to roughly 0.5-1.5, which trains as well as exactly 1."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.to(dtype)
     x = x / (x.norm() + eps)  # the top singular value at most 1
     tall = g.size(0) > g.size(1)
     if tall:
@@ -86,12 +89,16 @@ class Muon(torch.optim.Optimizer):
     Nesterov momentum (``buf = MOMENTUM * buf + g``), each filter bank rescaled to norm
     sqrt(out_channels), then a step of ``lr`` along the orthogonalized momentum (scale-free, so a
     summed or averaged loss is alike). Every other group takes SGD-Nesterov steps with momentum
-    ``momentum`` and L2 ``weight_decay``, as ``torch.optim.SGD`` does."""
+    ``momentum`` and L2 ``weight_decay``, as ``torch.optim.SGD`` does. ``dtype``: the
+    orthogonalization's, airbench's bfloat16 by default; float32 where bfloat16 would be emulated
+    (its matrix products then cost more than the step's convolutions: BENCHMARKS.md)."""
     MOMENTUM = 0.6  # airbench94_muon's momentum for the filters (its SGD groups use 0.85)
 
-    def __init__(self, params, lr: float, momentum: float = 0.85, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, momentum: float = 0.85, weight_decay: float = 0.0,
+                 dtype: torch.dtype = torch.bfloat16):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                                   "orthogonal": False})
+        self.dtype = dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -111,7 +118,7 @@ class Muon(torch.optim.Optimizer):
                 g = g.add(state["momentum_buffer"], alpha=momentum)  # Nesterov
                 if group["orthogonal"]:
                     p.mul_(len(p) ** 0.5 / p.norm())
-                    g = orthogonalize(g.reshape(len(g), -1)).view(g.shape)
+                    g = orthogonalize(g.reshape(len(g), -1), dtype=self.dtype).view(g.shape)
                 p.sub_(g * lr)
 
 

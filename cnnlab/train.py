@@ -33,7 +33,7 @@ from .preprocessing import Preprocessing
 from .presets import build_model, count_parameters, get_preset, init_whitening
 from .runs import (create_run_dir, run_record, save_torch, write_history, write_json,
                    unfinished_config, write_results, write_samples)
-from .runtime import environment, memory_format, setup
+from .runtime import compute_dtype, environment, memory_format, setup
 from .step import TrainStep
 from .tensorboard_log import Board
 
@@ -115,7 +115,7 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
     ``model`` when asked). With ``run_dir``, writes ``checkpoint.pt`` and ``history.csv``
     after every epoch; with ``board``, TensorBoard events."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, compute_dtype(cfg.precision, device))
     steps = max(1, math.ceil(len(splits.train) / cfg.batch_size)) * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, steps))
     stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta, cfg.mode, cfg.restore_best_weights,

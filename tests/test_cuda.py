@@ -16,7 +16,7 @@ from cnnlab.evaluate import evaluate_run
 from cnnlab.layers import Dropout
 from cnnlab.preprocessing import CIFAR10
 from cnnlab.presets import PRESETS, build_model
-from cnnlab.runtime import pick_device, to_device
+from cnnlab.runtime import compute_dtype, pick_device, to_device
 from cnnlab.step import TrainStep, graph_ready
 from cnnlab.optimizer import make_optimizer
 from cnnlab.train import fit, train, train_one_epoch
@@ -73,7 +73,7 @@ def _setup(tmp_path, preset="dropout", **settings):
     splits = load_splits(make_folder(tmp_path / "d", per_class=60), 32, 0.1, 0.1, 0)
     cfg = TrainConfig(preset=preset, data="-", batch_size=8, augment=True, **settings)
     model = build_model(PRESETS[preset].layers, 3).to(CUDA, memory_format=torch.channels_last)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, compute_dtype(cfg.precision, CUDA))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return splits, cfg, model, opt, sched
 
@@ -120,7 +120,7 @@ def test_replayed_steps_train_as_eager_steps_do(tmp_path):
                               nesterov=True, schedule="onecycle", label_smoothing=0.1, cuda_graph=graphed)
             torch.manual_seed(0)
             model = build_model(PRESETS["pool-bn"].layers, 3).to(CUDA, memory_format=torch.channels_last)
-            opt = make_optimizer(model, cfg)
+            opt = make_optimizer(model, cfg, compute_dtype(cfg.precision, CUDA))
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 20)
             graph_ready(opt, CUDA)  # the same fused update in both runs
             data = splits.train.to(CUDA)  # 144 images: 9 steps of 16

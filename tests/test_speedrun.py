@@ -35,14 +35,14 @@ def test_triangle_schedule_is_airbench94s():
 def test_batch_norm_biases_get_the_scaled_rate_and_the_same_decay_per_step():
     cfg = resolve_config("airbench94", data="x")
     model = build_model(get_preset("airbench94").layers, 10)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, None)
     others, biases = opt.param_groups
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert {id(p) for p in biases["params"]} == {id(m.bias) for m in norms}  # scales are fixed at 1: not trained
     assert all(not m.weight.requires_grad for m in norms)
     assert biases["lr"] == pytest.approx(64 * others["lr"]) and others["lr"] == pytest.approx(1.5)
     assert biases["lr"] * biases["weight_decay"] == pytest.approx(others["lr"] * others["weight_decay"])
-    plain = make_optimizer(model, resolve_config("pool-bn", data="x"))
+    plain = make_optimizer(model, resolve_config("pool-bn", data="x"), None)
     assert len(plain.param_groups) == 1
 
 
@@ -51,7 +51,7 @@ def test_the_whitening_bias_joins_the_scaled_biases_only_where_the_recipe_says_s
         cfg = resolve_config(preset, data="x", **overrides)
         model = build_model(get_preset(preset).layers, 10)
         bias = next(m.bias for m in model.modules() if isinstance(m, Whiten)).requires_grad_()  # as _start sets it
-        groups = make_optimizer(model, cfg).param_groups
+        groups = make_optimizer(model, cfg, None).param_groups
         return next(g["lr"] for g in groups if any(p is bias for p in g["params"])) / cfg.lr
     assert scaled("airbench94") == pytest.approx(1.0)  # airbench94: the base rate
     assert scaled("airbench94", whiten_bias_scaled=True) == pytest.approx(64.0)
@@ -171,6 +171,22 @@ def test_orthogonalize_squeezes_the_singular_values_towards_one():
         assert orthogonalize(g).shape == g.shape and float(s.max()) < 1.6 and float(s.max() / s.min()) < 10
 
 
+def test_muon_orthogonalizes_in_the_runs_dtype_and_float32_follows_the_exact_iteration():
+    """airbench's bfloat16 where the run computes in it; float32 where bfloat16 would be emulated
+    (a CPU without AVX512-BF16 or AMX), which runs the same iteration to float32's precision."""
+    model = build_model(get_preset("speedrun").layers, 10)
+    cfg = resolve_config("speedrun", data="x")
+    assert make_optimizer(model, cfg, None).dtype == torch.float32
+    assert make_optimizer(model, cfg, torch.bfloat16).dtype == torch.bfloat16
+    torch.manual_seed(0)
+    g = torch.randn(64, 576)
+    exact = orthogonalize(g.double(), dtype=torch.float64)
+    assert (orthogonalize(g, dtype=torch.float32) - exact).abs().max() < 1e-5
+    assert (orthogonalize(g) - exact).abs().max() > 1e-3  # bfloat16's 8 bits of mantissa
+    fp32 = torch.linalg.svdvals(orthogonalize(g, dtype=torch.float32))
+    assert float(fp32.max()) < 1.6 and float(fp32.min()) > 0.3
+
+
 def test_muon_steps_filters_along_their_orthogonalized_momentum_and_the_rest_as_sgd():
     torch.manual_seed(0)
     conv, head = nn.Conv2d(3, 8, 3, bias=False), nn.Linear(8, 2)
@@ -203,7 +219,7 @@ def test_the_muon_recipe_groups_filters_biases_and_head_at_their_rates():
     cfg = resolve_config("speedrun", data="x", **{k: published[k] for k in RATES})
     model = build_model(get_preset("speedrun").layers, 10)
     next(m for m in model.modules() if isinstance(m, Whiten)).bias.requires_grad_(True)  # as train._start does
-    groups = make_optimizer(model, cfg).param_groups
+    groups = make_optimizer(model, cfg, None).param_groups
     filters = [g for g in groups if g["orthogonal"]]
     convs = [m.weight for m in model.modules() if type(m) is nn.Conv2d]  # the whitening conv is frozen
     assert len(filters) == 1 and {id(p) for p in filters[0]["params"]} == {id(p) for p in convs}
@@ -220,7 +236,7 @@ def test_the_muon_recipe_groups_filters_biases_and_head_at_their_rates():
 def test_the_cpu_presets_take_airbench94_muons_rates_per_image_at_a_batch_of_500(preset):
     cfg = resolve_config(preset, data="x")
     assert (cfg.batch_size, cfg.lr) == (500, 0.12)
-    groups = [g for g in make_optimizer(build_model(get_preset(preset).layers, 10), cfg).param_groups
+    groups = [g for g in make_optimizer(build_model(get_preset(preset).layers, 10), cfg, None).param_groups
               if not g["orthogonal"]]
     per_image = sorted(round(g["lr"] / cfg.batch_size, 6) for g in groups)  # a mean loss's rate per image
     assert per_image == [0.053, 0.67]  # airbench94_muon's biases and head (it sums the loss), as published above

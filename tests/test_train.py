@@ -231,7 +231,7 @@ def test_a_graph_ready_optimizer_follows_its_schedule_in_place_and_saves_plain_n
     """A CUDA graph reads the learning rate from one tensor: the schedule must update that
     tensor in place, and a checkpoint must hold a plain number that resumes anywhere."""
     model = nn.Linear(3, 2)
-    opt = make_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1, nesterov=True))
+    opt = make_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1, nesterov=True), None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor("onecycle", s, 10))
     graph_ready(opt, torch.device("cpu"))
     lr = opt.param_groups[0]["lr"]
