@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import cpu_model  # noqa: E402
 from cnnlab.config import resolve_config  # noqa: E402
 from cnnlab.data import ImageSet  # noqa: E402
-from cnnlab.optimizer import Muon, make_optimizer  # noqa: E402
+from cnnlab.optimizer import make_optimizer  # noqa: E402
 from cnnlab.presets import build_model, get_preset, init_whitening  # noqa: E402
 from cnnlab.runtime import compute_dtype, keep_freed_memory, memory_format, setup  # noqa: E402
 from cnnlab.step import TrainStep  # noqa: E402
@@ -42,10 +42,8 @@ def cnnlab_stepper(preset: str, images: torch.Tensor, labels: torch.Tensor, batc
     cfg = resolve_config(preset, data="x", batch_size=batch)
     model = build_model(get_preset(preset).layers, 10).to(memory_format=memory_format(cfg.channels_last))
     init_whitening(model, cfg.preprocessing(images[:1000], channels_last=False))
-    opt = make_optimizer(model, cfg, compute_dtype(cfg.precision, torch.device("cpu")))
-    if muon_bf16 and isinstance(opt, Muon):
-        opt.dtype = torch.bfloat16
-    step = TrainStep(model, opt, ImageSet(images, labels), cfg, torch.device("cpu"))
+    dtype = torch.bfloat16 if muon_bf16 else compute_dtype(cfg.precision, torch.device("cpu"))  # Muon's alone
+    step = TrainStep(model, make_optimizer(model, cfg, dtype), ImageSet(images, labels), cfg, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     model.train()
     return lambda i: step(torch.randperm(len(images), generator=generator)[:batch], generator)

@@ -19,6 +19,7 @@ from cnnlab.train import _start, fit
 
 RATES = ("batch_size", "lr", "weight_decay", "bias_lr_scale", "head_lr_scale")  # what muon_recipe derives
 
+
 def airbench94_config(folder, tmp_path, preset="airbench94", **overrides):
     settings = dict(data=str(folder), epochs=3, batch_size=16, whiten_bias_epochs=2, threads=1, precision="fp32",
                     tensorboard=False, out=str(tmp_path / "runs"))
