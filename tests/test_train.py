@@ -208,23 +208,25 @@ if sys.argv[1] == "kept":
 def step():  # 48 MB buffers: above the 32 MB that glibc's own adaptive threshold can reach
     a = torch.ones(12 << 20); b = a * 2
     return float(b[-1])
-for _ in range(3):
+for _ in range(10):  # the heap takes a few steps to settle (seen: 3 to 8) before its holes fit
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[len(faults) // 2])
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_kept_freed_memory_stops_page_faults_on_every_step():
-    def faults(mode):
+    def median_faults(mode):
         out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
-        return float(out.stdout)
-    default, kept = faults("default"), faults("kept")
+        return int(out.stdout)
+    default, kept = median_faults("default"), median_faults("kept")
     assert default > 12000  # each 48 MB buffer is 12,288 pages, faulted in afresh each step
-    assert kept < default / 3  # reused (the odd page still reclaimed by the kernel)
+    assert kept < 1000  # reused: the typical step faults nothing (the odd step still does)
 
 
 def test_a_graph_ready_optimizer_follows_its_schedule_in_place_and_saves_plain_numbers():
