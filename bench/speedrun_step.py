@@ -8,6 +8,7 @@ optimizer groups, bfloat16 autocast and summed loss), side by side on the same r
     python bench/speedrun_step.py --preset speedrun --batch 2000
     python bench/speedrun_step.py --preset fast --batch 2000 --native both --no-port   # the native kernels' gain
     python bench/speedrun_step.py --preset speedrun --batch 500 --muon both --no-port  # Muon in the run's dtype
+    python bench/speedrun_step.py --port-precision both   # the port as shipped and with its autocast off
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def cnnlab_stepper(preset: str, images: torch.Tensor, labels: torch.Tensor, batc
     return lambda i: step(torch.randperm(len(images), generator=generator)[:batch], generator)
 
 
-def port_stepper(images: torch.Tensor, labels: torch.Tensor, batch: int):
+def port_stepper(images: torch.Tensor, labels: torch.Tensor, batch: int, bf16: bool = True):
+    """A step of the port: in its bfloat16 autocast as shipped, or with it off (``bf16`` False)."""
     spec = importlib.util.spec_from_file_location("airbench94_cpu", ANCHOR)
     ab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ab)  # defines only: its main() runs under __main__
@@ -69,7 +71,7 @@ def port_stepper(images: torch.Tensor, labels: torch.Tensor, batch: int):
     def step(i):
         idx = torch.randperm(len(images))[:batch]
         inputs = ab.batch_crop(ab.F.pad(x_all[idx], (2,) * 4, "reflect"), 32)  # its crop, here per batch
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(inputs)
         loss = loss_fn(out.float(), labels[idx]).sum()
         opt.zero_grad(set_to_none=True)
@@ -110,6 +112,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-port", action="store_true")
+    parser.add_argument("--port-precision", choices=("bf16", "fp32", "both"), default="bf16",
+                        help="the port in its bfloat16 autocast as shipped (default), with it off, or both")
     parser.add_argument("--native", choices=("on", "both"), default="on",
                         help="both: the preset's step with the native kernels and without, alternating rounds")
     parser.add_argument("--muon", choices=("run", "both"), default="run",
@@ -131,14 +135,15 @@ def main() -> None:
     if args.muon == "both":
         steppers[f"{args.preset} (Muon bf16)"] = cnnlab_stepper(args.preset, images, labels, args.batch, muon_bf16=True)
     if not args.no_port:
-        steppers["airbench94 port"] = port_stepper(images, labels, args.batch)
+        for precision in ("bf16", "fp32") if args.port_precision == "both" else (args.port_precision,):
+            steppers[f"airbench94 port ({precision})"] = port_stepper(images, labels, args.batch, precision == "bf16")
     totals = {name: 0.0 for name in steppers}
     for _ in range(args.rounds):
         for name, step in steppers.items():
             totals[name] += timed(step, args.steps)
     rates = {name: args.batch * args.steps * args.rounds / seconds for name, seconds in totals.items()}
     for name, rate in rates.items():
-        print(f"{name:<18} {rate:8.0f} images/s", flush=True)
+        print(f"{name:<24} {rate:8.0f} images/s", flush=True)
     first = rates[args.preset]
     for name, rate in list(rates.items())[1:]:
         print(f"ratio {args.preset} / {name}: {first / rate:.2f}x")
