@@ -108,21 +108,25 @@ def test_a_graphed_epoch_replays_one_graph_without_syncs(tmp_path):
     assert len(where) <= 3, f"{len(where)} syncs in 16 replayed steps:\n" + "\n".join(where)
 
 
-def test_replayed_steps_train_as_eager_steps_do(tmp_path):
+@pytest.mark.parametrize("optimizer", [{"optimizer": "sgd", "lr": 0.05, "nesterov": True},
+                                       {"optimizer": "muon", "lr": 0.05, "momentum": 0.85}], ids=["sgd", "muon"])
+def test_replayed_steps_train_as_eager_steps_do(tmp_path, optimizer):
     """The graph must read each step's batch, augmentation and learning rate afresh: after 9
-    steps (3 eager, 6 replayed) the weights match eager training's to float rounding."""
+    steps (3 eager, 6 replayed) the weights match eager training's to float rounding, with
+    SGD's fused update and with Muon's orthogonalized one (speedrun's)."""
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     try:
         results = []
         for graphed in (True, False):
             splits = load_splits(make_folder(tmp_path / "d", per_class=60), 32, 0.1, 0.1, 0)
-            cfg = TrainConfig(preset="pool-bn", data="-", batch_size=16, augment=True, optimizer="sgd", lr=0.05,
-                              nesterov=True, schedule="onecycle", label_smoothing=0.1, cuda_graph=graphed)
+            cfg = TrainConfig(preset="pool-bn", data="-", batch_size=16, augment=True, schedule="onecycle",
+                              label_smoothing=0.1, cuda_graph=graphed, **optimizer)
             torch.manual_seed(0)
             model = build_model(PRESETS["pool-bn"].layers, 3).to(CUDA, memory_format=torch.channels_last)
             opt = make_optimizer(model, cfg, compute_dtype(cfg.precision, CUDA))
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 20)
             graph_ready(opt, CUDA)  # the same fused update in both runs
+            first_lrs = [float(group["lr"]) for group in opt.param_groups]
             data = splits.train.to(CUDA)  # 144 images: 9 steps of 16
             step = TrainStep(model, opt, data, cfg, CUDA)
             logs = train_one_epoch(step, sched, data, cfg, torch.Generator().manual_seed(1), 1)
@@ -132,7 +136,7 @@ def test_replayed_steps_train_as_eager_steps_do(tmp_path):
         assert graph_logs["loss"] == pytest.approx(eager_logs["loss"], rel=1e-3)
         for key, value in eager_weights.items():
             assert torch.allclose(graph_weights[key], value, rtol=1e-3, atol=1e-4), key
-        assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.05 * (1 - 9 / 20))
+        assert [float(g["lr"]) for g in opt.param_groups] == pytest.approx([lr * (1 - 9 / 20) for lr in first_lrs])
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
 
