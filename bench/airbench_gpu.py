@@ -2,7 +2,7 @@
 the shared CIFAR-10 images, test accuracy against training seconds.
 
     python bench/airbench_gpu.py --original PATH/legacy/airbench94.py --original PATH/airbench94_muon.py \
-        --runs 5 --recipes "speedrun:8,speedrun:8 --batch-size 2000 --lr 0.24"
+        --runs 5 --recipes speedrun:8 --original-timeout 400   # airbench94_muon compiles for minutes
 
 An original (github.com/KellerJordan/cifar10-airbench, not part of cnnlab; get it yourself) runs
 unmodified in a folder of its own: it reads `cifar10/train.pt` and `cifar10/test.pt` there, which
