@@ -28,12 +28,11 @@ import tempfile
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from time_to_accuracy import ROOT, cnnlab_run, make_split, parse_recipe, summary  # noqa: E402
+from cnnlab.data import decode_images, scan_folder  # noqa: E402  (time_to_accuracy puts ROOT on the path)
 
 
 def write_cifar_files(split: Path, folder: Path) -> None:
@@ -41,17 +40,24 @@ def write_cifar_files(split: Path, folder: Path) -> None:
     torchvision's CIFAR-10: {'images': uint8 N x 32 x 32 x 3, 'labels': int64 N, 'classes': [...]}."""
     folder.mkdir(parents=True, exist_ok=True)
     for part in ("train", "test"):
-        classes = sorted(d.name for d in (split / part).iterdir() if d.is_dir())
-        files = [(f, label) for label, c in enumerate(classes) for f in sorted((split / part / c).iterdir())]
-        images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f, _ in files])
+        classes, files = scan_folder(split / part)
+        images, bad = decode_images([path for path, _ in files], 32)  # N x 3 x 32 x 32, in parallel
+        if bad:
+            raise SystemExit(f"{len(bad)} unreadable images in {split / part}, {files[bad[0]][0]} first")
         labels = torch.tensor([label for _, label in files])
-        torch.save({"images": torch.from_numpy(images), "labels": labels, "classes": classes}, folder / f"{part}.pt")
+        torch.save({"images": torch.from_numpy(images.transpose(0, 2, 3, 1).copy()), "labels": labels,
+                    "classes": classes}, folder / f"{part}.pt")
+
+
+def cells(line: str) -> list[str]:
+    """The cells of one `|  a  |  b  |` line of an airbench table."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 def parse_row(line: str, header: list[str]) -> dict[str, str] | None:
-    """One `|  a  |  b  |` row of an airbench table as {column: cell}, or None for other lines."""
-    cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    return dict(zip(header, cells)) if len(cells) == len(header) and line.startswith("|") else None
+    """One row of an airbench table as {column: cell}, or None for other lines."""
+    row = cells(line)
+    return dict(zip(header, row)) if len(row) == len(header) and line.startswith("|") else None
 
 
 def original_runs(script: Path, runs: int, cwd: Path, timeout: float) -> tuple[list[tuple[float, float]], str]:
@@ -65,7 +71,7 @@ def original_runs(script: Path, runs: int, cwd: Path, timeout: float) -> tuple[l
     for line in port.stdout:
         tail = (tail + [line.rstrip()])[-20:]
         if header is None and "epoch" in line and line.startswith("|"):
-            header = [c.strip() for c in line.strip().strip("|").split("|")]
+            header = cells(line)
             continue
         row = parse_row(line, header) if header else None
         if row and row.get("epoch") == "eval":
@@ -127,11 +133,11 @@ def main() -> None:
                 out = Path(tmp) / "runs" / f"{number}-{seed}"  # one run in each
                 seconds, accuracy = cnnlab_run(split, out, preset, epochs, precision, seed, args.threads,
                                                options=options)
-                run_dir = next(out.iterdir())
+                warm = warm_seconds(next(out.iterdir()))
                 table[recipe].append((seconds, accuracy))
-                table[recipe + " (epochs 2+)"].append((warm_seconds(run_dir), accuracy))
-                print(f"  {recipe} seed {seed}: {seconds:.2f} s ({table[recipe + ' (epochs 2+)'][-1][0]:.2f} s "
-                      f"from epoch 2), {accuracy:.2%}", flush=True)
+                table[recipe + " (epochs 2+)"].append((warm, accuracy))
+                print(f"  {recipe} seed {seed}: {seconds:.2f} s ({warm:.2f} s from epoch 2), {accuracy:.2%}",
+                      flush=True)
     for note in notes:
         print(note)
     for label, results in table.items():

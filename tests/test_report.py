@@ -21,7 +21,7 @@ def reproduced(tmp_path_factory):
     (root / "data" / "cats-vs-dogs" / "class_1").rename(root / "data" / "cats-vs-dogs" / "dog")
     # float32 asked for: where bfloat16 is native it is not what auto picks, so the check below sees
     # --precision reach every run; where bfloat16 is emulated (AVX2-only CPUs) asking for it made
-    # this run 2-3x slower and pass its 300 s only on a quiet machine (bfloat16 runs: test_train)
+    # this run about 4x slower and pass its 300 s only on a quiet machine (bfloat16 runs: test_train)
     result = cnnlab("reproduce", "--data-root", root / "data", "--quick", "--backbone", "efficientnet_lite0",
                     "--out", root / "out", "--precision", "fp32")
     assert result.returncode == 0, result.stderr
