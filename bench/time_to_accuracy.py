@@ -4,6 +4,8 @@ CIFAR-10 images, each over several seeds (mean and spread).
 
     python bench/time_to_accuracy.py --seeds 3 --recipes fast:6,fast:8,speedrun:8 --airbench
     python bench/time_to_accuracy.py --per-class 300 --seeds 2 --recipes fast:2 --airbench   # a smoke run
+    python bench/time_to_accuracy.py --seeds 1 --recipes speedrun:1,speedrun:2,speedrun:4,speedrun:8 --airbench
+                                                  # speedrun at each time budget the port reaches
     python bench/time_to_accuracy.py --seeds 3 --recipes "" --airbench --airbench-precision fp32   # the port in float32
     python bench/time_to_accuracy.py --seeds 1 --recipes speedrun:8,speedrun:8:fp32 --airbench --airbench-precision both
                                                   # what bfloat16 costs each recipe, side by side
@@ -20,6 +22,9 @@ touching test/. Runs go round-robin, seed by seed (the port once, then each reci
 machine's drift over the hour falls on every recipe alike.
 Seconds are each tool's own count: cnnlab's `train_time_s` (its epochs), the port's
 `total_time_seconds` (its epochs and its final test-time-augmented pass); loading is in neither.
+With the port, a last table takes each time budget it reaches (after each of its epochs, the
+accuracy it printed then, without test-time augmentation: what a user who stops it there has; then
+its end) and sets beside it the most accurate cnnlab recipe whose mean training time fits in it.
 """
 from __future__ import annotations
 
@@ -111,26 +116,64 @@ runpy.run_path(sys.argv[1], run_name="__main__")
 """
 
 
-def airbench_runs(data: Path, runs: int, threads: int, precision: str = "bf16") -> list[tuple[float, float]]:
-    """(training seconds, test accuracy with its test-time augmentation) of each port run, in its
-    bfloat16 autocast as shipped (``precision`` "bf16") or with it off ("fp32")."""
+def airbench_runs(data: Path, runs: int, threads: int, precision: str = "bf16") -> list[dict]:
+    """Each port run, in its bfloat16 autocast as shipped (``precision`` "bf16") or with it off
+    ("fp32"): its training seconds and test accuracy with its test-time augmentation, and its
+    ``curve``, the (seconds, test accuracy without test-time augmentation) it printed after each epoch."""
     env = {**os.environ, "AB_TRAIN": str(data / "train"), "AB_TEST": str(data / "test"), "THREADS": str(threads),
            "RUNS": str(runs), "PYTHONUNBUFFERED": "1"}  # each run reported as it ends
-    results = []
+    results, curve = [], []
     with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile("w+") as err:  # the port writes logs/ in cwd
         command = [sys.executable, str(ANCHOR)] if precision == "bf16" else [sys.executable, "-c", FLOAT32_PORT, str(ANCHOR)]
         port = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True,
                                 env=env, cwd=cwd)
-        for line in port.stdout:  # |  run  |  eval  |  loss | acc | val | tta_val_acc | seconds |
+        for line in port.stdout:  # |  run  |  epoch  |  loss | acc | val_acc | tta_val_acc | seconds |
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) == 7 and cells[1] == "eval":
-                results.append((float(cells[6]), float(cells[5])))
-                print(f"  airbench94 port ({precision}) run {len(results)}: {results[-1][0]:.1f} s, {results[-1][1]:.2%}",
-                      flush=True)
+            if len(cells) == 7 and cells[1].isdigit():
+                curve.append((float(cells[6]), float(cells[4])))
+            elif len(cells) == 7 and cells[1] == "eval":
+                results.append({"seconds": float(cells[6]), "accuracy": float(cells[5]), "curve": curve})
+                curve = []
+                print(f"  airbench94 port ({precision}) run {len(results)}: {results[-1]['seconds']:.1f} s, "
+                      f"{results[-1]['accuracy']:.2%}", flush=True)
         if port.wait():
             err.seek(0)
             raise SystemExit(f"airbench94 port failed: {err.read().strip()[-2000:]}")
     return results
+
+
+def port_budgets(runs: list[dict]) -> list[tuple[str, float, float]]:
+    """The time budgets the port reaches, as (when, mean seconds, mean test accuracy): after each epoch
+    (its schedule stopped there: what a user who stops it then has, scored without test-time
+    augmentation), then at its end with its test-time augmentation."""
+    epochs = min(len(run["curve"]) for run in runs)
+    points = [(f"epoch {e + 1}", statistics.mean(run["curve"][e][0] for run in runs),
+               statistics.mean(run["curve"][e][1] for run in runs)) for e in range(epochs)]
+    return points + [("end, with TTA", statistics.mean(run["seconds"] for run in runs),
+                      statistics.mean(run["accuracy"] for run in runs))]
+
+
+def budget_table(port: list[tuple[str, float, float]], recipes: dict[str, list[tuple[float, float]]]) -> list[dict]:
+    """For each budget the port reaches, the most accurate cnnlab recipe whose mean training time
+    fits in it (None when none does), by mean test accuracy."""
+    means = {r: (statistics.mean(s for s, _ in v), statistics.mean(a for _, a in v)) for r, v in recipes.items() if v}
+    rows = []
+    for when, seconds, accuracy in port:
+        fitting = [(acc, s, r) for r, (s, acc) in means.items() if s <= seconds]
+        best = max(fitting) if fitting else None
+        rows.append({"port": when, "seconds": seconds, "port_accuracy": accuracy,
+                     "cnnlab": best and best[2], "cnnlab_seconds": best and best[1], "cnnlab_accuracy": best and best[0]})
+    return rows
+
+
+def print_budgets(label: str, rows: list[dict]) -> None:
+    print(f"time budgets {label} reaches (its epochs on its own schedule, no TTA; then its end) against the most "
+          "accurate cnnlab recipe that fits in each:", flush=True)
+    for row in rows:
+        ours = (f"{row['cnnlab']:<24} {row['cnnlab_seconds']:8.1f} s {row['cnnlab_accuracy']:7.2%}  "
+                f"{(row['cnnlab_accuracy'] - row['port_accuracy']) * 100:+6.2f} points" if row["cnnlab"]
+                else "(no recipe fits)")
+        print(f"  {row['port']:<14} {row['seconds']:8.1f} s {row['port_accuracy']:7.2%}   {ours}", flush=True)
 
 
 def summary(label: str, results: list[tuple[float, float]]) -> str:
@@ -180,19 +223,27 @@ def main() -> None:
         print(f"train {sum(1 for _ in (data / 'train').rglob('*.*'))} / test "
               f"{sum(1 for _ in (data / 'test').rglob('*.*'))} images", flush=True)
         table = {**{label: [] for label in ports.values()}, **{r: [] for r in recipes}}
+        port_runs = {label: [] for label in ports.values()}
         forget_port_cache()
         # Round-robin (port, then each recipe, seed by seed): the machine's speed drifts over an hour,
         # and running all of one recipe first would hand it a different machine than the next.
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for precision, label in ports.items():
-                table[label] += airbench_runs(data, 1, args.threads, precision)
+                port_runs[label] += airbench_runs(data, 1, args.threads, precision)
+                table[label].append((port_runs[label][-1]["seconds"], port_runs[label][-1]["accuracy"]))
             for recipe, (preset, epochs, precision, options, native) in recipes.items():
                 table[recipe].append(cnnlab_run(data, Path(tmp) / "runs", preset, epochs, precision, seed,
                                                 args.threads, native, options))
                 print(f"  {recipe} seed {seed}: {table[recipe][-1][0]:.1f} s, {table[recipe][-1][1]:.2%}", flush=True)
         for label, results in table.items():
             print(summary(label, results), flush=True)
-    print(json.dumps({k: [{"train_seconds": s, "test_accuracy": a} for s, a in v] for k, v in table.items()}))
+        budgets = {label: budget_table(port_budgets(runs), {r: table[r] for r in recipes})
+                   for label, runs in port_runs.items()}
+        for label, rows in budgets.items():
+            print_budgets(label, rows)
+    print(json.dumps({"runs": {k: [{"train_seconds": s, "test_accuracy": a} for s, a in v] for k, v in table.items()},
+                      "port_curves": {k: [run["curve"] for run in v] for k, v in port_runs.items()},
+                      "budgets": budgets}))
 
 
 if __name__ == "__main__":
