@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from time_to_accuracy import ROOT, cnnlab_run, make_split, parse_recipe, summary  # noqa: E402
+from time_to_accuracy import ROOT, cells, cnnlab_run, make_split, parse_recipe, summary  # noqa: E402
 from cnnlab.data import decode_images, scan_folder  # noqa: E402  (time_to_accuracy puts ROOT on the path)
 
 
@@ -47,11 +47,6 @@ def write_cifar_files(split: Path, folder: Path) -> None:
         labels = torch.tensor([label for _, label in files])
         torch.save({"images": torch.from_numpy(images.transpose(0, 2, 3, 1).copy()), "labels": labels,
                     "classes": classes}, folder / f"{part}.pt")
-
-
-def cells(line: str) -> list[str]:
-    """The cells of one `|  a  |  b  |` line of an airbench table."""
-    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 def parse_row(line: str, header: list[str]) -> dict[str, str] | None:

@@ -116,6 +116,11 @@ runpy.run_path(sys.argv[1], run_name="__main__")
 """
 
 
+def cells(line: str) -> list[str]:
+    """The cells of one `|  a  |  b  |` line of an airbench table (the port's, or the original scripts')."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
 def airbench_runs(data: Path, runs: int, threads: int, precision: str = "bf16") -> list[dict]:
     """Each port run, in its bfloat16 autocast as shipped (``precision`` "bf16") or with it off
     ("fp32"): its training seconds and test accuracy with its test-time augmentation, and its
@@ -128,11 +133,11 @@ def airbench_runs(data: Path, runs: int, threads: int, precision: str = "bf16") 
         port = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True,
                                 env=env, cwd=cwd)
         for line in port.stdout:  # |  run  |  epoch  |  loss | acc | val_acc | tta_val_acc | seconds |
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) == 7 and cells[1].isdigit():
-                curve.append((float(cells[6]), float(cells[4])))
-            elif len(cells) == 7 and cells[1] == "eval":
-                results.append({"seconds": float(cells[6]), "accuracy": float(cells[5]), "curve": curve})
+            row = cells(line)
+            if len(row) == 7 and row[1].isdigit():
+                curve.append((float(row[6]), float(row[4])))
+            elif len(row) == 7 and row[1] == "eval":
+                results.append({"seconds": float(row[6]), "accuracy": float(row[5]), "curve": curve})
                 curve = []
                 print(f"  airbench94 port ({precision}) run {len(results)}: {results[-1]['seconds']:.1f} s, "
                       f"{results[-1]['accuracy']:.2%}", flush=True)
@@ -222,23 +227,23 @@ def main() -> None:
         data = make_split(Path(args.data), Path(tmp) / "data", args.per_class, args.split_seed, args.tune)
         print(f"train {sum(1 for _ in (data / 'train').rglob('*.*'))} / test "
               f"{sum(1 for _ in (data / 'test').rglob('*.*'))} images", flush=True)
-        table = {**{label: [] for label in ports.values()}, **{r: [] for r in recipes}}
         port_runs = {label: [] for label in ports.values()}
+        ours = {r: [] for r in recipes}
         forget_port_cache()
         # Round-robin (port, then each recipe, seed by seed): the machine's speed drifts over an hour,
         # and running all of one recipe first would hand it a different machine than the next.
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for precision, label in ports.items():
                 port_runs[label] += airbench_runs(data, 1, args.threads, precision)
-                table[label].append((port_runs[label][-1]["seconds"], port_runs[label][-1]["accuracy"]))
             for recipe, (preset, epochs, precision, options, native) in recipes.items():
-                table[recipe].append(cnnlab_run(data, Path(tmp) / "runs", preset, epochs, precision, seed,
-                                                args.threads, native, options))
-                print(f"  {recipe} seed {seed}: {table[recipe][-1][0]:.1f} s, {table[recipe][-1][1]:.2%}", flush=True)
+                ours[recipe].append(cnnlab_run(data, Path(tmp) / "runs", preset, epochs, precision, seed,
+                                             args.threads, native, options))
+                print(f"  {recipe} seed {seed}: {ours[recipe][-1][0]:.1f} s, {ours[recipe][-1][1]:.2%}", flush=True)
+        budgets = {label: budget_table(port_budgets(runs), ours) for label, runs in port_runs.items()}
+        table = {**{label: [(run["seconds"], run["accuracy"]) for run in runs] for label, runs in port_runs.items()},
+                 **ours}
         for label, results in table.items():
             print(summary(label, results), flush=True)
-        budgets = {label: budget_table(port_budgets(runs), {r: table[r] for r in recipes})
-                   for label, runs in port_runs.items()}
         for label, rows in budgets.items():
             print_budgets(label, rows)
     print(json.dumps({"runs": {k: [{"train_seconds": s, "test_accuracy": a} for s, a in v] for k, v in table.items()},
