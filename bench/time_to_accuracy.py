@@ -140,7 +140,8 @@ def airbench_runs(data: Path, runs: int, threads: int, precision: str = "bf16") 
                 results.append({"seconds": float(row[6]), "accuracy": float(row[5]), "curve": curve})
                 curve = []
                 print(f"  airbench94 port ({precision}) run {len(results)}: {results[-1]['seconds']:.1f} s, "
-                      f"{results[-1]['accuracy']:.2%}", flush=True)
+                      f"{results[-1]['accuracy']:.2%}; after each epoch: "
+                      + ", ".join(f"{a:.2%} ({s:.0f} s)" for s, a in results[-1]["curve"]), flush=True)
         if port.wait():
             err.seek(0)
             raise SystemExit(f"airbench94 port failed: {err.read().strip()[-2000:]}")
