@@ -137,11 +137,12 @@ def airbench_runs(data: Path, runs: int, threads: int, precision: str = "bf16") 
             if len(row) == 7 and row[1].isdigit():
                 curve.append((float(row[6]), float(row[4])))
             elif len(row) == 7 and row[1] == "eval":
-                results.append({"seconds": float(row[6]), "accuracy": float(row[5]), "curve": curve})
+                run = {"seconds": float(row[6]), "accuracy": float(row[5]), "curve": curve}
+                results.append(run)
                 curve = []
-                print(f"  airbench94 port ({precision}) run {len(results)}: {results[-1]['seconds']:.1f} s, "
-                      f"{results[-1]['accuracy']:.2%}; after each epoch: "
-                      + ", ".join(f"{a:.2%} ({s:.0f} s)" for s, a in results[-1]["curve"]), flush=True)
+                print(f"  airbench94 port ({precision}) run {len(results)}: {run['seconds']:.1f} s, "
+                      f"{run['accuracy']:.2%}; after each epoch: "
+                      + ", ".join(f"{a:.2%} ({s:.0f} s)" for s, a in run["curve"]), flush=True)
         if port.wait():
             err.seek(0)
             raise SystemExit(f"airbench94 port failed: {err.read().strip()[-2000:]}")
