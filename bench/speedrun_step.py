@@ -26,10 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from common import cpu_model  # noqa: E402
-from cnnlab.config import resolve_config  # noqa: E402
 from cnnlab.data import ImageSet  # noqa: E402
 from cnnlab.optimizer import make_optimizer  # noqa: E402
-from cnnlab.presets import build_model, get_preset, init_whitening  # noqa: E402
+from cnnlab.presets import build_model, get_preset, init_whitening, resolve_config  # noqa: E402
 from cnnlab.runtime import compute_dtype, keep_freed_memory, memory_format, setup  # noqa: E402
 from cnnlab.step import TrainStep  # noqa: E402
 

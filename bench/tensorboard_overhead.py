@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cnnlab.config import resolve_config  # noqa: E402
 from cnnlab.data import load_splits  # noqa: E402
-from cnnlab.presets import build_model, get_preset  # noqa: E402
+from cnnlab.presets import build_model, get_preset, resolve_config  # noqa: E402
 from cnnlab.runtime import keep_freed_memory, memory_format  # noqa: E402
 from cnnlab.tensorboard_log import Board  # noqa: E402
-from cnnlab.train import fit  # noqa: E402
+from cnnlab.run_state import RunContext  # noqa: E402
+from cnnlab.train import fit_model  # noqa: E402
 
 
 def images_per_s(preset: str, splits, board_on: bool, epochs: int) -> float:
@@ -29,7 +29,7 @@ def images_per_s(preset: str, splits, board_on: bool, epochs: int) -> float:
         memory_format=memory_format(cfg.channels_last))
     with tempfile.TemporaryDirectory() as tmp:
         board = Board(Path(tmp), board_on, log=lambda line: None)
-        history, _ = fit(model, splits, cfg, torch.device("cpu"), log=lambda line: None, board=board)
+        history = fit_model(model, splits, cfg, RunContext(torch.device("cpu"), log=lambda line: None, board=board)).history
         board.close()
     return statistics.mean(row["images_per_s"] for row in history[1:])  # the first epoch warms up
 

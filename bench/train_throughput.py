@@ -37,13 +37,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab import kernels  # noqa: E402
-from cnnlab.config import resolve_config  # noqa: E402
 from cnnlab.data import ImageSet, load_folder  # noqa: E402
 from cnnlab.layers import Dropout  # noqa: E402
-from cnnlab.presets import PRESETS, build_model, init_whitening  # noqa: E402
+from cnnlab.presets import PRESETS, build_model, init_whitening, resolve_config  # noqa: E402
 from cnnlab.runtime import compute_dtype, keep_freed_memory, memory_format, pick_device  # noqa: E402
 from cnnlab.step import TrainStep  # noqa: E402
 from cnnlab.optimizer import make_optimizer  # noqa: E402
+from cnnlab.early_stopping import EarlyStopping  # noqa: E402
+from cnnlab.run_state import RunContext, RunState, Schedule  # noqa: E402
 from cnnlab.train import train_one_epoch  # noqa: E402
 from common import cpu_peak_gflops, forward_flops, matmul_peak_gflops, sync  # noqa: E402
 
@@ -64,17 +65,17 @@ def _bench_cnnlab(preset: str, data: ImageSet, steps: int, batch: int, device: t
     init_whitening(model, cfg.preprocessing(data.images[:2000], channels_last=False))
     model = model.to(device, memory_format=memory_format(cfg.channels_last))  # as cnnlab train lays it out
     opt = make_optimizer(model, cfg, compute_dtype(cfg.precision, device))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    generator = torch.Generator().manual_seed(0)
+    run = RunState(model, opt, Schedule(opt, "none", 1), EarlyStopping(), torch.Generator().manual_seed(0))
+    ctx = RunContext(device)
     subset = data.subset(torch.arange(steps * batch)).to(device)
     step = TrainStep(model, opt, subset, cfg, device)  # as fit() keeps it, so its CUDA graph too
     if step.graphed:
-        train_one_epoch(step, sched, subset, cfg, generator, 1)  # warms up, captures
+        train_one_epoch(step, run, subset, cfg, 1, ctx)  # warms up, captures
     else:
         warm = data.subset(torch.arange(3 * batch)).to(device)
-        train_one_epoch(TrainStep(model, opt, warm, cfg, device), sched, warm, cfg, generator, 1)
+        train_one_epoch(TrainStep(model, opt, warm, cfg, device), run, warm, cfg, 1, ctx)
     start = time.perf_counter()
-    logs = train_one_epoch(step, sched, subset, cfg, generator, 1)  # ends with a sync
+    logs = train_one_epoch(step, run, subset, cfg, 1, ctx)  # ends with a sync
     return logs["images"] / (time.perf_counter() - start)
 
 

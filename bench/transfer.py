@@ -25,8 +25,10 @@ from cnnlab.backbones import build, for_extraction, get_backbone  # noqa: E402
 from cnnlab.data import ImageSet, Splits, load_splits  # noqa: E402
 from cnnlab.config import TrainConfig  # noqa: E402
 from cnnlab.runtime import compute_dtype  # noqa: E402
-from cnnlab.train import fit  # noqa: E402
-from cnnlab.transfer import Head, TransferModel, extract_features, freeze_base  # noqa: E402
+from cnnlab.features import Extraction, extract_features  # noqa: E402
+from cnnlab.run_state import RunContext  # noqa: E402
+from cnnlab.train import fit_model  # noqa: E402
+from cnnlab.transfer_model import Head, TransferModel, freeze_base  # noqa: E402
 from common import cpu_peak_gflops, forward_flops  # noqa: E402
 
 QUIET = lambda m: None  # noqa: E731
@@ -47,7 +49,7 @@ def ours_extract(features, images, prep) -> float:
     """cnnlab's extraction: channels_last, inference mode, its own batch size."""
     features = features.to(memory_format=torch.channels_last)
     start = time.perf_counter()
-    extract_features(features, images, prep, torch.device("cpu"), pool=False)
+    extract_features(features, images, Extraction(prep, torch.device("cpu"), pool=False))
     return len(images) / (time.perf_counter() - start)
 
 
@@ -57,22 +59,23 @@ def cache_vs_recompute(splits: Splits, epochs: int) -> tuple[float, float]:
     prep = get_backbone("efficientnet_lite0").weights[0].preprocessing
     cfg = TrainConfig(epochs=epochs, batch_size=32, lr=1e-3, preprocessing=prep)
     device = torch.device("cpu")
-    extract_features(built.features, splits.train.images[:16], prep, device, pool=True)  # warm-up
+    how = Extraction(prep, device, pool=True)
+    extract_features(built.features, splits.train.images[:16], how)  # warm-up
     # cnnlab: the base runs once, the head trains on the cached features
     torch.manual_seed(0)
     start = time.perf_counter()
-    feats = {n: extract_features(built.features, getattr(splits, n).images, prep, device, pool=True)
+    feats = {n: extract_features(built.features, getattr(splits, n).images, how)
              for n in ("train", "val")}
     feature_splits = Splits(ImageSet(feats["train"], splits.train.labels), ImageSet(feats["val"], splits.val.labels),
                             ImageSet(feats["val"][:1], splits.val.labels[:1]), splits.class_names)
-    fit(Head("gap", built.channels, built.grid, 2), feature_splits, cfg, device, log=QUIET)
+    fit_model(Head("gap", built.channels, built.grid, 2), feature_splits, cfg, RunContext(device, log=QUIET))
     cached = time.perf_counter() - start
     # baseline: the frozen base runs on every batch of every epoch
     torch.manual_seed(0)
     model = TransferModel(built.features, Head("gap", built.channels, built.grid, 2))
     freeze_base(model, built.blocks, 0)
     start = time.perf_counter()
-    fit(model, splits, cfg, device, log=QUIET)
+    fit_model(model, splits, cfg, RunContext(device, log=QUIET))
     recomputed = time.perf_counter() - start
     return cached, recomputed
 

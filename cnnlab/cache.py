@@ -1,4 +1,5 @@
-"""cnnlab's own caches: decoded images, a frozen backbone's features, the compiled kernel library.
+"""cnnlab's own caches: decoded images, a frozen backbone's features, the compiled kernel library,
+all in one folder (``default_cache_dir``).
 
 A cache is only an optimisation, so nothing in one is trusted: every entry is written atomically and
 then sealed with a manifest beside it (``NAME.json``: its size, its SHA-256 and what it holds), and it
@@ -10,12 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
 from .atomic import atomic_write_bytes
 
 CHUNK = 16 << 20  # hashing reads this much at a time, so a large entry never sits in memory twice
+
+
+def default_cache_dir() -> Path:
+    """Where cnnlab keeps its caches (decoded images, features, compiled kernels):
+    ``$CNNLAB_CACHE``, else ``~/.cache/cnnlab``."""
+    return Path(os.environ.get("CNNLAB_CACHE") or Path.home() / ".cache" / "cnnlab")
 
 
 def manifest_path(path: Path) -> Path:

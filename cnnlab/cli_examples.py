@@ -1,26 +1,40 @@
-"""The examples that end each command's --help (data: the command line shows them as they are)."""
+"""The examples that end each command's --help, and `cnnlab`'s own (data: the command line shows
+them as they are)."""
 
 EPILOGS = {
+    "cnnlab": """examples:
+  cnnlab presets                                       # the models, their layers and parameter counts
+  cnnlab train --model pool-bn --data ~/data/cifar10/train
+  cnnlab evaluate runs/pool-bn --data my-test-images/
+  cnnlab transfer --model efficientnet_lite0 --data photos/
+  cnnlab predict cat.jpg --model runs/transfer-efficientnet_lite0
+  cnnlab export runs/pool-bn -o pool-bn.onnx
+  cnnlab report runs/pool-bn runs/transfer-efficientnet_lite0 -o report.html
+  cnnlab reproduce --data-root ~/data --quick           # the whole seed study in minutes
+
+One spelling everywhere: --model names the model (a preset, a backbone, a run directory or an
+.onnx file), --out DIR a folder to write into, -o/--output FILE a file to write.""",
     "train": """examples:
-  cnnlab train --preset pool-bn --data ../shared/data/cifar10/train
-  cnnlab train --preset fast --data ~/data/cifar10/train --name fast-try
-  cnnlab train --preset dropout --data cifar10 --epochs 30 --monitor val_accuracy --patience 5
-  cnnlab train --preset conv --data photos/ --val-split 0.2 --test-split 0.2 --seed 1
-  cnnlab train --preset pool-bn --data photos/ --nproc 2          # 2 processes of this machine
-  torchrun --standalone --nproc-per-node 8 -m cnnlab train --preset fast --data photos/ --sync-bn""",
+  cnnlab train --model pool-bn --data ../shared/data/cifar10/train
+  cnnlab train --model fast --data ~/data/cifar10/train --name fast-try
+  cnnlab train --model dropout --data cifar10 --epochs 30 --monitor val_accuracy --patience 5
+  cnnlab train --model conv --data photos/ --val-split 0.2 --test-split 0.2 --seed 1
+  cnnlab train --model pool-bn --data photos/ --nproc 2          # 2 processes of this machine
+  torchrun --standalone --nproc-per-node 8 -m cnnlab train --model fast --data photos/ --sync-bn""",
     "evaluate": """examples:
   cnnlab evaluate runs/pool-bn --data ../shared/data/cifar10/train
-  cnnlab evaluate runs/fast --data my-test-images/ --json""",
+  cnnlab evaluate --model runs/fast --data my-test-images/ --json""",
     "resume": """examples:
   cnnlab resume runs/dropout
+  cnnlab resume --model runs/dropout
   cnnlab train --resume runs/dropout
   torchrun --standalone --nproc-per-node 4 -m cnnlab resume runs/dropout""",
     "transfer": """examples:
-  cnnlab transfer --data photos/ --backbone efficientnet_lite2      # the most accurate offline backbone
-  cnnlab transfer --data ../shared/data/cats-vs-dogs --backbone efficientnet_lite0 --no-tta
-  cnnlab transfer --data ../shared/data/cats-vs-dogs --backbone efficientnet_lite0 --fine-tune-epochs 2 --unfreeze 2
-  cnnlab transfer --data pets/ --backbone vgg19 --weights vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5
-  cnnlab transfer --data pets/ --backbone vgg19 --weights ~/vgg19-dcbb9e9d.pth --epochs 3""",
+  cnnlab transfer --data photos/ --model efficientnet_lite2      # the most accurate offline backbone
+  cnnlab transfer --data ../shared/data/cats-vs-dogs --model efficientnet_lite0 --no-tta
+  cnnlab transfer --data ../shared/data/cats-vs-dogs --model efficientnet_lite0 --fine-tune-epochs 2 --unfreeze 2
+  cnnlab transfer --data pets/ --model vgg19 --weights vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5
+  cnnlab transfer --data pets/ --model vgg19 --weights ~/vgg19-dcbb9e9d.pth --epochs 3""",
     "predict": """examples:
   cnnlab predict eagle.jpg --model efficientnet_lite0
   cnnlab predict photos/ --model vgg19 --weights vgg19-dcbb9e9d.pth --top 5
@@ -30,21 +44,21 @@ EPILOGS = {
   cnnlab explain photos/ --model runs/transfer-efficientnet_lite0 --class dog""",
     "export": """examples:
   cnnlab export runs/pool-bn
-  cnnlab export runs/transfer-efficientnet_lite0 -o pets.onnx
+  cnnlab export --model runs/transfer-efficientnet_lite0 -o pets.onnx
   cnnlab predict cat.jpg --model pets.onnx""",
     "report": """examples:
   cnnlab report runs/conv runs/pool-bn runs/dropout -o report.html
   cnnlab report runs/*/ -o all-runs.html""",
     "reproduce": """examples:
-  cnnlab reproduce --data-root ../shared/data --backbone efficientnet_lite0
-  cnnlab reproduce --data-root ../shared/data --backbone efficientnet_lite0 --quick
-  cnnlab reproduce --backbone vgg19 --weights vgg19-dcbb9e9d.pth --data-root ~/data
+  cnnlab reproduce --data-root ../shared/data --model efficientnet_lite0
+  cnnlab reproduce --data-root ../shared/data --model efficientnet_lite0 --quick
+  cnnlab reproduce --model vgg19 --weights vgg19-dcbb9e9d.pth --data-root ~/data
   cnnlab reproduce          # on a connected machine: downloads CIFAR-10 and Oxford-IIIT Pet""",
     "presets": """examples:
   cnnlab presets""",
     "summary": """examples:
-  cnnlab summary --preset dropout
-  cnnlab summary --preset fast --image-size 32""",
+  cnnlab summary --model dropout
+  cnnlab summary --model fast --image-size 32""",
     "study": """examples:
   cnnlab study cifar10 --data ../shared/data/cifar10/train
   cnnlab study cifar10 --data ../shared/data/cifar10/train --epochs-scale 0.1""",

@@ -99,36 +99,30 @@ class TransferConfig:
     tta: int = 1  # test and evaluate with the mirror image too: photos from elsewhere gain most from it (BENCHMARKS.md)
 
 
-def resolve_config(preset: str, **overrides) -> TrainConfig:
-    """The preset's settings on top of the defaults, then every non-None override; validated."""
-    from .presets import get_preset  # late: building models needs torch
-
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = set(overrides) - names
-    if unknown:
-        raise TypeError(f"unknown settings: {sorted(unknown)}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    cfg = TrainConfig(preset=preset, **{**get_preset(preset).settings, **given})
-    validate(cfg)
-    if cfg.val_split == 0 and str(given.get("monitor", "")).startswith("val_"):  # a preset's own monitor just rests
-        raise CnnlabError(f"--val-split 0 leaves no validation images to --monitor {cfg.monitor}; monitor loss or "
-                          "accuracy, or keep a --val-split above 0")
-    return cfg
+@dataclass
+class ReproduceConfig:
+    """The whole seed study (``cnnlab reproduce``): where its data and runs go, how much of it, the
+    transfer runs' backbone, and the settings every run takes."""
+    data_root: str | None = None  # holding cifar10/ and cats-vs-dogs/; None: $CNNLAB_DATA, else downloads
+    out: str = "runs/reproduce"
+    quick: bool = False  # a share of the data and epochs (study.QUICK), with the full study's time estimated
+    backbone: str = "vgg19"
+    weights_file: str | None = None  # None: the backbone's shipped, cached or downloaded file
+    seed: int = 0
+    precision: str = "auto"  # every run's
+    threads: int | None = None  # every run's
 
 
 def from_record(config: type, record: dict):
-    """The config dataclass a run's config.json was written from (its other keys ignored)."""
-    values = {f.name: record[f.name] for f in fields(config) if f.name in record}
-    # absent: written before the run had test-time augmentation; true/false: before it had levels
-    values["tta"] = int(record.get("tta", 0))
-    if config is TrainConfig:
-        # absent: written when Muon runs alone scaled the whitening bias's rate
-        values.setdefault("whiten_bias_scaled", record.get("optimizer") == "muon")
-        if isinstance(values.get("preprocessing"), dict):
-            values["preprocessing"] = Preprocessing.from_dict(values["preprocessing"])
-        elif record.get("normalize") == "cifar10":  # a run written before preprocessing was recorded whole
-            from .preprocessing import CIFAR10
-            values["preprocessing"] = CIFAR10
+    """The config dataclass a run's config.json was written from (its other keys ignored), or a
+    one-line error for a record without every setting (one written by an older cnnlab)."""
+    missing = [f.name for f in fields(config) if f.name not in record]
+    if missing:
+        raise CnnlabError(f"this run's config.json has no {', '.join(missing[:3])}: an older cnnlab wrote it; "
+                          "train the run again")
+    values = {f.name: record[f.name] for f in fields(config)}
+    if "preprocessing" in values:
+        values["preprocessing"] = Preprocessing.from_dict(values["preprocessing"])
     return config(**values)
 
 

@@ -20,8 +20,9 @@ from PIL import Image
 
 from . import cache
 from .atomic import WriteError
+from .cache import default_cache_dir
 from .errors import CnnlabError
-from .runtime import default_cache_dir, to_device
+from .runtime import to_device
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 CACHE_VERSION = 2  # 2: entries sealed with a manifest (cache.py)
@@ -311,8 +312,9 @@ def _cifar10_splits(size, val_split, test_split, seed, cache_dir, per_class) -> 
 # ---------------------------------------------------------------- batches
 
 def augment_draws(n: int, generator: torch.Generator, pad: int = 4, flip: bool = True) -> tuple:
-    """The random choices of ``augment_batch`` for ``n`` images, drawn on the CPU from
-    ``generator``: (flip mask or None, row shift or None, column shift or None)."""
+    """The random choices of a random horizontal flip and a random crop after reflect-padding by
+    ``pad`` (``apply_augment``) for ``n`` images, drawn on the CPU from ``generator``: (flip mask
+    or None, row shift or None, column shift or None)."""
     mask = torch.rand(n, generator=generator) < 0.5 if flip else None
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator) if pad else None
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator) if pad else None
@@ -365,8 +367,3 @@ def photo_variants(images: torch.Tensor, seed: int) -> torch.Tensor:
             out[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
     return out
 
-
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
-    """Random horizontal flip and random crop after reflect-padding by ``pad``, on a whole
-    float batch at once (the random draws come from ``generator``, on the CPU)."""
-    return apply_augment(x, augment_draws(len(x), generator, pad, flip), pad)

@@ -6,8 +6,12 @@ class CnnlabError(Exception):
 
 
 class RunInterrupted(CnnlabError):
-    """A run stopped by a signal; ``exit_code`` is 128 + the signal number."""
+    """A run stopped by signal ``signum`` at the end of batch ``batch`` of ``batches`` in epoch
+    ``epoch`` (0: a transfer run's feature extraction); the last epoch's checkpoint stands. The
+    loop raises it bare; ``interrupts.guarded_run`` raises it again with the message saying how to
+    continue. ``exit_code`` is 128 + the signal number."""
 
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, signum: int, epoch: int, batch: int, batches: int, message: str | None = None):
+        super().__init__(message or f"signal {signum}")
+        self.signum, self.epoch, self.batch, self.batches = signum, epoch, batch, batches
+        self.exit_code = 128 + signum

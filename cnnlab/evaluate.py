@@ -3,33 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from .checkpoint import load_weights_into
-from .config import TrainConfig, from_record
 from .data import check_folder, load_folder
 from .inference import score
-from .presets import build_model
-from .runs import load_run, load_torch
-from .runtime import memory_format, pick_device
-
-
-def load_model(run_dir: str | Path, device: torch.device | None = None):
-    """(model in eval mode with the run's best weights, its config, its preprocessing), all
-    from what the run directory recorded."""
-    run_dir = Path(run_dir)
-    config, _ = load_run(run_dir)
-    if config.get("kind") == "transfer":
-        from .transfer import build_from_config
-        model, preprocessing = build_from_config(config)
-    else:
-        model = build_model(config["layers"], len(config["class_names"]), tuple(config["input_shape"]))
-        preprocessing = from_record(TrainConfig, config).preprocessing
-    load_weights_into(model, load_torch(run_dir / "model.pt"), str(run_dir / "model.pt"), "the run's layers",
-                      "retrain the run or restore its model.pt")
-    device = device or pick_device()
-    layout = memory_format(config.get("channels_last", True))
-    return model.to(device, memory_format=layout).eval(), config, preprocessing
+from .saved_model import load_model
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path) -> dict:

@@ -16,9 +16,12 @@ import torch
 from torch import nn
 
 from . import __version__
+from .data import load_splits
 from .errors import CnnlabError
 from .metrics import probabilities
 from .preprocessing import Preprocessing
+from .runs import load_run
+from .saved_model import OnnxModel, load_model
 
 FORMATS = ("onnx",)
 CHECK_IMAGES = 64
@@ -44,9 +47,6 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str =
                log: Callable[[str], None] = print) -> Path:
     """Writes ``run_dir``'s model as ``output`` (default RUN_DIR/model.onnx), checked with
     onnxruntime against PyTorch; returns its path."""
-    from .evaluate import load_model
-    from .runs import load_run
-
     if fmt not in FORMATS:
         raise CnnlabError(f"unknown --format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
@@ -76,7 +76,6 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str =
 
 def _check_images(config: dict, preprocessing: Preprocessing, log) -> tuple[torch.Tensor, str]:
     """A batch of the run's own test images (or, where its data is gone, random ones, said so)."""
-    from .data import load_splits
     try:
         splits = load_splits(config["data"], preprocessing.size, config["val_split"], config["test_split"],
                              config["seed"])
@@ -109,24 +108,3 @@ def _write_onnx(wrapper: nn.Module, images: torch.Tensor, output: Path, metadata
         if isinstance(exc, OSError):
             raise CnnlabError(f"cannot write {output} ({exc.strerror}); pass -o a file in a writable folder") from None
         raise
-
-
-class OnnxModel:
-    """An exported file run by onnxruntime: its class names and input size from the metadata."""
-
-    def __init__(self, path: str | Path):
-        try:
-            import onnxruntime
-            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            meta = self.session.get_modelmeta().custom_metadata_map
-            self.class_names = json.loads(meta["class_names"])
-            self.size = int(meta["input_size"])
-        except ImportError:
-            raise CnnlabError("running .onnx files needs onnxruntime: pip install onnxruntime") from None
-        except Exception as exc:
-            raise CnnlabError(f"{path} is not a model exported by `cnnlab export` ({type(exc).__name__}); "
-                              "export the run again") from None
-
-    def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        """Class probabilities for uint8 (N, 3, size, size) images."""
-        return self.session.run(None, {"pixels": images.float().numpy()})[0]

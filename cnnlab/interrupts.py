@@ -15,15 +15,6 @@ from .runs import write_json
 MARKER = "interrupted.json"
 
 
-class Interrupted(Exception):
-    """Training stopped on a signal at the end of a batch; the last epoch's checkpoint stands.
-    ``epoch`` 0 means a transfer run's feature extraction."""
-
-    def __init__(self, signum: int, epoch: int, batch: int, batches: int):
-        super().__init__(f"signal {signum}")
-        self.signum, self.epoch, self.batch, self.batches = signum, epoch, batch, batches
-
-
 class InterruptGuard:
     """While active, a first SIGINT/SIGTERM only sets ``signum`` (the loop stops at the end of
     the batch); a second SIGINT raises KeyboardInterrupt at once."""
@@ -51,14 +42,14 @@ class InterruptGuard:
 
 @contextmanager
 def guarded_run(run_dir: Path, log: Callable[[str], None], checkpoints: bool = True) -> Iterator[InterruptGuard]:
-    """The part of a run that a signal stops at the end of a batch: an ``Interrupted`` from inside
-    becomes a ``RunInterrupted`` saying how to continue (from the last epoch's checkpoint, or, for
+    """The part of a run that a signal stops at the end of a batch: a bare ``RunInterrupted`` from
+    inside is raised again saying how to continue (from the last epoch's checkpoint, or, for
     a run without ``checkpoints``, from its start), with ``interrupted.json`` marking where. A
     signal that came after the last batch let the run finish: that is said when the block ends."""
     with InterruptGuard() as guard:
         try:
             yield guard
-        except Interrupted as stop:
+        except RunInterrupted as stop:
             if distributed.is_main():
                 write_json(run_dir / MARKER, {"signal": stop.signum, "epoch": stop.epoch, "batch": stop.batch,
                                               "batches": stop.batches})
@@ -66,9 +57,9 @@ def guarded_run(run_dir: Path, log: Callable[[str], None], checkpoints: bool = T
             saved = (f"epoch {stop.epoch - 1}'s checkpoint is saved; " if checkpoints and stop.epoch else "")
             restart = "" if checkpoints else (" (a transfer run restarts from its first epoch, with the same "
                                               "result; its cached features make the frozen phase take seconds)")
-            raise RunInterrupted(f"{signal.Signals(stop.signum).name} during {where} (batch {stop.batch}/"
-                                 f"{stop.batches}); {saved}continue with: cnnlab resume {run_dir}{restart}",
-                                 128 + stop.signum) from None
+            message = (f"{signal.Signals(stop.signum).name} during {where} (batch {stop.batch}/{stop.batches}); "
+                       f"{saved}continue with: cnnlab resume {run_dir}{restart}")
+            raise RunInterrupted(stop.signum, stop.epoch, stop.batch, stop.batches, message) from None
         if guard.signum is not None:  # the results were written (seconds) rather than lost
             log(f"signal {guard.signum} came after training ended: the run's results were written first")
 

@@ -4,7 +4,7 @@ there is one (the seed presets' block); 2x2 max-pool -> batch norm -> GELU, and 
 (the airbench presets' blocks).
 
 The library is compiled on first use with the machine's C++ compiler (``$CXX``, else ``c++``,
-``g++`` or ``clang++``; about a second) into ``$CNNLAB_CACHE/kernels/`` (else
+``g++`` or ``clang++``) into ``$CNNLAB_CACHE/kernels/`` (else
 ``~/.cache/cnnlab/kernels/``), keyed by the source, the compiler, its flags and this CPU, then
 reused. Without a compiler, or with ``CNNLAB_NATIVE=0``, training runs PyTorch's own kernels
 instead (the same function, slower on CPU); ``status()`` says which, and every run records it.
@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from . import cache
-from .runtime import default_cache_dir
+from .runtime import switched_off
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
+SWITCH = "CNNLAB_NATIVE"  # =0: PyTorch's own kernels instead
 # best first: -march=native for this CPU's vector width, then portable, then without OpenMP
 FLAG_SETS = (
     ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"],
@@ -105,7 +106,7 @@ def build(cache_dir: Path, compiler: str | None) -> tuple[Path | None, str]:
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """The library, built or found once per process, and a note saying how."""
-    path, note = build(default_cache_dir() / "kernels", find_compiler())
+    path, note = build(cache.default_cache_dir() / "kernels", find_compiler())
     if path is None:
         return None, note
     try:
@@ -119,20 +120,16 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     return lib, note
 
 
-def _switched_off() -> bool:
-    return os.environ.get("CNNLAB_NATIVE", "1") == "0"
-
-
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None when they are switched off (``CNNLAB_NATIVE=0``) or cannot
     be built here."""
-    return None if _switched_off() else _load()[0]
+    return None if switched_off(SWITCH) else _load()[0]
 
 
 def status() -> str:
     """One line for a run's record: whether the native kernels are in use, and if not, why."""
-    if _switched_off():
-        return "off (CNNLAB_NATIVE=0)"
+    if switched_off(SWITCH):
+        return f"off ({SWITCH}=0)"
     lib, note = _load()
     return "on" if lib is not None else f"off: {note}"
 

@@ -1,13 +1,12 @@
 """A frozen EfficientNet-Lite base run by onnxruntime for feature extraction in float32 on a CPU.
 
 In float32 (CPUs without native bfloat16, or ``--precision fp32``) onnxruntime's CPU kernels run the
-folded Lite bases faster than PyTorch's (BENCHMARKS.md, transfer learning), with the same features to
-about 1e-5. Where the CPU computes bfloat16, PyTorch's bfloat16 base is about as fast, and on a GPU
-PyTorch runs it, so both stay PyTorch. ``CNNLAB_ONNXRUNTIME=0`` switches this off."""
+folded Lite bases faster than PyTorch's (BENCHMARKS.md, transfer learning), with the same features up
+to float32 rounding. Where the CPU computes bfloat16, PyTorch's bfloat16 base is about as fast, and on
+a GPU PyTorch runs it, so both stay PyTorch. ``CNNLAB_ONNXRUNTIME=0`` switches this off."""
 from __future__ import annotations
 
 import io
-import os
 import warnings
 
 import numpy as np
@@ -15,6 +14,9 @@ import torch
 from torch import nn
 
 from .backbones import LiteFeatures, for_extraction
+from .runtime import switched_off
+
+SWITCH = "CNNLAB_ONNXRUNTIME"  # =0: PyTorch extracts the features instead
 
 
 class OnnxBase(nn.Module):
@@ -28,7 +30,7 @@ class OnnxBase(nn.Module):
         buf = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's notes on shape inference
-            # the TorchScript exporter: several times faster than the dynamo one for these graphs
+            # the TorchScript exporter: faster than the dynamo one for these graphs
             torch.onnx.export(base.eval(), (torch.zeros(1, 3, size, size),), buf, input_names=["x"],
                               output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
         options = onnxruntime.SessionOptions()
@@ -42,17 +44,13 @@ class OnnxBase(nn.Module):
         return torch.from_numpy(self.session.run(None, {"x": np.ascontiguousarray(x.float().numpy())})[0])
 
 
-def _switched_off() -> bool:
-    return os.environ.get("CNNLAB_ONNXRUNTIME", "1") == "0"
-
-
 def extraction_base(features: nn.Module, size: int, device: torch.device, dtype: torch.dtype | None,
                     log=None) -> nn.Module:
     """The fastest frozen copy of ``features`` for extracting features at ``size`` x ``size``:
     an EfficientNet-Lite base in float32 on a CPU run by onnxruntime (``OnnxBase``), anything else
     ``backbones.for_extraction``'s PyTorch copy. When the export fails, PyTorch's, with a warning."""
     base = for_extraction(features)
-    if device.type != "cpu" or dtype is not None or not isinstance(features, LiteFeatures) or _switched_off():
+    if device.type != "cpu" or dtype is not None or not isinstance(features, LiteFeatures) or switched_off(SWITCH):
         return base
     try:
         return OnnxBase(base, size, torch.get_num_threads())

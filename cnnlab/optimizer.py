@@ -8,19 +8,19 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
+from .layers import Whiten
 
 
 def _scaled_biases(model: nn.Module, whitening: bool) -> list[nn.Parameter]:
     """The trainable parameters of the batch-norm layers (with ``bn:noscale``, only their biases),
     and with ``whitening`` the whitening layer's bias."""
-    from .layers import Whiten
     norms = [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              for p in m.parameters(recurse=False) if p.requires_grad]
     return norms + ([m.bias for m in model.modules() if isinstance(m, Whiten) and m.bias.requires_grad]
                     if whitening else [])
 
 
-def _head(model: nn.Module) -> list[nn.Parameter]:
+def _output_layer(model: nn.Module) -> list[nn.Parameter]:
     """The output layer's trainable parameters (the last ``nn.Linear``)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return [p for p in linears[-1].parameters() if p.requires_grad] if linears else []
@@ -38,7 +38,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     if cfg.bias_lr_scale != 1:
         special.update({id(p): cfg.bias_lr_scale for p in _scaled_biases(model, cfg.whiten_bias_scaled)})
     if cfg.head_lr_scale != 1:
-        special.update({id(p): cfg.head_lr_scale for p in _head(model)})
+        special.update({id(p): cfg.head_lr_scale for p in _output_layer(model)})
     filters = {id(p) for p in params if p.dim() == 4} if cfg.optimizer == "muon" else set()
     groups = [{"params": [p for p in params if id(p) in filters], "orthogonal": True, "weight_decay": 0.0}] \
         if filters else []
@@ -60,7 +60,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype | None
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    # one pass over each tensor instead of ~10 (+5% a step for conv's 6.4 M-parameter dense layer)
+    # fused: one pass over each tensor instead of about ten (it shows on conv's large dense layer)
     params = [p for g in groups for p in g["params"]]
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return kind(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
@@ -91,7 +91,7 @@ class Muon(torch.optim.Optimizer):
     summed or averaged loss is alike). Every other group takes SGD-Nesterov steps with momentum
     ``momentum`` and L2 ``weight_decay``, as ``torch.optim.SGD`` does. ``dtype``: the
     orthogonalization's, airbench's bfloat16 by default; float32 where bfloat16 would be emulated
-    (its matrix products then cost more than the step's convolutions: BENCHMARKS.md)."""
+    (emulated, its matrix products cost more than the step's convolutions)."""
     MOMENTUM = 0.6  # airbench94_muon's momentum for the filters (its SGD groups use 0.85)
 
     def __init__(self, params, lr: float, momentum: float = 0.85, weight_decay: float = 0.0,

@@ -21,11 +21,12 @@ Adding a preset is one entry in ``PRESETS``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
+from .config import TrainConfig, validate
 from .errors import CnnlabError
 from .layers import Dropout, Net, Scale, Whiten
 from .preprocessing import CIFAR10
@@ -68,11 +69,10 @@ def muon_recipe(batch_size: int, lr: float) -> dict:
             "preprocessing": CIFAR10, "monitor": "val_accuracy"}
 
 
-# airbench94_muon as published: batches of 2000 keep a GPU busy
-MUON_RECIPE = muon_recipe(2000, 0.24)
-# On a CPU a step's images/s hardly depend on the batch, so more steps an epoch cost little: batches
-# of 500 with the Muon lr cut in proportion (0.12) scored best of those tried on a tuning split, for
-# both nets (BENCHMARKS.md, "Batches of 500")
+# airbench94_muon as published is muon_recipe(2000, 0.24): batches of 2000 keep a GPU busy. On a CPU
+# a step's images/s hardly depend on the batch, so more steps an epoch cost little: batches of 500
+# with the Muon lr cut in proportion (0.12) scored best of those tried on a tuning split, for both
+# nets (BENCHMARKS.md, "Batches of 500")
 CPU_MUON_RECIPE = muon_recipe(500, 0.12)
 
 
@@ -88,7 +88,7 @@ PRESETS: dict[str, Preset] = {
     "conv": Preset(
         ("conv32:valid", "relu", "conv64:valid", "relu", "flatten", "dense128", "relu", "dense"),
         "convolutions only (seed study)",
-        # NCHW: its flatten after a 28x28x64 conv would copy channels_last activations (8% a step)
+        # NCHW: its flatten after a 28x28x64 conv would copy channels_last activations every step
         {"epochs": 20, "channels_last": False}),
     "pool-bn": Preset(
         tuple(SEED_BLOCKS + ["flatten", "dense128", "relu", "dense"]),
@@ -108,7 +108,7 @@ PRESETS: dict[str, Preset] = {
     "fast": Preset(
         _airbench_net((64, 192, 192), AIRBENCH94_NET[1], AIRBENCH94_NET[2], head=UNIT_STD_HEAD),
         "speedrun's recipe on a narrower net (64-192-192: two thirds of its convolution work) in batches of 500, "
-        "8 epochs: level with the airbench94 port in about 60% of its time on a CPU",
+        "8 epochs: level with the airbench94 port in less time on a CPU",
         {"epochs": 8, **CPU_MUON_RECIPE}),
     "airbench94": Preset(
         _airbench_net(*AIRBENCH94_NET),
@@ -137,6 +137,21 @@ def get_preset(name: str) -> Preset:
         raise CnnlabError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)} "
                           "(see `cnnlab presets`)")
     return PRESETS[name]
+
+
+def resolve_config(preset: str, **overrides) -> TrainConfig:
+    """The preset's settings on top of the defaults, then every non-None override; validated."""
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise TypeError(f"unknown settings: {sorted(unknown)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    cfg = TrainConfig(preset=preset, **{**get_preset(preset).settings, **given})
+    validate(cfg)
+    if cfg.val_split == 0 and str(given.get("monitor", "")).startswith("val_"):  # a preset's own monitor just rests
+        raise CnnlabError(f"--val-split 0 leaves no validation images to --monitor {cfg.monitor}; monitor loss or "
+                          "accuracy, or keep a --val-split above 0")
+    return cfg
 
 
 def _parse(spec: str) -> tuple[str, str, list[str]]:

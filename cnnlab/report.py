@@ -15,8 +15,19 @@ from . import __version__
 from .errors import CnnlabError
 from .atomic import WriteError, atomic_write_bytes
 from .runs import load_run, read_history
-from .study import SEED_FIGURES
 
+# The original study's figures (SEED-STUDY.md), shown beside a run that reproduces one.
+SEED_FIGURES = {
+    "conv": {"epochs": "20", "time": "803.6 s (~40 s/epoch)", "val": "~66% (peak, epoch 5)", "test": "57.19%",
+             "notes": "train acc 98%: heavy overfitting"},
+    "pool-bn": {"epochs": "20", "time": "~12 s/epoch", "val": "~76% (epoch 13)", "test": "n/a", "notes": ""},
+    "dropout": {"epochs": "60", "time": "383.2 s (~6 s/epoch)", "val": "~69%", "test": "59.42%",
+                "notes": "test images scaled unlike training images"},
+    "early-stop": {"epochs": "stopped at 12", "time": "~3 s/epoch", "val": "~68%", "test": "n/a",
+                   "notes": "restored epoch 7"},
+    "transfer": {"epochs": "3-4", "time": "n/a", "val": "n/a", "test": "97.29%",
+                 "notes": "VGG19, frozen conv base, 1 sigmoid unit"},
+}
 COLUMNS = ["run", "kind", "model", "params", "epochs", "best epoch", "train time (s)", "images/s", "best val acc",
            "test acc", "test loss", "overfit gap", "seed test acc"]
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",

@@ -148,18 +148,26 @@ def write_samples(run_dir: Path, train, class_names: list[str], seed: int) -> No
                    title="random training images")
 
 
-def write_results(run_dir: Path, weights: dict, history: list[dict], test: dict, mistakes: dict,
-                  mistake_images: torch.Tensor, class_names: list[str], metrics: dict,
-                  boundary: int | None = None, mistakes_title: str = "most confident mistakes (test)") -> None:
-    """A finished run's files: model.pt (``weights``), mistakes.png (the ``mistakes``, as
-    ``mistake_images``), confusion_matrix.csv, the curves and heatmap of ``history`` and ``test``,
-    then metrics.json (``metrics``); the checkpoint and interrupt marker go."""
-    from .plots import image_grid, plot_run
+def write_mistakes(run_dir: Path, mistakes: dict, images: torch.Tensor, class_names: list[str],
+                   title: str = "most confident mistakes (test)") -> None:
+    """mistakes.png: the ``mistakes`` (``inference.confident_mistakes``) as ``images`` show them,
+    each captioned with its true and predicted class and the probability given."""
+    from .plots import image_grid  # matplotlib loads only when a run is written
 
-    save_torch(run_dir / "model.pt", weights)
-    image_grid(mistake_images, mistakes["predicted"], class_names, run_dir / "mistakes.png", title=mistakes_title,
+    image_grid(images, mistakes["predicted"], class_names, run_dir / "mistakes.png", title=title,
                captions=[f"{class_names[t]} → {class_names[p]} {q:.0%}" for t, p, q in
                          zip(mistakes["true"], mistakes["predicted"], mistakes["probability"])])
+
+
+def write_finished(run_dir: Path, weights: dict, history: list[dict], test: dict, class_names: list[str],
+                   metrics: dict, boundary: int | None = None) -> None:
+    """The rest of a finished run's files: model.pt (``weights``), confusion_matrix.csv, the curves
+    of ``history`` (``boundary``: where fine-tuning began) and the heatmap of ``test``, then
+    metrics.json (``metrics``), whose presence marks the run finished; the checkpoint and interrupt
+    marker go."""
+    from .plots import plot_run
+
+    save_torch(run_dir / "model.pt", weights)
     write_csv(run_dir / "confusion_matrix.csv",
               [[name] + row for name, row in zip(class_names, test["confusion_matrix"])],
               ["true\\predicted"] + class_names)

@@ -8,27 +8,27 @@ import os
 import platform
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
+from typing import Callable
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .errors import CnnlabError
 
 
-def default_cache_dir() -> Path:
-    """Where cnnlab keeps its caches (decoded images, features, compiled kernels):
-    ``$CNNLAB_CACHE``, else ``~/.cache/cnnlab``."""
-    return Path(os.environ.get("CNNLAB_CACHE") or Path.home() / ".cache" / "cnnlab")
+def switched_off(variable: str) -> bool:
+    """Whether the environment variable ``variable`` (``CNNLAB_NATIVE``, ``CNNLAB_ONNXRUNTIME``) is
+    0, switching that optional speed-up off."""
+    return os.environ.get(variable, "1") == "0"
 
 
 def keep_freed_memory() -> bool:
     """Asks glibc's malloc to keep freed blocks of up to 256 MB for reuse instead of handing them
     back to the kernel. PyTorch's CPU tensors come straight from malloc, and by default each
     step's large activation buffers (16 MB for the seed presets' first block at batch 128) are
-    mapped afresh and page-faulted in: ~1,600-2,300 page faults a step, ~10% of a step's time
-    on 2 cores. Process-wide, so the command line calls it once at start; a no-op (False) off
-    glibc."""
+    mapped afresh and page-faulted in, thousands of page faults a step: a noticeable share of a
+    step's time on a CPU. Process-wide, so the command line calls it once at start; a no-op
+    (False) off glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -66,8 +66,6 @@ def setup(device: str = "auto", threads: int | None = None) -> torch.device:
     """The device a run computes on (``pick_device``; under torchrun this rank's GPU, its process
     group joined: distributed.init), with PyTorch's CPU threads set to ``threads`` when given
     (else PyTorch's default: one per core, or torchrun's OMP_NUM_THREADS)."""
-    from . import distributed
-
     picked = distributed.init(pick_device(device))
     if threads:
         torch.set_num_threads(threads)
@@ -120,16 +118,17 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def environment(device: torch.device, precision: str = "auto") -> dict:
+def environment(device: torch.device, precision: str = "auto",
+                kernel_status: Callable[[], str] | None = None) -> dict:
     """Where a run ran: versions, device, threads, the dtype its precision setting gave here and,
-    on a CPU, whether cnnlab's native kernels were in use (built here on first use)."""
-    from . import kernels
-
+    on a CPU, whether cnnlab's native kernels were in use: ``kernel_status()`` (the caller passes
+    ``kernels.status``, which builds them here on first use; asked on a CPU only)."""
     dtype = compute_dtype(precision, device)
     cpu = device.type == "cpu"
+    kernels = (kernel_status() if kernel_status is not None else "not checked") if cpu else "not used on GPUs"
     return {"cnnlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "device": str(device) if cpu else torch.cuda.get_device_name(device),
             "compute_dtype": str(dtype or torch.float32).removeprefix("torch."),
-            "native_kernels": kernels.status() if cpu else "not used on GPUs",
+            "native_kernels": kernels,
             "threads": torch.get_num_threads(), "platform": platform.platform(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -1,6 +1,6 @@
 """The seed study (SEED-STUDY.md): four CIFAR-10 variants with one comparison table, then
-``reproduce``, the whole two-part study with the transfer run and the report, and the original's
-figures to put beside ours."""
+``reproduce``, the whole two-part study with the transfer run and the report (which holds the
+original's figures to put beside ours)."""
 from __future__ import annotations
 
 import math
@@ -10,27 +10,21 @@ from pathlib import Path
 from typing import Callable
 
 from . import distributed
-from .config import TransferConfig, resolve_config
-from .data import load_splits
+from .backbones import choose_weights, get_backbone
+from .cache import default_cache_dir
+from .config import ReproduceConfig, TrainConfig, TransferConfig
+from .data import SPLIT_NAMES, Splits, load_splits, scan_folder
 from .errors import CnnlabError, RunInterrupted
+from .presets import resolve_config
+from .report import build_report
 from .runs import load_run, read_history, write_csv
-from .runtime import default_cache_dir, setup
+from .runtime import setup
+from .train import train
+from .transfer import transfer
 
 SEED_PRESETS = ("conv", "pool-bn", "dropout", "early-stop")
 TABLE_COLUMNS = ("preset", "params", "epochs run", "best epoch", "train time", "best val acc", "test acc",
                  "test loss")
-# The original study's figures (SEED-STUDY.md), shown beside a run that reproduces one.
-SEED_FIGURES = {
-    "conv": {"epochs": "20", "time": "803.6 s (~40 s/epoch)", "val": "~66% (peak, epoch 5)", "test": "57.19%",
-             "notes": "train acc 98%: heavy overfitting"},
-    "pool-bn": {"epochs": "20", "time": "~12 s/epoch", "val": "~76% (epoch 13)", "test": "n/a", "notes": ""},
-    "dropout": {"epochs": "60", "time": "383.2 s (~6 s/epoch)", "val": "~69%", "test": "59.42%",
-                "notes": "test images scaled unlike training images"},
-    "early-stop": {"epochs": "stopped at 12", "time": "~3 s/epoch", "val": "~68%", "test": "n/a",
-                   "notes": "restored epoch 7"},
-    "transfer": {"epochs": "3-4", "time": "n/a", "val": "n/a", "test": "97.29%",
-                 "notes": "VGG19, frozen conv base, 1 sigmoid unit"},
-}
 
 
 def scaled_config(preset: str, epochs_scale: float, **settings):
@@ -41,22 +35,31 @@ def scaled_config(preset: str, epochs_scale: float, **settings):
 
 def run_cifar10_study(data: str, out: str = "runs", epochs_scale: float = 1.0, seed: int = 0,
                       presets: tuple[str, ...] = SEED_PRESETS, log: Callable[[str], None] = print,
-                      splits=None, attempt: Callable | None = None, **overrides) -> list[Path]:
+                      **overrides) -> list[Path]:
     """Trains each preset with the seed's settings (epochs scaled by ``epochs_scale``) on one
-    shared split of ``data`` (``splits`` when given); returns the run directories. With
-    ``attempt(label, job)``, each run goes through it (``reproduce`` records a failed run and
-    goes on)."""
-    from .train import train  # late: the report reads SEED_FIGURES without loading the loop
+    shared split of ``data``; returns the run directories."""
+    configs = study_configs(data, out, epochs_scale, seed, presets, **overrides)
+    first = configs[0]
+    setup(first.device, first.threads)  # under torchrun: the ranks meet before loading the data together
+    splits = distributed.main_first(lambda: load_splits(data, first.preprocessing.size, first.val_split,
+                                                        first.test_split, seed))
+    return train_each(configs, splits, log)
 
+
+def study_configs(data: str, out: str, epochs_scale: float, seed: int, presets: tuple[str, ...],
+                  **overrides) -> list[TrainConfig]:
+    """Each preset's settings for the study: the seed's, epochs scaled by ``epochs_scale``."""
     unknown = [p for p in presets if p not in SEED_PRESETS]
     if unknown:
         raise CnnlabError(f"--presets: '{unknown[0]}' is not in the seed study; choose from {','.join(SEED_PRESETS)}")
-    configs = [scaled_config(preset, epochs_scale, data=data, out=out, seed=seed, **overrides) for preset in presets]
-    if splits is None:
-        first = configs[0]
-        setup(first.device, first.threads)  # under torchrun: the ranks meet before loading the data together
-        splits = distributed.main_first(lambda: load_splits(data, first.preprocessing.size, first.val_split,
-                                                            first.test_split, seed))
+    return [scaled_config(preset, epochs_scale, data=data, out=out, seed=seed, **overrides) for preset in presets]
+
+
+def train_each(configs: list[TrainConfig], splits: Splits, log: Callable[[str], None],
+               attempt: Callable | None = None) -> list[Path]:
+    """Trains each of ``configs`` on ``splits``; returns the run directories. With
+    ``attempt(label, job)``, each run goes through it (``reproduce`` records a failed run and
+    goes on)."""
     runs = []
     for cfg in configs:
         log(f"\n=== {cfg.preset} ({cfg.epochs} epochs) ===")
@@ -186,26 +189,19 @@ def _pets_folder(cache: Path) -> Path:
     return folder
 
 
-def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: bool = False,
-              backbone: str = "vgg19", weights_file: str | None = None, seed: int = 0,
-              log: Callable[[str], None] = print, precision: str = "auto",
-              threads: int | None = None) -> tuple[Path, list[str]]:
+def reproduce_study(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> tuple[Path, list[str]]:
     """Runs SEED-STUDY.md end to end: the four CIFAR-10 runs, the transfer run, then the report
-    (every run in ``precision``, on ``threads`` CPU threads). A failing run is recorded and the
-    others go on; returns the report's path and the failures."""
-    from .backbones import choose_weights, get_backbone
-    from .report import build_report
-    from .transfer import transfer
-
-    get_backbone(backbone)  # an unknown name fails here, before any work
-    settings = QUICK if quick else FULL
-    setup("auto", threads)  # under torchrun: the ranks meet before loading the data together
-    cifar, pets, origin = distributed.main_first(lambda: find_data(data_root))
+    (every run in ``cfg.precision``, on ``cfg.threads`` CPU threads). A failing run is recorded and
+    the others go on; returns the report's path and the failures."""
+    get_backbone(cfg.backbone)  # an unknown name fails here, before any work
+    settings = QUICK if cfg.quick else FULL
+    setup("auto", cfg.threads)  # under torchrun: the ranks meet before loading the data together
+    cifar, pets, origin = distributed.main_first(lambda: find_data(cfg.data_root))
     writes = distributed.is_main()
-    log(f"data: {cifar} and {pets} ({origin}); {'quick' if quick else 'full'} study into {out}")
+    log(f"data: {cifar} and {pets} ({origin}); {'quick' if cfg.quick else 'full'} study into {cfg.out}")
     runs: list[Path] = []
     failures: list[str] = []
-    report_path = Path(out) / "report.html"
+    report_path = Path(cfg.out) / "report.html"
 
     def attempt(label: str, job: Callable[[], Path]) -> Path | None:
         try:
@@ -222,38 +218,40 @@ def reproduce(data_root: str | None = None, out: str = "runs/reproduce", quick: 
             return None
 
     try:
-        splits = distributed.main_first(lambda: load_splits(cifar, 32, 0.1, 0.1, seed,
+        splits = distributed.main_first(lambda: load_splits(cifar, 32, 0.1, 0.1, cfg.seed,
                                                             per_class=settings["cifar_per_class"]))
     except CnnlabError as exc:
         splits = None
         failures.append(f"CIFAR-10 could not be loaded: {exc}")
     if splits is not None:
-        run_cifar10_study(cifar, out, settings["epochs_scale"], seed, log=log, splits=splits, attempt=attempt,
-                          precision=precision, threads=threads)
-    common = dict(data=pets, backbone=backbone, weights_file=weights_file, epochs=settings["transfer_epochs"],
-                  seed=seed, out=out, precision=precision, threads=threads)
+        configs = study_configs(cifar, cfg.out, settings["epochs_scale"], cfg.seed, SEED_PRESETS,
+                                precision=cfg.precision, threads=cfg.threads)
+        train_each(configs, splits, log, attempt)
+    common = dict(data=pets, backbone=cfg.backbone, weights_file=cfg.weights_file,
+                  epochs=settings["transfer_epochs"], seed=cfg.seed, out=cfg.out, precision=cfg.precision,
+                  threads=cfg.threads)
     # the seed's recipe (flatten head, fine-tuning, no test-time augmentation), then cnnlab's default beside it
-    recipes = [("the seed's recipe", TransferConfig(**common, head="flatten", tta=0, name=f"transfer-{backbone}",
+    recipes = [("the seed's recipe", TransferConfig(**common, head="flatten", tta=0, name=f"transfer-{cfg.backbone}",
                                                     fine_tune_epochs=settings["fine_tune_epochs"])),
-               ("cnnlab's default recipe", TransferConfig(**common, name=f"transfer-{backbone}-default"))]
+               ("cnnlab's default recipe", TransferConfig(**common, name=f"transfer-{cfg.backbone}-default"))]
     tsplits = None  # both recipes train on one split
 
     def transfer_run(tcfg: TransferConfig) -> Path:
         nonlocal tsplits
         if settings["pets_per_class"] and tsplits is None:
-            size = choose_weights(backbone, None, weights_file).preprocessing.size
-            tsplits = distributed.main_first(lambda: load_splits(pets, size, 0.1, 0.1, seed,
+            size = choose_weights(cfg.backbone, None, cfg.weights_file).preprocessing.size
+            tsplits = distributed.main_first(lambda: load_splits(pets, size, 0.1, 0.1, cfg.seed,
                                                                  per_class=settings["pets_per_class"]))
         return transfer(tcfg, log=log, splits=tsplits)
     for label, tcfg in recipes:
-        log(f"\n=== transfer: {backbone} on {pets}, {label} ===")
-        attempt(f"transfer ({backbone}, {label})", partial(transfer_run, tcfg))
+        log(f"\n=== transfer: {cfg.backbone} on {pets}, {label} ===")
+        attempt(f"transfer ({cfg.backbone}, {label})", partial(transfer_run, tcfg))
     if not runs:
         raise CnnlabError("; ".join(failures) or "nothing ran")
     if writes:
-        build_report(runs, report_path, title="cnnlab: the seed study reproduced" + (" (quick)" if quick else ""),
+        build_report(runs, report_path, title="cnnlab: the seed study reproduced" + (" (quick)" if cfg.quick else ""),
                      failures=failures)
-    if quick and not failures:
+    if cfg.quick and not failures:
         _say_full_time(runs, cifar, pets, log)
     return report_path, failures
 
@@ -267,6 +265,5 @@ def _say_full_time(runs: list[Path], cifar: str, pets: str, log: Callable[[str],
 
 def _image_count(folder: Path) -> int:
     """The images the full study would load from ``folder`` (its train/, val/, test/ when it has them)."""
-    from .data import SPLIT_NAMES, scan_folder
     parts = [folder / s for s in SPLIT_NAMES if (folder / s).is_dir()] or [folder]
     return sum(len(scan_folder(part)[1]) for part in parts)

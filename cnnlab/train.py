@@ -8,7 +8,6 @@ augments it as a whole batch (data.py), and runs forward, loss, backward and the
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from contextlib import closing
@@ -20,20 +19,19 @@ import torch
 from torch import nn
 
 from . import __version__, distributed, kernels
-from .checkpoint import checkpoint_state, read_checkpoint, restore, steps_done
+from .checkpoint import checkpoint_state, read_checkpoint, restore
 from .config import TrainConfig, from_record
 from .data import ImageSet, Splits, load_splits
 from .early_stopping import EarlyStopping
-from .errors import CnnlabError
+from .errors import CnnlabError, RunInterrupted
 from .inference import confident_mistakes, predict_logits, score, score_logits
-from .interrupts import Interrupted, InterruptGuard, guarded_run, read_marker
+from .interrupts import guarded_run, read_marker
 from .layers import Whiten
-from .optimizer import Lookahead, lr_factor, make_optimizer
-from .preprocessing import Preprocessing
 from .presets import build_model, count_parameters, get_preset, init_whitening
-from .runs import (create_run_dir, run_record, save_torch, write_history, write_json,
-                   unfinished_config, write_results, write_samples)
-from .runtime import compute_dtype, environment, memory_format, setup
+from .run_state import Outcome, RunContext, RunState, steps_in
+from .runs import (create_run_dir, run_record, save_torch, unfinished_config, write_finished, write_history,
+                   write_json, write_mistakes, write_samples)
+from .runtime import environment, memory_format, setup
 from .step import TrainStep
 from .tensorboard_log import Board
 
@@ -45,16 +43,16 @@ def _progress(total: int, epoch: int, epochs: int):
     return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True)
 
 
-def train_one_epoch(step: TrainStep, sched, train: ImageSet, cfg: TrainConfig, generator: torch.Generator,
-                    epoch: int, guard: InterruptGuard | None = None, board: Board | None = None,
-                    lookahead: Lookahead | None = None) -> dict:
+def train_one_epoch(step: TrainStep, run: RunState, train: ImageSet, cfg: TrainConfig, epoch: int,
+                    ctx: RunContext) -> dict:
     """One pass over ``train`` (already on the step's device) in a seeded random order; returns
-    loss and accuracy. ``step`` carries a captured CUDA graph from epoch to epoch; ``board``
-    logs each step's learning rate; ``lookahead`` averages the weights as they go."""
+    loss and accuracy. ``step`` carries a captured CUDA graph from epoch to epoch; ``ctx.board``
+    logs each step's learning rate; ``run.lookahead`` averages the weights as they go; a signal
+    caught by ``ctx.guard`` stops it at the end of a batch."""
     step.model.train()
     step.epoch = epoch
     n = len(train)
-    order = torch.randperm(n, generator=generator).to(step.device)  # one copy an epoch, not one a step
+    order = torch.randperm(n, generator=run.generator).to(step.device)  # one copy an epoch, not one a step
     starts = [s for s in range(0, n, cfg.batch_size) if n - s >= 2 or s == 0]  # BN needs 2+ samples
     step.reset()
     seen = 0
@@ -63,14 +61,14 @@ def train_one_epoch(step: TrainStep, sched, train: ImageSet, cfg: TrainConfig, g
     ranks = distributed.active()
     for i, start in enumerate(starts):
         index = order[start:start + cfg.batch_size]
-        step(index, generator)
-        if board is not None:  # the rate this step used, from the schedule: reading it off a GPU would wait
-            board.step(sched.last_epoch + 1, sched.base_lrs[0] * sched.lr_lambdas[0](sched.last_epoch))
-        sched.step()
-        if lookahead is not None:
-            lookahead.after_step(sched.last_epoch)
+        step(index, run.generator)
+        if ctx.board is not None:  # the rate this step used, from the schedule: reading it off a GPU would wait
+            ctx.board.step(run.schedule.steps + 1, run.schedule.rate())
+        run.schedule.step()
+        if run.lookahead is not None:
+            run.lookahead.after_step(run.schedule.steps)
         seen += len(index)
-        signum = guard.signum if guard is not None else None
+        signum = ctx.guard.signum if ctx.guard is not None else None
         if ranks and (cpu or i % 16 == 15 or i == len(starts) - 1):  # all ranks stop after the same batch
             signum, nonfinite = distributed.stop_flags(signum, step.first_nonfinite)
             if nonfinite >= 0:
@@ -85,7 +83,7 @@ def train_one_epoch(step: TrainStep, sched, train: ImageSet, cfg: TrainConfig, g
         if signum:
             if bar is not None:
                 bar.close()
-            raise Interrupted(signum, epoch, i + 1, len(starts))
+            raise RunInterrupted(signum, epoch, i + 1, len(starts))
     if bar is not None:
         bar.close()
     sums = torch.stack([step.total_loss.double(), step.correct.double(), step.first_nonfinite.double()])
@@ -106,38 +104,25 @@ class Diverged(CnnlabError):
                          f"the run stops ({kept}); train again with a lower --lr than {lr:g}")
 
 
-def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device,
-        run_dir: Path | None = None, log: Callable[[str], None] = print,
-        state: dict | None = None, guard: InterruptGuard | None = None,
-        board: Board | None = None) -> tuple[list[dict], EarlyStopping]:
-    """Trains ``model`` for up to ``cfg.epochs``, from ``state`` (a checkpoint) when given;
-    returns the history and the early-stopping state (its best weights are restored into
-    ``model`` when asked). With ``run_dir``, writes ``checkpoint.pt`` and ``history.csv``
-    after every epoch; with ``board``, TensorBoard events."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    opt = make_optimizer(model, cfg, compute_dtype(cfg.precision, device))
-    steps = max(1, math.ceil(len(splits.train) / cfg.batch_size)) * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, steps))
-    stopper = EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta, cfg.mode, cfg.restore_best_weights,
-                            cfg.start_from_epoch)
-    lookahead = Lookahead(model, steps) if cfg.lookahead else None
-    history: list[dict] = []
-    first = 1
-    if state is not None:
-        first, history = restore(state, model, opt, sched, stopper, generator, lookahead)
-    on_device = splits.train.to(device)
-    step = TrainStep(distributed.wrap(model, device), opt, on_device, cfg, device)
+def fit(run: RunState, splits: Splits, cfg: TrainConfig, ctx: RunContext) -> RunState:
+    """Trains ``run.model`` from ``run.epoch`` (0, or a restored checkpoint's) up to ``cfg.epochs``;
+    restores the best epoch's weights when asked and returns ``run``. With ``ctx.checkpoints``,
+    writes ``checkpoint.pt`` and ``history.csv`` after every epoch; with ``ctx.board``,
+    TensorBoard events."""
+    model, stopping, log = run.model, run.early_stopping, ctx.log
+    on_device = splits.train.to(ctx.device)
+    step = TrainStep(distributed.wrap(model, ctx.device), run.optimizer, on_device, cfg, ctx.device)
     whiten_biases = [m.bias for m in model.modules() if isinstance(m, Whiten) and m.bias.requires_grad]
-    stop = stopper.stopped_epoch is not None
-    for epoch in range(first, cfg.epochs + 1):
+    stop = stopping.stopped_epoch is not None
+    for epoch in range(run.epoch + 1, cfg.epochs + 1):
         if stop:
             break
-        lr = float(opt.param_groups[0]["lr"])
+        lr = float(run.optimizer.param_groups[0]["lr"])
         start = time.perf_counter()
         step.freeze(whiten_biases if epoch > cfg.whiten_bias_epochs else [])
-        train_logs = train_one_epoch(step, sched, on_device, cfg, generator, epoch, guard, board, lookahead)
-        if lookahead is not None and epoch == cfg.epochs:
-            lookahead.finish()
+        train_logs = train_one_epoch(step, run, on_device, cfg, epoch, ctx)
+        if run.lookahead is not None and epoch == cfg.epochs:
+            run.lookahead.finish()
         if step.failure:
             log(f"note: the training step could not be captured as a CUDA graph ({step.failure}); "
                 "it runs op by op (--no-cuda-graph skips the attempt)")
@@ -146,32 +131,41 @@ def fit(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device
         row = {"epoch": epoch, "loss": train_logs["loss"], "accuracy": train_logs["accuracy"]}
         if len(splits.val):  # none with --val-split 0
             # at most the mirror image each epoch: level 2's six views are for the one test at the end
-            val = score(model, splits.val, splits.class_names, cfg.preprocessing, device, tta=min(int(cfg.tta), 1),
-                        precision=cfg.precision)
+            val = score(model, splits.val, splits.class_names, cfg.preprocessing, ctx.device,
+                        tta=min(int(cfg.tta), 1), precision=cfg.precision)
             row.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_precision": val["precision"],
                         "val_recall": val["recall"], "val_f1": val["f1"]})
         seconds = time.perf_counter() - start
         row.update({"lr": lr, "seconds": seconds, "train_seconds": train_seconds,
                     "images_per_s": train_logs["images"] / train_seconds})
-        history.append(row)
-        stop = stopper.update(epoch, row, model)
-        if run_dir is not None:
-            save_torch(run_dir / "checkpoint.pt",
-                       checkpoint_state(epoch, model, opt, sched, stopper, generator, history, device, lookahead))
-            write_history(run_dir / "history.csv", history)
-        if board is not None:
-            board.epoch(sched.last_epoch, row)
-        log(_epoch_line(row, cfg.epochs, stopper))
+        run.history.append(row)
+        run.epoch = epoch
+        stop = stopping.update(epoch, row, model)
+        if ctx.checkpoints:
+            save_torch(ctx.run_dir / "checkpoint.pt", checkpoint_state(run, ctx.device))
+            write_history(ctx.run_dir / "history.csv", run.history)
+        if ctx.board is not None:
+            ctx.board.epoch(run.schedule.steps, row)
+        log(_epoch_line(row, cfg.epochs, stopping))
         if stop:
             log(f"early stopping: {cfg.monitor} did not improve for {cfg.patience} epoch(s) after epoch "
-                f"{stopper.best_epoch}")
-    if stopper.restore(model):
-        log(f"restored the weights of epoch {stopper.best_epoch} (best {cfg.monitor} {stopper.best:.4f})")
-    return history, stopper
+                f"{stopping.best_epoch}")
+    if stopping.restore(model):
+        log(f"restored the weights of epoch {stopping.best_epoch} (best {cfg.monitor} {stopping.best:.4f})")
+    return run
 
 
-def _epoch_line(row: dict, epochs: int, stopper: EarlyStopping) -> str:
-    mark = " *" if stopper.best_epoch == row["epoch"] else ""
+def fit_model(model: nn.Module, splits: Splits, cfg: TrainConfig, ctx: RunContext,
+              checkpoint: dict | None = None) -> RunState:
+    """``fit`` on a fresh ``RunState`` for ``model``, continued from ``checkpoint`` when given."""
+    run = RunState.start(model, cfg, len(splits.train), ctx.device)
+    if checkpoint is not None:
+        restore(checkpoint, run)
+    return fit(run, splits, cfg, ctx)
+
+
+def _epoch_line(row: dict, epochs: int, stopping: EarlyStopping) -> str:
+    mark = " *" if stopping.best_epoch == row["epoch"] else ""
     val = f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  " if "val_loss" in row else ""
     return (f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  {val}"
             f"{row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s{mark}")
@@ -219,14 +213,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: Splits |
     params = count_parameters(model)
     if distributed.is_main():
         write_json(run_dir / "config.json", run_record(
-            "train", asdict(cfg), splits, params, environment(device, cfg.precision),
+            "train", asdict(cfg), splits, params, environment(device, cfg.precision, kernels.status),
             layers=layers, ranks=distributed.describe(cfg.batch_size)))
     ranks = f" x {distributed.world_size()} ranks" if distributed.active() else ""
     log(f"{cfg.preset}: {params:,} parameters, {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test images, {device}{ranks}; loaded in {time.perf_counter() - started:.1f}s")
     log(f"run directory: {run_dir}")
     board = Board(run_dir, cfg.tensorboard and distributed.is_main(), log=log, validated=len(splits.val) > 0)
-    return _run(cfg, run_dir, model, splits, device, None, log, board)
+    return _run(cfg, _context(cfg, run_dir, device, log, board), model, splits, None)
 
 
 def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
@@ -256,65 +250,73 @@ def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
                 f"{interrupted['batches']}: it restarts from its beginning")
         log(f"resuming {run_dir} after epoch {state['epoch']}")
     # events after the checkpoint's last step came from the attempt that stopped: hidden, then written anew
-    done = steps_done(state) if state is not None else 0
+    done = steps_in(state.get("scheduler")) if state is not None else 0
     board = Board(run_dir, cfg.tensorboard and distributed.is_main(), done + 1, log, validated=len(splits.val) > 0)
-    return _run(cfg, run_dir, model, splits, device, state, log, board)
+    return _run(cfg, _context(cfg, run_dir, device, log, board), model, splits, state)
 
 
-def _run(cfg: TrainConfig, run_dir: Path, model, splits: Splits, device, state, log, board: Board) -> Path:
-    """Trains (a signal stops it at the end of a batch), then tests once and writes the results
-    (under torchrun every rank trains and tests, rank 0 writes)."""
-    writes = distributed.is_main()
-    with guarded_run(run_dir, log) as guard, closing(board):
-        if writes:
-            write_samples(run_dir, splits.train, splits.class_names, cfg.seed)
-        history, stopper = fit(model, splits, cfg, device, run_dir if writes else None, log, state, guard, board)
-        finish_run(run_dir, model, splits, device, history, stopper, cfg.preprocessing, cfg.tta, cfg.precision,
-                   log, board=board, settings=asdict(cfg))
-    return run_dir
+def _context(cfg: TrainConfig, run_dir: Path, device: torch.device, log: Callable[[str], None],
+             board: Board) -> RunContext:
+    return RunContext(device, run_dir, cfg.preprocessing, cfg.tta, cfg.precision, asdict(cfg), log, board,
+                      checkpoints=distributed.is_main())
 
 
-def finish_run(run_dir: Path, model: nn.Module, splits: Splits, device: torch.device, history: list[dict],
-               stopper: EarlyStopping, preprocessing: Preprocessing, tta: int, precision: str,
-               log: Callable[[str], None], boundary: int | None = None, extra: dict | None = None,
-               board: Board | None = None, settings: dict | None = None, explain_mistakes: bool = False,
+def _run(cfg: TrainConfig, ctx: RunContext, model: nn.Module, splits: Splits, checkpoint: dict | None) -> Path:
+    """Trains (a signal stops it at the end of a batch) from ``checkpoint`` when given, then tests
+    once and writes the results (under torchrun every rank trains and tests, rank 0 writes)."""
+    with guarded_run(ctx.run_dir, ctx.log) as guard, closing(ctx.board):
+        ctx.guard = guard
+        if distributed.is_main():
+            write_samples(ctx.run_dir, splits.train, splits.class_names, cfg.seed)
+        run = fit_model(model, splits, cfg, ctx, checkpoint)
+        finish_run(ctx, model, splits, Outcome(run.history, run.early_stopping))
+    return ctx.run_dir
+
+
+def finish_run(ctx: RunContext, model: nn.Module, splits: Splits, outcome: Outcome,
                logits: torch.Tensor | None = None) -> None:
-    """Tests once on the held-out split and writes the run's results (runs.write_results, and
-    to ``board`` the plots and ``settings`` with the test scores); ``boundary`` marks where
-    fine-tuning began on the curves, ``extra`` joins the metrics; ``explain_mistakes`` shows the
-    most confident mistakes with the Grad-CAM map of the class they were taken for; ``logits``,
-    the test split's already computed (from cached features), saves the pass through ``model``."""
+    """Tests once on the held-out split and writes the run's results (runs.write_mistakes and write_finished, and
+    to ``ctx.board`` the plots and the settings with the test scores); ``outcome.boundary`` marks
+    where fine-tuning began on the curves, ``outcome.extra`` joins the metrics; the most confident
+    mistakes are shown as ``ctx.mistake_pictures`` draws them; ``logits``, the test split's already
+    computed (from cached features), saves the pass through ``model``."""
     if logits is None:
-        logits = predict_logits(model, splits.test.images, preprocessing, device, tta=tta, precision=precision)
+        logits = predict_logits(model, splits.test.images, ctx.preprocessing, ctx.device, tta=ctx.tta,
+                                precision=ctx.precision)
     test = score_logits(logits, splits.test.labels, splits.class_names)
-    best = stopper.best_epoch or len(history)
-    train_time = sum(r["seconds"] for r in history)
-    metrics = {
-        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_precision": test["precision"],
-        "test_recall": test["recall"], "test_f1": test["f1"],
-        "train_time_s": train_time, "epochs_run": len(history), "best_epoch": best,
-        "stopped_early": stopper.stopped_epoch is not None, "monitor": stopper.monitor, "best_value": stopper.best,
-        "best_val_accuracy": history[best - 1].get("val_accuracy"),  # None: no validation images
-        "train_accuracy_at_best": history[best - 1]["accuracy"],
-        "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
-        "parameters": count_parameters(model), "weights": "best" if stopper.best_weights is not None else "last",
-        "test_size": len(splits.test), "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
-        **(extra or {}),
-    }
+    metrics = _metrics(model, splits, outcome, test)
     if not distributed.is_main():  # the test was scored by every rank together; rank 0 writes it
         return
     mistakes = confident_mistakes(logits, splits.test.labels)
     shown, title = splits.test.images[mistakes["index"]], "most confident mistakes (test)"
-    if explain_mistakes and len(shown):
+    if ctx.mistake_pictures is not None and len(shown):
         try:
-            from .explain import explainable, overlays
-            pictures, _, _ = overlays(explainable(model), shown, preprocessing, classes=mistakes["predicted"])
-            shown, title = torch.from_numpy(pictures).permute(0, 3, 1, 2), f"{title}, Grad-CAM of the class predicted"
+            shown, how = ctx.mistake_pictures(model, shown, ctx.preprocessing, mistakes["predicted"])
+            title = f"{title}, {how}"
         except CnnlabError as exc:  # no grad-cam package: the photos as they are
-            log(f"note: {exc}")
-    write_results(run_dir, {k: v.cpu() for k, v in model.state_dict().items()}, history, test, mistakes, shown,
-                  splits.class_names, metrics, boundary, title)
-    if board is not None:
-        board.finish(run_dir, board.last_step, settings or {}, metrics)
-    log(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  "
-        f"({len(history)} epochs, best {best}, {train_time:.1f}s training)")
+            ctx.log(f"note: {exc}")
+    write_mistakes(ctx.run_dir, mistakes, shown, splits.class_names, title)
+    write_finished(ctx.run_dir, {k: v.cpu() for k, v in model.state_dict().items()}, outcome.history, test,
+                   splits.class_names, metrics, outcome.boundary)
+    if ctx.board is not None:
+        ctx.board.finish(ctx.run_dir, ctx.board.last_step, ctx.settings, metrics)
+    ctx.log(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  "
+            f"({len(outcome.history)} epochs, best {metrics['best_epoch']}, {metrics['train_time_s']:.1f}s training)")
+
+
+def _metrics(model: nn.Module, splits: Splits, outcome: Outcome, test: dict) -> dict:
+    """metrics.json: the test scores, how training went, and ``outcome.extra``."""
+    history, stopping = outcome.history, outcome.early_stopping
+    best = stopping.best_epoch or len(history)
+    return {
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_precision": test["precision"],
+        "test_recall": test["recall"], "test_f1": test["f1"],
+        "train_time_s": sum(r["seconds"] for r in history), "epochs_run": len(history), "best_epoch": best,
+        "stopped_early": stopping.stopped_epoch is not None, "monitor": stopping.monitor, "best_value": stopping.best,
+        "best_val_accuracy": history[best - 1].get("val_accuracy"),  # None: no validation images
+        "train_accuracy_at_best": history[best - 1]["accuracy"],
+        "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
+        "parameters": count_parameters(model), "weights": "best" if stopping.best_weights is not None else "last",
+        "test_size": len(splits.test), "per_class": test["per_class"], "confusion_matrix": test["confusion_matrix"],
+        **outcome.extra,
+    }

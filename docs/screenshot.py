@@ -1,6 +1,6 @@
 """Makes docs/report.png, the README's picture of the report, from a real `cnnlab reproduce` run:
 
-    .venv/bin/cnnlab reproduce --data-root ../shared/data --backbone efficientnet_lite0 --out runs/reproduce
+    .venv/bin/cnnlab reproduce --data-root ../shared/data --model efficientnet_lite0 --out runs/reproduce
     .venv/bin/python docs/screenshot.py runs/reproduce/report.html
 
 It opens the report from disk in headless Chromium (Debian's package, as `setup.sh test` installs it)

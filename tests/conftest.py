@@ -1,7 +1,12 @@
-"""Tiny generated image folders, batch norms with random statistics, and a private image cache
-for every test."""
+"""Tiny generated image folders, batch norms with random statistics, the command line run as a user
+runs it, one trained run shared by the modules that only read it, and a private image cache for every
+test."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +43,70 @@ def random_bn(channels: int, seed: int, momentum: float | None = 0.1, dtype=torc
         bn.bias.copy_(torch.randn(channels))
         bn.running_mean.copy_(torch.randn(channels))
     return bn
+
+
+def cnnlab(*args, cwd=None, env=None):
+    """``cnnlab ARGS`` in a fresh interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "cnnlab.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def cnnlab_here(capsys, *args):
+    """The command run inside this process, for cases refused before any training (no interpreter
+    to start: CI's time); the same exit code and output as ``cnnlab`` in a subprocess."""
+    from types import SimpleNamespace
+
+    from cnnlab.cli import main
+    threads = torch.get_num_threads()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's refusals
+        code = exc.code
+    finally:
+        torch.set_num_threads(threads)  # a command sets the process's threads: the next test's are its own
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under ``root``, path -> bytes: equal snapshots, nothing written, nothing changed."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# the shared run's settings (``--data``, ``--out`` and ``--name`` aside): the same command on the same
+# data trains the same weights, so a test can train again and compare (test_robustness does)
+TRAINED_RUN_ARGS = ("train", "--preset", "pool-bn", "--epochs", "1", "--batch-size", "8", "--threads", "1",
+                    "--device", "cpu")
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    dir: Path  # the finished run directory: read it, or copy it (shutil.copytree) before changing anything
+    data: Path  # what it was trained on: 3 classes (class_0..class_2) of 20 32x32 PNGs
+    cache: Path  # the image and kernel cache its training filled (copy it before use too)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    """One finished pool-bn run (``TRAINED_RUN_ARGS``), trained once per test process and shared by
+    every module that only reads it (evaluates, exports, predicts, explains, reports): a test that
+    changes a run works on its own copy, so no test sees another's changes."""
+    root = tmp_path_factory.mktemp("trained-run")
+    data = make_folder(root / "data", per_class=20)
+    # its own cache (the autouse private_cache is per test, and monkeypatch is too): set for its process only
+    env = {**os.environ, "CNNLAB_CACHE": str(root / "cache")}
+    result = cnnlab(*TRAINED_RUN_ARGS, "--data", data, "--out", root / "runs", "--name", "pool-bn", env=env)
+    assert result.returncode == 0, result.stderr
+    return TrainedRun(dir=root / "runs" / "pool-bn", data=data, cache=root / "cache")
+
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):

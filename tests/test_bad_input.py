@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from cnnlab import cli
-from conftest import make_folder
-from test_cli import assert_one_line_error, cnnlab, cnnlab_here
+from conftest import assert_one_line_error, cnnlab, cnnlab_here, make_folder, snapshot
 
 
 class Evil:
@@ -22,19 +21,11 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def snapshot(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A data folder, one finished run, and broken copies of it."""
+def world(tmp_path_factory, trained_run):
+    """Bad data folders and broken copies of the shared finished run (``trained_run``)."""
     root = tmp_path_factory.mktemp("bad")
-    data = make_folder(root / "data", per_class=10)
-    result = cnnlab("train", "--preset", "pool-bn", "--data", data, "--epochs", "1", "--batch-size", "8",
-                    "--out", root / "runs", "--name", "good")
-    assert result.returncode == 0, result.stderr
-    good = root / "runs" / "good"
+    good = trained_run.dir
     make_folder(root / "empty-class", classes=2, per_class=2)
     (root / "empty-class" / "class_2").mkdir()
     make_folder(root / "one-class", classes=1, per_class=3)
@@ -61,29 +52,29 @@ CASES = [
     (T + ["--data", "{root}/empty"], "no class subfolders"),
     (T + ["--data", "{root}/one-class"], "only one class"),
     (T + ["--data", "{root}/empty-class"], "class_2 has no images"),
-    (T + ["--data", "{root}/data", "--epochs", "0"], "--epochs must be at least 1"),
-    (T + ["--data", "{root}/data", "--epochs", "-3"], "--epochs must be at least 1"),
-    (T + ["--data", "{root}/data", "--batch-size", "0"], "--batch-size must be at least 1"),
-    (T + ["--data", "{root}/data", "--batch-size", "1000"], "larger than the training set"),
-    (T + ["--data", "{root}/data", "--val-split", "-0.1"], "--val-split must be at least 0"),
-    (T + ["--data", "{root}/data", "--val-split", "0", "--patience", "3"], "--val-split 0 leaves no validation"),
-    (T + ["--data", "{root}/data", "--test-split", "1"], "--test-split must be below 1"),
-    (T + ["--data", "{root}/data", "--val-split", "0.5", "--test-split", "0.6"], "must be below 1"),
-    (T + ["--data", "{root}/data", "--lr", "0"], "--lr must be above 0"),
-    (T + ["--data", "{root}/data", "--lr", "fast"], "--lr must be a number"),
-    (T + ["--data", "{root}/data", "--device", "tpu"], "unknown device 'tpu'; use cpu, cuda or cuda:N"),
-    (T + ["--data", "{root}/data", "--device", "meta"], "--device meta is not supported"),
-    (T + ["--data", "{root}/data", "--device", "cuda:7"], "--device cuda:7"),  # no CUDA, or no 8th GPU
-    (["train", "--preset", "resnet9000", "--data", "{root}/data"], "unknown preset 'resnet9000'"),
-    (T + ["--data", "{root}/data", "--monitor", "val_auc"], "unknown monitor metric 'val_auc'"),
-    (T + ["--data", "{root}/data", "--out", "{root}/a-file/runs"], "cannot create output folder"),
-    (["evaluate", "{root}/runs/good", "--data", "{root}/other-classes"], "differ from the expected classes"),
-    (["evaluate", "{root}/runs/good", "--data", "{root}/missing"], "does not exist"),
-    (["evaluate", "{root}/data", "--data", "{root}/data"], "not a run directory"),
-    (["evaluate", "{root}/broken/wrong-arch", "--data", "{root}/data"], "missing keys"),
-    (["evaluate", "{root}/broken/truncated", "--data", "{root}/data"], "not a readable weights file"),
-    (["evaluate", "{root}/broken/not-weights", "--data", "{root}/data"], "not a readable weights file"),
-    (["evaluate", "{root}/broken/crafted", "--data", "{root}/data"], "not a readable weights file"),
+    (T + ["--data", "{data}", "--epochs", "0"], "--epochs must be at least 1"),
+    (T + ["--data", "{data}", "--epochs", "-3"], "--epochs must be at least 1"),
+    (T + ["--data", "{data}", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (T + ["--data", "{data}", "--batch-size", "1000"], "larger than the training set"),
+    (T + ["--data", "{data}", "--val-split", "-0.1"], "--val-split must be at least 0"),
+    (T + ["--data", "{data}", "--val-split", "0", "--patience", "3"], "--val-split 0 leaves no validation"),
+    (T + ["--data", "{data}", "--test-split", "1"], "--test-split must be below 1"),
+    (T + ["--data", "{data}", "--val-split", "0.5", "--test-split", "0.6"], "must be below 1"),
+    (T + ["--data", "{data}", "--lr", "0"], "--lr must be above 0"),
+    (T + ["--data", "{data}", "--lr", "fast"], "--lr must be a number"),
+    (T + ["--data", "{data}", "--device", "tpu"], "unknown device 'tpu'; use cpu, cuda or cuda:N"),
+    (T + ["--data", "{data}", "--device", "meta"], "--device meta is not supported"),
+    (T + ["--data", "{data}", "--device", "cuda:7"], "--device cuda:7"),  # no CUDA, or no 8th GPU
+    (["train", "--preset", "resnet9000", "--data", "{data}"], "unknown preset 'resnet9000'"),
+    (T + ["--data", "{data}", "--monitor", "val_auc"], "unknown monitor metric 'val_auc'"),
+    (T + ["--data", "{data}", "--out", "{root}/a-file/runs"], "cannot create output folder"),
+    (["evaluate", "{run}", "--data", "{root}/other-classes"], "differ from the expected classes"),
+    (["evaluate", "{run}", "--data", "{root}/missing"], "does not exist"),
+    (["evaluate", "{data}", "--data", "{data}"], "not a run directory"),
+    (["evaluate", "{root}/broken/wrong-arch", "--data", "{data}"], "missing keys"),
+    (["evaluate", "{root}/broken/truncated", "--data", "{data}"], "not a readable weights file"),
+    (["evaluate", "{root}/broken/not-weights", "--data", "{data}"], "not a readable weights file"),
+    (["evaluate", "{root}/broken/crafted", "--data", "{data}"], "not a readable weights file"),
     (["resume", "{root}/missing-run"], "not a run directory"),
 ]
 
@@ -93,25 +84,25 @@ SUBPROCESS = {0, 22}  # these two through a real interpreter too; the rest in th
 
 @pytest.mark.parametrize("i, args, message", [(i, *c) for i, c in enumerate(CASES)],
                          ids=[f"{i:02d}-{c[1][:30]}" for i, c in enumerate(CASES)])
-def test_bad_input_table(world, capsys, i, args, message):
-    before = snapshot(world / "runs")
-    args = [a.format(root=world) for a in args]
+def test_bad_input_table(world, trained_run, capsys, i, args, message):
+    before = snapshot(trained_run.dir)
+    args = [a.format(root=world, data=trained_run.data, run=trained_run.dir) for a in args]
     result = cnnlab(*args) if i in SUBPROCESS else cnnlab_here(capsys, *args)
     assert_one_line_error(result, message)
-    assert snapshot(world / "runs") == before
+    assert snapshot(trained_run.dir) == before
     assert not (world / "pwned").exists()  # the crafted pickle ran no code
 
 
-def test_resume_with_a_checkpoint_of_another_architecture(world, tmp_path):
+def test_resume_with_a_checkpoint_of_another_architecture(trained_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(world / "runs" / "good", run)
+    shutil.copytree(trained_run.dir, run)
     (run / "metrics.json").unlink()
     from cnnlab.presets import PRESETS, build_model
     torch.save({"model": build_model(PRESETS["conv"].layers, 3).state_dict(), "epoch": 1}, run / "checkpoint.pt")
     assert_one_line_error(cnnlab("resume", run), "does not fit this run's model (missing keys")
 
 
-def test_disk_full_mid_run_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch, capsys):
+def test_disk_full_mid_run_keeps_the_previous_checkpoint(trained_run, tmp_path, monkeypatch, capsys):
     real = os.replace
     writes = {"checkpoint": 0}
 
@@ -122,7 +113,7 @@ def test_disk_full_mid_run_keeps_the_previous_checkpoint(world, tmp_path, monkey
                 raise OSError(errno.ENOSPC, "No space left on device")
         real(source, target)
     monkeypatch.setattr(os, "replace", fill_up)
-    code = cli.main(T[:-2] + ["--epochs", "5", "--data", str(world / "data"), "--out", str(tmp_path),
+    code = cli.main(T[:-2] + ["--epochs", "5", "--data", str(trained_run.data), "--out", str(tmp_path),
                               "--name", "full", "--threads", "1"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1

@@ -6,39 +6,7 @@ import sys
 
 import pytest
 
-from conftest import make_folder
-
-
-def cnnlab(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cnnlab.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
-def cnnlab_here(capsys, *args):
-    """The command run inside this process, for cases refused before any training (no interpreter
-    to start: CI's time); the same exit code and output as ``cnnlab`` in a subprocess."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from cnnlab.cli import main
-    threads = torch.get_num_threads()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse's refusals
-        code = exc.code
-    finally:
-        torch.set_num_threads(threads)  # a command sets the process's threads: the next test's are its own
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-
-def assert_one_line_error(result, fragment):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert fragment in lines[0]
-    assert "Traceback" not in result.stderr
+from conftest import assert_one_line_error, cnnlab, cnnlab_here, make_folder
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -11,7 +11,8 @@ from torch import nn
 
 from cnnlab import evaluate as evaluate_module
 from cnnlab.config import TrainConfig
-from cnnlab.data import augment_batch, load_splits
+from cnnlab.early_stopping import EarlyStopping
+from cnnlab.data import load_splits
 from cnnlab.evaluate import evaluate_run
 from cnnlab.layers import Dropout
 from cnnlab.preprocessing import CIFAR10
@@ -19,19 +20,12 @@ from cnnlab.presets import PRESETS, build_model
 from cnnlab.runtime import compute_dtype, pick_device, to_device
 from cnnlab.step import TrainStep, graph_ready
 from cnnlab.optimizer import make_optimizer
-from cnnlab.train import fit, train, train_one_epoch
+from cnnlab.run_state import RunContext, RunState, Schedule
+from cnnlab.train import fit_model, train, train_one_epoch
 from conftest import make_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 CUDA = torch.device("cuda")
-
-
-def test_augment_batch_on_cuda_equals_the_cpu_result():
-    x = torch.randn(16, 3, 32, 32)
-    on_cpu = augment_batch(x, torch.Generator().manual_seed(3))
-    on_gpu = augment_batch(x.to(CUDA), torch.Generator().manual_seed(3))
-    assert on_gpu.device.type == "cuda"
-    assert torch.equal(on_gpu.cpu(), on_cpu)
 
 
 def test_preprocess_on_cuda_equals_the_cpu_result():
@@ -74,20 +68,19 @@ def _setup(tmp_path, preset="dropout", **settings):
     cfg = TrainConfig(preset=preset, data="-", batch_size=8, augment=True, **settings)
     model = build_model(PRESETS[preset].layers, 3).to(CUDA, memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg, compute_dtype(cfg.precision, CUDA))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return splits, cfg, model, opt, sched
+    run = RunState(model, opt, Schedule(opt, "none", 1), EarlyStopping(), torch.Generator().manual_seed(0))
+    return splits, cfg, model, opt, run
 
 
 def test_an_eager_training_step_makes_no_host_device_sync(tmp_path):
     """A sync a step would stop the host from queuing kernels ahead of the GPU: the count of
     syncs in an epoch must not grow with its number of steps."""
-    splits, cfg, model, opt, sched = _setup(tmp_path, cuda_graph=False)
-    generator = torch.Generator().manual_seed(0)
+    splits, cfg, model, opt, run = _setup(tmp_path, cuda_graph=False)
 
     def syncs(images: int) -> list[str]:
         data = splits.train.subset(torch.arange(images)).to(CUDA)
-        return _count_syncs(lambda: train_one_epoch(TrainStep(model, opt, data, cfg, CUDA), sched, data, cfg,
-                                                    generator, 1))
+        return _count_syncs(lambda: train_one_epoch(TrainStep(model, opt, data, cfg, CUDA), run, data, cfg, 1,
+                                                    RunContext(CUDA)))
 
     syncs(16)  # warm-up: cuDNN's first calls
     few, many = syncs(16), syncs(128)
@@ -95,15 +88,14 @@ def test_an_eager_training_step_makes_no_host_device_sync(tmp_path):
 
 
 def test_a_graphed_epoch_replays_one_graph_without_syncs(tmp_path):
-    splits, cfg, model, opt, sched = _setup(tmp_path)
+    splits, cfg, model, opt, run = _setup(tmp_path)
     graph_ready(opt, CUDA)
     data = splits.train.subset(torch.arange(128)).to(CUDA)
     step = TrainStep(model, opt, data, cfg, CUDA)
-    generator = torch.Generator().manual_seed(0)
-    train_one_epoch(step, sched, data, cfg, generator, 1)  # 3 warm-up steps, capture
+    train_one_epoch(step, run, data, cfg, 1, RunContext(CUDA))  # 3 warm-up steps, capture
     assert step.graph is not None
     graph = step.graph
-    where = _count_syncs(lambda: train_one_epoch(step, sched, data, cfg, generator, 2))
+    where = _count_syncs(lambda: train_one_epoch(step, run, data, cfg, 2, RunContext(CUDA)))
     assert step.graph is graph  # captured once, replayed from epoch to epoch
     assert len(where) <= 3, f"{len(where)} syncs in 16 replayed steps:\n" + "\n".join(where)
 
@@ -124,12 +116,13 @@ def test_replayed_steps_train_as_eager_steps_do(tmp_path, optimizer):
             torch.manual_seed(0)
             model = build_model(PRESETS["pool-bn"].layers, 3).to(CUDA, memory_format=torch.channels_last)
             opt = make_optimizer(model, cfg, compute_dtype(cfg.precision, CUDA))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 20)
+            schedule = Schedule(opt, "linear", 20)  # 1 - step / 20
             graph_ready(opt, CUDA)  # the same fused update in both runs
             first_lrs = [float(group["lr"]) for group in opt.param_groups]
             data = splits.train.to(CUDA)  # 144 images: 9 steps of 16
             step = TrainStep(model, opt, data, cfg, CUDA)
-            logs = train_one_epoch(step, sched, data, cfg, torch.Generator().manual_seed(1), 1)
+            run = RunState(model, opt, schedule, EarlyStopping(), torch.Generator().manual_seed(1))
+            logs = train_one_epoch(step, run, data, cfg, 1, RunContext(CUDA))
             assert (step.graph is not None) == graphed
             results.append((logs, {k: v.float().clone() for k, v in model.state_dict().items()}))
         (graph_logs, graph_weights), (eager_logs, eager_weights) = results
@@ -149,11 +142,11 @@ def test_a_graphed_runs_checkpoint_resumes_on_the_cpu(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     cfg.epochs = 1
-    fit(model, splits, cfg, CUDA, run_dir, log=lambda line: None)
+    fit_model(model, splits, cfg, RunContext(CUDA, run_dir, log=lambda line: None, checkpoints=True))
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert isinstance(state["optimizer"]["param_groups"][0]["lr"], float)
     cfg.epochs = 2
-    history, _ = fit(model.cpu(), splits, cfg, torch.device("cpu"), None, log=lambda line: None, state=state)
+    history = fit_model(model.cpu(), splits, cfg, RunContext(torch.device("cpu"), log=lambda line: None), state).history
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[1]["loss"] < history[0]["loss"] * 1.5
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab.data import augment_batch, load_folder, load_splits, stratified_split
+from cnnlab.data import load_folder, load_splits, stratified_split
 from cnnlab.preprocessing import CIFAR10
 from cnnlab.errors import CnnlabError
 from conftest import make_folder
@@ -119,22 +119,6 @@ def test_class_folder_without_images_is_an_error(tmp_path):
     (root / "class_9").mkdir()
     with pytest.raises(CnnlabError, match="class_9 has no images"):
         load_splits(str(root), 32)
-
-
-def test_augment_batch_flips_and_shifts_whole_batches():
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
-    flipped = augment_batch(x, torch.Generator().manual_seed(0), pad=0, flip=True)
-    for i in range(2):
-        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
-    g = torch.Generator().manual_seed(1)
-    many = augment_batch(x.repeat(50, 1, 1, 1), g, pad=2, flip=False)
-    assert many.shape == (100, 3, 8, 8)
-    # the centre of each crop is the original image shifted by at most 2 pixels
-    centre = x[0, :, 2:6, 2:6]
-    for img in many[::2]:
-        assert any(torch.equal(img[:, 2 + dy:6 + dy, 2 + dx:6 + dx], centre)
-                   for dy in range(-2, 3) for dx in range(-2, 3))
-    assert len({tuple(img.flatten()[:20].tolist()) for img in many}) > 5
 
 
 def test_cifar10_offline_is_a_one_line_error_naming_the_way_out(monkeypatch):

@@ -206,10 +206,10 @@ def test_bad_input_under_torchrun_is_one_line(data, tmp_path, private_cache, bad
 def test_only_rank_0_says_why_and_the_others_wait_for_it(monkeypatch, capsys, tmp_path, main_rank):
     """torchrun SIGTERMs every rank once one has exited: a rank other than 0 that exited at once
     with the shared error could kill rank 0 before it printed the line (a flake seen in CI)."""
-    from cnnlab import cli
+    from cnnlab import cli, launch
     waits = []
-    monkeypatch.setattr(cli, "MAIN_RANK", main_rank)
-    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setattr(launch, "MAIN_RANK", main_rank)
+    monkeypatch.setattr(launch.time, "sleep", waits.append)
     for argv in (["train", "--lr", "-1"], ["evaluate", str(tmp_path / "no-run"), "--data", str(tmp_path)]):
         try:
             code = cli.main(argv)
@@ -218,7 +218,7 @@ def test_only_rank_0_says_why_and_the_others_wait_for_it(monkeypatch, capsys, tm
         assert code == 2, argv
         said = [l for l in capsys.readouterr().err.splitlines() if l.startswith("cnnlab")]
         assert len(said) == (1 if main_rank else 0), said
-        assert waits == ([] if main_rank else [cli.REPORT_WAIT_S]), argv
+        assert waits == ([] if main_rank else [launch.REPORT_WAIT_S]), argv
         waits.clear()
 
 

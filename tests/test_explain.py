@@ -4,24 +4,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_folder
-from test_cli import assert_one_line_error, cnnlab
+from conftest import assert_one_line_error, cnnlab, make_folder
 
 pytest.importorskip("pytorch_grad_cam", reason="grad-cam is not installed (pip install grad-cam)")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("explain")
-    data = make_folder(root / "data", per_class=20)
-    result = cnnlab("train", "--preset", "pool-bn", "--data", data, "--epochs", "2", "--batch-size", "8",
-                    "--threads", "1", "--device", "cpu", "--out", root / "runs", "--no-tensorboard")
-    assert result.returncode == 0, result.stderr
-    return root / "runs" / "pool-bn", data
-
-
-def test_one_overlay_per_readable_image_and_a_warning_for_the_others(run, tmp_path):
-    run_dir, data = run
+def test_one_overlay_per_readable_image_and_a_warning_for_the_others(trained_run, tmp_path):
+    run_dir, data = trained_run.dir, trained_run.data
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in ("img_000.png", "img_001.png"):
@@ -38,10 +27,10 @@ def test_one_overlay_per_readable_image_and_a_warning_for_the_others(run, tmp_pa
             assert im.format == "PNG" and min(im.size) > 200
 
 
-def test_the_overlay_is_the_class_map_blended_into_the_photo(run):
-    from cnnlab.evaluate import load_model
+def test_the_overlay_is_the_class_map_blended_into_the_photo(trained_run):
     from cnnlab.explain import explainable, overlays
-    run_dir, data = run
+    from cnnlab.saved_model import load_model
+    run_dir, data = trained_run.dir, trained_run.data
     model, _, prep = load_model(run_dir, torch.device("cpu"))
     images = torch.from_numpy(np.stack([np.asarray(Image.open(data / "class_0" / f"img_00{i}.png")).transpose(2, 0, 1)
                                         for i in range(3)]))
@@ -55,8 +44,8 @@ def test_the_overlay_is_the_class_map_blended_into_the_photo(run):
     assert top == model(prep(images)).argmax(1).tolist()
 
 
-def test_two_photos_with_the_same_name_get_two_files(run, tmp_path):
-    run_dir, data = run
+def test_two_photos_with_the_same_name_get_two_files(trained_run, tmp_path):
+    run_dir, data = trained_run.dir, trained_run.data
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "0.png").write_bytes((data / "class_0" / "img_000.png").read_bytes())
@@ -65,8 +54,8 @@ def test_two_photos_with_the_same_name_get_two_files(run, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a-0-gradcam.png", "b-0-gradcam.png"]
 
 
-def test_explain_bad_inputs_are_one_line(run, tmp_path):
-    run_dir, data = run
+def test_explain_bad_inputs_are_one_line(trained_run, tmp_path):
+    run_dir, data = trained_run.dir, trained_run.data
     image = data / "class_0" / "img_000.png"
     assert_one_line_error(cnnlab("explain", image, "--model", run_dir, "--class", "zebra"), "--class 'zebra'")
     assert_one_line_error(cnnlab("explain", tmp_path / "missing.png", "--model", run_dir), "does not exist")

@@ -2,64 +2,64 @@
 predict runs it through onnxruntime with the same output as the run directory."""
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
-from conftest import make_folder
-from test_cli import assert_one_line_error, cnnlab
+from conftest import assert_one_line_error, cnnlab, make_folder
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install onnx onnxruntime onnxscript)")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def lite_run(tmp_path_factory):
+    """A transfer run (efficientnet_lite0, gap head) and the 2 classes of 12 photos it was trained on;
+    the pool-bn run is the shared ``trained_run``."""
     root = tmp_path_factory.mktemp("export")
-    data = make_folder(root / "data", per_class=20)
     pets = make_folder(root / "pets", classes=2, per_class=12, size=48)
-    for args in (["train", "--preset", "pool-bn", "--data", data, "--epochs", "2", "--batch-size", "8", "--name", "pool-bn"],
-                 ["transfer", "--data", pets, "--backbone", "efficientnet_lite0", "--head", "gap", "--epochs", "1",
-                  "--batch-size", "4", "--name", "lite"]):
-        result = cnnlab(*args, "--out", root / "runs", "--threads", "1", "--device", "cpu")
-        assert result.returncode == 0, result.stderr
-    return root
+    result = cnnlab("transfer", "--data", pets, "--backbone", "efficientnet_lite0", "--head", "gap", "--epochs", "1",
+                    "--batch-size", "4", "--name", "lite", "--out", root / "runs", "--threads", "1", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    return SimpleNamespace(dir=root / "runs" / "lite", data=pets)
 
 
-@pytest.mark.parametrize("name, images", [("pool-bn", "data/class_1"), ("lite", "pets/class_0")])
-def test_an_exported_run_predicts_as_the_run_does(runs, tmp_path, name, images):
-    result = cnnlab("export", runs / "runs" / name, "-o", tmp_path / "model.onnx")
+@pytest.mark.parametrize("name, images", [("pool-bn", "class_1"), ("lite", "class_0")])
+def test_an_exported_run_predicts_as_the_run_does(request, tmp_path, name, images):
+    run = request.getfixturevalue({"pool-bn": "trained_run", "lite": "lite_run"}[name])
+    result = cnnlab("export", run.dir, "-o", tmp_path / "model.onnx")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "model.onnx")
     assert "of the run's test images" in result.stdout and "top-1 agreement 100.00%" in result.stdout
     graph = onnx.load(tmp_path / "model.onnx")
     meta = {p.key: p.value for p in graph.metadata_props}
-    config = json.loads((runs / "runs" / name / "config.json").read_text())
+    config = json.loads((run.dir / "config.json").read_text())
     assert json.loads(meta["class_names"]) == config["class_names"] and meta["cnnlab_version"]
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a dynamic batch
-    via_onnx, via_run = (json.loads(cnnlab("predict", runs / images, "--model", model, "--json", "--top", "2").stdout)
-                         for model in (tmp_path / "model.onnx", runs / "runs" / name))
+    via_onnx, via_run = (json.loads(cnnlab("predict", run.data / images, "--model", model, "--json", "--top", "2").stdout)
+                         for model in (tmp_path / "model.onnx", run.dir))
     assert len(via_onnx["predictions"]) == (12 if name == "lite" else 20)
     for a, b in zip(via_onnx["predictions"], via_run["predictions"]):
         assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
         assert [t["probability"] for t in a["top"]] == pytest.approx([t["probability"] for t in b["top"]], abs=1e-4)
 
 
-def test_export_writes_model_onnx_in_the_run_by_default(runs, tmp_path):
+def test_export_writes_model_onnx_in_the_run_by_default(trained_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(runs / "runs" / "pool-bn", run)
+    shutil.copytree(trained_run.dir, run)
     result = cnnlab("export", run)
     assert result.returncode == 0, result.stderr
     assert (run / "model.onnx").stat().st_size > 10_000
 
 
-def test_export_bad_inputs_are_one_line(runs, tmp_path):
+def test_export_bad_inputs_are_one_line(trained_run, tmp_path):
     unfinished = tmp_path / "unfinished"
-    shutil.copytree(runs / "runs" / "pool-bn", unfinished)
+    shutil.copytree(trained_run.dir, unfinished)
     (unfinished / "metrics.json").unlink()
     assert_one_line_error(cnnlab("export", unfinished), "not a finished run")
-    assert_one_line_error(cnnlab("export", runs / "data"), "not a run directory")
-    assert_one_line_error(cnnlab("export", runs / "runs" / "pool-bn", "--format", "tflite"), "unknown --format")
-    assert_one_line_error(cnnlab("export", runs / "runs" / "pool-bn", "-o", tmp_path / "missing" / "m.onnx"),
+    assert_one_line_error(cnnlab("export", trained_run.data), "not a run directory")
+    assert_one_line_error(cnnlab("export", trained_run.dir, "--format", "tflite"), "unknown --format")
+    assert_one_line_error(cnnlab("export", trained_run.dir, "-o", tmp_path / "missing" / "m.onnx"),
                           "cannot write")
     (tmp_path / "not.onnx").write_bytes(b"garbage")
-    assert_one_line_error(cnnlab("predict", runs / "data" / "class_0", "--model", tmp_path / "not.onnx"),
+    assert_one_line_error(cnnlab("predict", trained_run.data / "class_0", "--model", tmp_path / "not.onnx"),
                           "not a model exported by `cnnlab export`")

@@ -5,8 +5,7 @@ import os
 import pytest
 
 from cnnlab.runs import read_history
-from conftest import SHARED_DATA
-from test_cli import cnnlab
+from conftest import SHARED_DATA, cnnlab
 
 CIFAR = SHARED_DATA / "cifar10" / "train"
 pytestmark = pytest.mark.skipif(not CIFAR.is_dir(), reason=f"CIFAR-10 images not found at {CIFAR}")

@@ -290,7 +290,7 @@ def test_native_bn_gelu_in_bfloat16_is_closer_to_float64_than_the_stock_layers()
 def test_switched_off_training_uses_pytorch_kernels(monkeypatch):
     monkeypatch.setenv("CNNLAB_NATIVE", "0")
     assert kernels.library() is None and kernels.status() == "off (CNNLAB_NATIVE=0)"
-    assert environment(torch.device("cpu"))["native_kernels"] == "off (CNNLAB_NATIVE=0)"
+    assert environment(torch.device("cpu"), kernel_status=kernels.status)["native_kernels"] == "off (CNNLAB_NATIVE=0)"
     x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     bn = random_bn(3, 0)
     assert not kernels.supports(x, bn)

@@ -87,7 +87,7 @@ def test_net_lays_its_input_out_like_its_weights(channels_last):
 
 
 def test_conv_preset_trains_in_nchw_and_the_others_channels_last():
-    from cnnlab.config import resolve_config
+    from cnnlab.presets import resolve_config
     assert resolve_config("conv", data="-").channels_last is False
     assert all(resolve_config(name, data="-").channels_last for name in PRESETS if name != "conv")
 

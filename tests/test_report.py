@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, make_folder
-from test_cli import assert_one_line_error, cnnlab
+from conftest import SHARED_DATA, assert_one_line_error, cnnlab, make_folder
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -28,13 +27,24 @@ def reproduced(tmp_path_factory):
     return root / "out", result
 
 
-def test_reproduce_quick_runs_every_part_and_writes_one_report(reproduced):
+@pytest.fixture(scope="module")
+def page(reproduced):
+    """The report reproduce --quick wrote, as text."""
+    out, _ = reproduced
+    return (out / "report.html").read_text()
+
+
+def test_reproduce_quick_writes_every_run_and_one_report(reproduced):
     out, result = reproduced
     report = Path(result.stdout.strip().splitlines()[-1])
     assert report == out / "report.html" and report.is_file()
     runs = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert runs == ["conv", "dropout", "early-stop", "pool-bn", "transfer-efficientnet_lite0",
                     "transfer-efficientnet_lite0-default"]
+
+
+def test_reproduce_quick_estimates_the_full_study_part_by_part(reproduced):
+    _, result = reproduced
     took = r"([\d.]+ (?:s|min))"
     estimate = re.search(rf"the full study \(reproduce without --quick\) would take about {took} on this machine: "
                          rf"conv ~{took}, pool-bn ~{took}, dropout ~{took}, early-stop ~{took} at most \(it stops "
@@ -42,20 +52,38 @@ def test_reproduce_quick_runs_every_part_and_writes_one_report(reproduced):
     assert estimate, result.stdout[-1500:]
     total, *parts = (float(t.split()[0]) * (60 if t.endswith("min") else 1) for t in estimate.groups())
     assert all(p > 0 for p in parts) and abs(total - sum(parts)) <= 0.05 * total + 3 * len(parts)  # rounding
-    page = report.read_text()
+
+
+def test_the_report_shows_the_seeds_transfer_recipe_and_cnnlabs_default_beside_it(reproduced, page):
+    out, _ = reproduced
     assert "efficientnet_lite0" in page and "the original used VGG19" in page
     # the seed's recipe for the seed's row, cnnlab's default beside it
     assert "efficientnet_lite0</b>, flatten head (" in page
     assert "efficientnet_lite0</b>, gap head, mirror test-time augmentation (" in page
     configs = {c.parent.name: json.loads(c.read_text()) for c in out.glob("transfer-*/config.json")}
     assert configs["transfer-efficientnet_lite0"]["tta"] == 0 and configs["transfer-efficientnet_lite0-default"]["tta"] == 1
+
+
+def test_the_report_shows_the_seeds_figures_beside_ours(page):
     assert "57.19%" in page and "97.29%" in page  # the seed's figures beside ours
+
+
+def test_precision_reached_every_run_and_the_report_says_so(reproduced, page):
+    out, _ = reproduced
     for config in out.glob("*/config.json"):  # --precision reached every run, and the report says so
         assert json.loads(config.read_text())["environment"]["compute_dtype"] == "float32"
     assert "<th>compute dtype</th>" in page and "<td>float32</td>" in page
+
+
+def test_the_report_says_whether_the_runs_used_the_native_kernels(reproduced, page):
+    out, _ = reproduced
     native = {json.loads(c.read_text())["environment"]["native_kernels"] for c in out.glob("*/config.json")}
     assert len(native) == 1 and "<th>native kernels</th>" in page and f"<td>{native.pop()}</td>" in page
-    assert report.stat().st_size < 10 * 2**20
+
+
+def test_the_report_is_one_small_self_contained_file(reproduced, page):
+    out, _ = reproduced
+    assert (out / "report.html").stat().st_size < 10 * 2**20
     assert "https://" not in page.split("<body>")[1].split("<script")[0]  # nothing fetched to show the page
 
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from cnnlab.runs import read_history
-from conftest import make_folder
-from test_cli import cnnlab
+from conftest import cnnlab, make_folder
 
 TIMING = {"seconds", "train_seconds", "images_per_s"}
 

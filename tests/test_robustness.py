@@ -3,6 +3,7 @@ numbers must be finite, a diverging run stops with its last good checkpoint. Eac
 exit code, the one line, and that the runs written before are unchanged, byte for byte."""
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -12,11 +13,10 @@ import pytest
 import torch
 
 from cnnlab import cache
-from conftest import make_folder
-from test_bad_input import snapshot
-from test_cli import assert_one_line_error, cnnlab, cnnlab_here
+from conftest import TRAINED_RUN_ARGS, assert_one_line_error, cnnlab, cnnlab_here, make_folder, snapshot
 
-TRAIN = ["train", "--preset", "pool-bn", "--epochs", "1", "--batch-size", "8", "--threads", "1", "--device", "cpu"]
+# the shared trained_run's own command: trained again on its data, it must give the same metrics
+TRAIN = list(TRAINED_RUN_ARGS)
 TRANSFER = ["transfer", "--backbone", "efficientnet_lite0", "--head", "gap", "--epochs", "1", "--batch-size", "4",
             "--threads", "1", "--device", "cpu"]
 
@@ -36,16 +36,27 @@ def damage(path, how):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Data, the caches a train and a transfer run filled, and those runs."""
+    """Data (3 classes of 10 images: 24 to train on), and a transfer run with the cache it filled; the
+    train run and its cache are the shared ``trained_run``'s."""
     root = tmp_path_factory.mktemp("robust")
-    data = make_folder(root / "data", per_class=10)
+    make_folder(root / "data", per_class=10)
     pets = make_folder(root / "pets", classes=2, per_class=10, size=48)
-    for args, folder, name in ((TRAIN, data, "train"), (TRANSFER, pets, "transfer")):
-        env = {**__import__("os").environ, "CNNLAB_CACHE": str(root / f"cache-{name}")}
-        done = subprocess.run([sys.executable, "-m", "cnnlab.cli", *args, "--data", str(folder),
-                               "--out", str(root / "runs"), "--name", name], capture_output=True, text=True, env=env)
-        assert done.returncode == 0, done.stderr
+    env = {**os.environ, "CNNLAB_CACHE": str(root / "cache-transfer")}
+    done = cnnlab(*TRANSFER, "--data", pets, "--out", root / "runs", "--name", "transfer", env=env)
+    assert done.returncode == 0, done.stderr
     return root
+
+
+def runs_written_before(world, trained_run):
+    """The runs the fixtures wrote, byte for byte: no case may change them."""
+    return snapshot(world / "runs"), snapshot(trained_run.dir)
+
+
+def source(kind, world, trained_run):
+    """(cache, data, run) of the train or the transfer run."""
+    if kind == "train":
+        return trained_run.cache, trained_run.data, trained_run.dir
+    return world / "cache-transfer", world / "pets", world / "runs" / "transfer"
 
 
 FEATURES = "features-" + "?" * 24 + ".pt"  # the photos' features; the test split's mirror images have their own
@@ -61,25 +72,27 @@ CASES = [(kind, pattern, how) for kind, pattern in ENTRIES for how in DAMAGES[pa
 
 
 @pytest.mark.parametrize("kind, pattern, how", CASES, ids=[f"{p.split('/')[-1]}-{h}" for _, p, h in CASES])
-def test_a_damaged_cache_entry_is_rebuilt_with_one_warning(world, tmp_path, monkeypatch, kind, pattern, how):
+def test_a_damaged_cache_entry_is_rebuilt_with_one_warning(world, trained_run, tmp_path, monkeypatch, kind, pattern,
+                                                           how):
+    cache_dir, data, run = source(kind, world, trained_run)
     own = tmp_path / "cache"
-    shutil.copytree(world / f"cache-{kind}", own)
+    shutil.copytree(cache_dir, own)
     monkeypatch.setenv("CNNLAB_CACHE", str(own))
     (target,) = own.glob(pattern)
     damage(target, how)
-    before = snapshot(world / "runs")
-    args = TRAIN + ["--data", world / "data"] if kind == "train" else TRANSFER + ["--data", world / "pets"]
+    before = runs_written_before(world, trained_run)
+    args = TRAIN + ["--data", data] if kind == "train" else TRANSFER + ["--data", data]
     result = cnnlab(*args, "--out", tmp_path / "runs", "--name", "again")
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "is damaged" in lines[0] and "rebuilding it" in lines[0], result.stderr
-    assert snapshot(world / "runs") == before
+    assert runs_written_before(world, trained_run) == before
     entry = target.with_name(target.name.removesuffix(".json"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # healed: the entry now matches its manifest, with no warning
         assert cache.check(entry) is not None
     metrics = json.loads((tmp_path / "runs" / "again" / "metrics.json").read_text())
-    assert metrics == {**json.loads((world / "runs" / kind / "metrics.json").read_text()),
+    assert metrics == {**json.loads((run / "metrics.json").read_text()),
                        **{k: metrics[k] for k in ("train_time_s", "images_per_s", "feature_extraction_s",
                                                   "feature_cache") if k in metrics}}
 
@@ -105,12 +118,12 @@ NAMES = ["../../somewhere", "/tmp/elsewhere", "", "  ", "a/b", "..", ".", "~user
 
 @pytest.mark.parametrize("command", ["train", "transfer"])
 @pytest.mark.parametrize("name", NAMES)
-def test_a_run_name_is_a_plain_folder_name_inside_out(world, tmp_path, capsys, command, name):
+def test_a_run_name_is_a_plain_folder_name_inside_out(world, trained_run, tmp_path, capsys, command, name):
     out = tmp_path / "deep" / "out"
     args = (TRAIN + ["--data", world / "data"]) if command == "train" else (TRANSFER + ["--data", world / "pets"])
-    before = snapshot(world / "runs")
+    before = runs_written_before(world, trained_run)
     assert_one_line_error(cnnlab_here(capsys, *args, "--out", out, "--name", name), "--name")
-    assert list(tmp_path.rglob("*")) == [] and snapshot(world / "runs") == before
+    assert list(tmp_path.rglob("*")) == [] and runs_written_before(world, trained_run) == before
 
 
 FLOATS = {"train": ["--lr", "--momentum", "--weight-decay", "--label-smoothing", "--val-split", "--test-split",
@@ -123,16 +136,17 @@ FLOAT_CASES = [(c, o, v) for c, options in FLOATS.items() for o in options
 
 
 @pytest.mark.parametrize("command, option, value", FLOAT_CASES, ids=[f"{c}{o}={v}" for c, o, v in FLOAT_CASES])
-def test_every_float_option_refuses_nan_and_inf(world, tmp_path, capsys, command, option, value):
+def test_every_float_option_refuses_nan_and_inf(world, trained_run, tmp_path, capsys, command, option, value):
     base = {"train": TRAIN, "transfer": TRANSFER, "study": ["study", "cifar10"]}[command]
-    before = snapshot(world / "runs")
+    before = runs_written_before(world, trained_run)
     result = cnnlab_here(capsys, *base, "--data", world / "data", "--out", tmp_path / "runs", f"{option}={value}")
     assert_one_line_error(result, f"{option} must be a finite number")
-    assert not (tmp_path / "runs").exists() and snapshot(world / "runs") == before
+    assert not (tmp_path / "runs").exists() and runs_written_before(world, trained_run) == before
 
 
 def test_settings_given_in_code_refuse_non_finite_numbers_too():
-    from cnnlab.config import TransferConfig, resolve_config, validate_transfer
+    from cnnlab.config import TransferConfig, validate_transfer
+    from cnnlab.presets import resolve_config
     from cnnlab.errors import CnnlabError
     with pytest.raises(CnnlabError, match="--weight-decay must be a finite number"):
         resolve_config("pool-bn", data="x", weight_decay=math.nan)
@@ -141,11 +155,11 @@ def test_settings_given_in_code_refuse_non_finite_numbers_too():
 
 
 def test_a_diverging_run_stops_at_once_and_keeps_its_last_good_checkpoint(world, tmp_path, monkeypatch):
-    from cnnlab import train as train_module
-    from cnnlab.config import resolve_config
+    from cnnlab import run_state, train as train_module
+    from cnnlab.presets import resolve_config
     from cnnlab.errors import CnnlabError
     steps_per_epoch = 3  # 24 training images in batches of 8
-    monkeypatch.setattr(train_module, "lr_factor", lambda schedule, step, total: 1.0 if step < steps_per_epoch else 1e30)
+    monkeypatch.setattr(run_state, "lr_factor", lambda schedule, step, total: 1.0 if step < steps_per_epoch else 1e30)
     cfg = resolve_config("pool-bn", data=str(world / "data"), epochs=4, batch_size=8, optimizer="sgd", lr=0.01,
                          out=str(tmp_path / "runs"), name="diverges", threads=1, device="cpu")
     lines = []
@@ -158,11 +172,11 @@ def test_a_diverging_run_stops_at_once_and_keeps_its_last_good_checkpoint(world,
     assert not (run / "metrics.json").exists() and len((run / "history.csv").read_text().splitlines()) == 2
 
 
-def test_a_diverging_run_on_the_command_line_is_one_line_and_exit_2(world, tmp_path):
-    before = snapshot(world / "runs")
+def test_a_diverging_run_on_the_command_line_is_one_line_and_exit_2(world, trained_run, tmp_path):
+    before = runs_written_before(world, trained_run)
     result = cnnlab(*TRAIN, "--data", world / "data", "--optimizer", "sgd", "--lr", "1e30", "--out", tmp_path / "runs")
     assert_one_line_error(result, "training diverged")
-    assert "lower --lr than 1e+30" in result.stderr and snapshot(world / "runs") == before
+    assert "lower --lr than 1e+30" in result.stderr and runs_written_before(world, trained_run) == before
     assert not (tmp_path / "runs" / "pool-bn" / "metrics.json").exists()
 
 
@@ -179,36 +193,36 @@ RUN_FILE_CASES = [(command, *case) for command, files in READERS.items() for cas
 
 @pytest.mark.parametrize("command, name, content, message", RUN_FILE_CASES,
                          ids=[f"{c}-{n}-{i}" for i, (c, n, _, _) in enumerate(RUN_FILE_CASES)])
-def test_a_damaged_run_file_is_one_line_for_every_command_that_reads_it(world, tmp_path, capsys, command, name,
-                                                                       content, message):
+def test_a_damaged_run_file_is_one_line_for_every_command_that_reads_it(world, trained_run, tmp_path, capsys, command,
+                                                                       name, content, message):
     run = tmp_path / "run"
-    shutil.copytree(world / "runs" / "train", run)
+    shutil.copytree(trained_run.dir, run)
     (run / name).write_bytes(content)
-    before = snapshot(world / "runs")
-    args = {"evaluate": ["evaluate", run, "--data", world / "data"], "report": ["report", run, "-o", tmp_path / "r.html"],
-            "predict": ["predict", world / "data" / "class_0", "--model", run], "resume": ["resume", run]}[command]
+    before = runs_written_before(world, trained_run)
+    args = {"evaluate": ["evaluate", run, "--data", trained_run.data], "report": ["report", run, "-o", tmp_path / "r.html"],
+            "predict": ["predict", trained_run.data / "class_0", "--model", run], "resume": ["resume", run]}[command]
     assert_one_line_error(cnnlab_here(capsys, *args), message)
-    assert not (tmp_path / "r.html").exists() and snapshot(world / "runs") == before
+    assert not (tmp_path / "r.html").exists() and runs_written_before(world, trained_run) == before
 
 
 @pytest.mark.parametrize("state, message", [({"epoch": 1}, "does not fit this run's model"),
                                             ("not a dict", "checkpoint.pt is damaged"),
                                             (None, "checkpoint.pt is damaged")])
-def test_a_damaged_checkpoint_is_one_line(world, tmp_path, capsys, state, message):
+def test_a_damaged_checkpoint_is_one_line(world, trained_run, tmp_path, capsys, state, message):
     run = tmp_path / "run"
-    shutil.copytree(world / "runs" / "train", run)
+    shutil.copytree(trained_run.dir, run)
     (run / "metrics.json").unlink()
     if state is None:  # a checkpoint whose weights fit but whose optimizer state is gone
         good = torch.load(run / "model.pt", weights_only=True)
         state = {"epoch": 1, "model": good}
     torch.save(state, run / "checkpoint.pt")
-    before = snapshot(world / "runs")
+    before = runs_written_before(world, trained_run)
     assert_one_line_error(cnnlab_here(capsys, "resume", run), message)
-    assert snapshot(world / "runs") == before and (run / "checkpoint.pt").is_file()
+    assert runs_written_before(world, trained_run) == before and (run / "checkpoint.pt").is_file()
 
 
 @pytest.mark.parametrize("output, message", [("{tmp}", "is a folder"), ("{tmp}/a-file/report.html", "cannot write the report")])
-def test_an_unwritable_report_path_is_one_line(world, tmp_path, capsys, output, message):
+def test_an_unwritable_report_path_is_one_line(trained_run, tmp_path, capsys, output, message):
     (tmp_path / "a-file").write_text("x")
-    result = cnnlab_here(capsys, "report", world / "runs" / "train", "-o", output.format(tmp=tmp_path))
+    result = cnnlab_here(capsys, "report", trained_run.dir, "-o", output.format(tmp=tmp_path))
     assert_one_line_error(result, message)

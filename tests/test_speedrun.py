@@ -8,14 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.checkpoint import read_checkpoint
-from cnnlab.config import resolve_config
 from cnnlab.data import alternate_flips
 from cnnlab.errors import CnnlabError
 from cnnlab.inference import augmented_logits
 from cnnlab.layers import Whiten
 from cnnlab.optimizer import Lookahead, Muon, lr_factor, make_optimizer, orthogonalize
-from cnnlab.presets import build_model, get_preset, muon_recipe
-from cnnlab.train import _start, fit
+from cnnlab.presets import build_model, get_preset, muon_recipe, resolve_config
+from cnnlab.run_state import RunContext
+from cnnlab.train import _start, fit_model
 
 RATES = ("batch_size", "lr", "weight_decay", "bias_lr_scale", "head_lr_scale")  # what muon_recipe derives
 
@@ -130,7 +130,7 @@ def test_the_whitening_bias_trains_for_its_epochs_then_freezes(tiny_folder, tmp_
     assert whiten.bias.requires_grad and not whiten.weight.requires_grad
     start_weight = whiten.weight.detach().clone()
     biases = [whiten.bias.detach().clone()]
-    fit(model, splits, cfg, device, log=lambda line: biases.append(whiten.bias.detach().clone()))
+    fit_model(model, splits, cfg, RunContext(device, log=lambda line: biases.append(whiten.bias.detach().clone())))
     assert not torch.equal(biases[0], biases[1]) and not torch.equal(biases[1], biases[2])  # epochs 1, 2 train it
     assert torch.equal(biases[2], biases[3])  # epoch 3: frozen
     assert torch.equal(whiten.weight, start_weight)
@@ -142,7 +142,7 @@ def test_the_whitening_bias_trains_for_its_epochs_then_freezes(tiny_folder, tmp_
 def test_a_run_resumed_after_an_epoch_ends_as_the_uninterrupted_run(tiny_folder, tmp_path, preset):
     cfg = airbench94_config(tiny_folder, tmp_path, name="whole", preset=preset)
     device, splits, whole = _start(cfg, get_preset(preset).layers, None)
-    fit(whole, splits, cfg, device, log=lambda line: None)
+    fit_model(whole, splits, cfg, RunContext(device, log=lambda line: None))
 
     class Stop(Exception):
         pass
@@ -154,11 +154,11 @@ def test_a_run_resumed_after_an_epoch_ends_as_the_uninterrupted_run(tiny_folder,
     run_dir.mkdir()
     device, splits, model = _start(cfg, get_preset(preset).layers, None)
     with pytest.raises(Stop):
-        fit(model, splits, cfg, device, run_dir, log=stop_after_two)
+        fit_model(model, splits, cfg, RunContext(device, run_dir, log=stop_after_two, checkpoints=True))
     state = read_checkpoint(run_dir / "checkpoint.pt")
     assert state["epoch"] == 2 and ("lookahead" in state) == (preset == "airbench94")
     device, splits, resumed = _start(cfg, get_preset(preset).layers, None)
-    fit(resumed, splits, cfg, device, state=state, log=lambda line: None)
+    fit_model(resumed, splits, cfg, RunContext(device, log=lambda line: None), state)
     for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), key
 
@@ -244,11 +244,13 @@ def test_the_cpu_presets_take_airbench94_muons_rates_per_image_at_a_batch_of_500
     assert all(g["lr"] * g["weight_decay"] == pytest.approx(2e-6 * cfg.batch_size) for g in groups)
 
 
-def test_a_run_recorded_before_whiten_bias_scaled_existed_reads_back_as_it_trained():
+def test_a_run_recorded_before_whiten_bias_scaled_existed_is_one_line_asking_to_train_it_again():
     from dataclasses import asdict
 
     from cnnlab.config import TrainConfig, from_record
-    for preset, was in (("speedrun", True), ("airbench94", False)):  # then Muon alone scaled it
+    for preset in ("speedrun", "airbench94"):
         record = asdict(resolve_config(preset, data="x"))
+        assert from_record(TrainConfig, record) == resolve_config(preset, data="x")
         del record["whiten_bias_scaled"]
-        assert from_record(TrainConfig, record).whiten_bias_scaled is was
+        with pytest.raises(CnnlabError, match="config.json has no whiten_bias_scaled: an older cnnlab wrote it"):
+            from_record(TrainConfig, record)

@@ -6,13 +6,12 @@ import time
 
 import pytest
 
-from cnnlab.config import resolve_config
+from cnnlab.presets import resolve_config
 from cnnlab.errors import RunInterrupted
 from cnnlab.runs import read_history
 from cnnlab.tensorboard_log import Board
 from cnnlab.train import resume, train
-from conftest import make_folder
-from test_cli import cnnlab
+from conftest import cnnlab, make_folder
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
                                         reason="tensorboard is not installed (pip install tensorboard)")

@@ -10,7 +10,8 @@ from torch import nn
 
 from cnnlab import runtime
 from cnnlab.checkpoint import portable
-from cnnlab.config import TrainConfig, resolve_config
+from cnnlab.config import TrainConfig
+from cnnlab.presets import resolve_config
 from cnnlab.early_stopping import EarlyStopping
 from cnnlab.errors import CnnlabError
 from cnnlab.runs import read_history

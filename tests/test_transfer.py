@@ -9,11 +9,12 @@ import torch
 
 from cnnlab.backbones import (BACKBONES, CAFFE_PREPROCESSING, LITE_PREPROCESSING, TORCHVISION_PREPROCESSING, build,
                               for_extraction, get_backbone, keras_vgg_state)
+from cnnlab.config import TransferConfig
 from cnnlab.errors import CnnlabError
 from cnnlab.preprocessing import Preprocessing
-from cnnlab.transfer import Head, TransferConfig, TransferModel, freeze_base, transfer
-from conftest import make_folder
-from test_cli import assert_one_line_error, cnnlab
+from cnnlab.transfer import transfer
+from cnnlab.transfer_model import Head, TransferModel, freeze_base
+from conftest import assert_one_line_error, cnnlab, make_folder
 
 
 def test_torchvision_preprocessing_is_rgb_scaled_and_standardized():
@@ -170,14 +171,14 @@ def test_feature_cache_is_reused_and_invalidated(pets, tmp_path):
 
 def test_a_frozen_run_scores_its_test_split_from_cached_features_with_the_mirror_images_cached_too(
         pets, tmp_path, private_cache, monkeypatch):
+    from cnnlab import features as features_module
     from cnnlab import train
-    from cnnlab import transfer as transfer_module
     from cnnlab.data import load_splits
-    from cnnlab.evaluate import load_model
+    from cnnlab.saved_model import load_model
     from cnnlab.inference import predict_logits, score_logits
     extracted, scored = [], []
-    extract, through_model = transfer_module.extract_features, train.predict_logits
-    monkeypatch.setattr(transfer_module, "extract_features",
+    extract, through_model = features_module.extract_features, train.predict_logits
+    monkeypatch.setattr(features_module, "extract_features",
                         lambda base, images, *a, **k: extracted.append(len(images)) or extract(base, images, *a, **k))
     monkeypatch.setattr(train, "predict_logits",  # the test's pass through the whole model
                         lambda net, images, *a, **k: scored.append(len(images)) or through_model(net, images, *a, **k))
@@ -234,28 +235,29 @@ def test_feature_copies_join_the_cache_as_more_training_rows(pets, tmp_path, pri
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_features_are_computed_in_the_asked_precision(precision, dtype):
-    from cnnlab.transfer import extract_features
+    from cnnlab.features import Extraction, extract_features
     features = torch.nn.Conv2d(3, 4, 3)
     seen = set()
     features.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
-    out = extract_features(features, images, Preprocessing(8), torch.device("cpu"), pool=True, batch_size=4,
-                           precision=precision)
+    out = extract_features(features, images, Extraction(Preprocessing(8), torch.device("cpu"), pool=True,
+                                                        precision=precision, batch_size=4))
     assert seen == {dtype} and out.shape == (6, 4) and out.dtype == torch.float16
 
 
 def test_a_signal_stops_feature_extraction_at_the_next_batch():
-    from cnnlab.interrupts import InterruptGuard, Interrupted
-    from cnnlab.transfer import extract_features
+    from cnnlab.errors import RunInterrupted
+    from cnnlab.features import Extraction, extract_features
+    from cnnlab.interrupts import InterruptGuard
     features = torch.nn.Conv2d(3, 4, 3)
     images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
-    prep = Preprocessing(8)
+    how = Extraction(Preprocessing(8), torch.device("cpu"), pool=True, batch_size=4)
     guard = InterruptGuard()
-    out = extract_features(features, images, prep, torch.device("cpu"), pool=True, batch_size=4, guard=guard)
+    out = extract_features(features, images, how, guard=guard)
     assert out.shape == (10, 4)
     guard.signum = 2  # as the guard's handler sets it on Ctrl-C
-    with pytest.raises(Interrupted) as stop:
-        extract_features(features, images, prep, torch.device("cpu"), pool=True, batch_size=4, guard=guard)
+    with pytest.raises(RunInterrupted) as stop:
+        extract_features(features, images, how, guard=guard)
     assert (stop.value.signum, stop.value.epoch, stop.value.batch, stop.value.batches) == (2, 0, 0, 3)
 
 
@@ -363,7 +365,8 @@ def test_transfer_needs_two_classes(tmp_path):
 
 def test_transfer_scores_with_the_mirror_image_by_default(pets, tmp_path):
     from cnnlab.data import load_splits
-    from cnnlab.evaluate import evaluate_run, load_model
+    from cnnlab.evaluate import evaluate_run
+    from cnnlab.saved_model import load_model
     from cnnlab.inference import predict_logits, score_logits
 
     def run(**tta):
@@ -385,14 +388,16 @@ def test_transfer_scores_with_the_mirror_image_by_default(pets, tmp_path):
                           "--tta")
 
 
-def test_a_transfer_run_recorded_before_tta_existed_reads_back_without_it():
+def test_a_transfer_run_recorded_before_tta_existed_is_one_line_asking_to_train_it_again():
     from dataclasses import asdict
 
     from cnnlab.config import from_record
+    from cnnlab.errors import CnnlabError
     record = asdict(TransferConfig(data="pets"))
     assert from_record(TransferConfig, record).tta == 1
     del record["tta"]
-    assert from_record(TransferConfig, record).tta == 0  # as it was trained and tested
+    with pytest.raises(CnnlabError, match="config.json has no tta: an older cnnlab wrote it; train the run again"):
+        from_record(TransferConfig, record)
 
 
 def test_efficientnet_lite_built_for_another_input_size_pads_the_tensorflow_way_at_that_size():
@@ -406,7 +411,8 @@ def test_efficientnet_lite_built_for_another_input_size_pads_the_tensorflow_way_
 
 
 def test_image_size_sets_the_input_the_base_sees_and_the_run_reads_back_at_it(pets, tmp_path):
-    from cnnlab.evaluate import evaluate_run, load_model
+    from cnnlab.evaluate import evaluate_run
+    from cnnlab.saved_model import load_model
 
     def run(size):
         cfg = TransferConfig(data=str(pets), backbone="efficientnet_lite0", head="flatten", epochs=1, batch_size=4,
@@ -438,15 +444,15 @@ def _trained_lite(size: int):
 
 def test_float32_extraction_on_a_cpu_runs_the_lite_base_in_onnxruntime_with_the_same_features():
     from cnnlab.onnx_extraction import OnnxBase, extraction_base
-    from cnnlab.transfer import extract_features
+    from cnnlab.features import Extraction, extract_features
     features, cpu = _trained_lite(64), torch.device("cpu")
     base = extraction_base(features, 64, cpu, None)
     assert isinstance(base, OnnxBase)
     images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)  # batches of 2, 2 and 1
     for pool, view in ((True, None), (False, lambda x: x.flip(3))):
-        ours = extract_features(base, images, LITE_PREPROCESSING, cpu, pool, batch_size=2, precision="fp32", view=view)
-        torchs = extract_features(for_extraction(features), images, LITE_PREPROCESSING, cpu, pool, batch_size=2,
-                                  precision="fp32", view=view)
+        how = Extraction(LITE_PREPROCESSING, cpu, pool, precision="fp32", batch_size=2)
+        ours = extract_features(base, images, how, view)
+        torchs = extract_features(for_extraction(features), images, how, view)
         assert ours.shape == torchs.shape and ours.shape[:2] == (5, 1280)
         assert torch.allclose(ours.float(), torchs.float(), atol=2e-3, rtol=2e-3)  # float16 in the cache
 

@@ -1,0 +1,72 @@
+"""A model loaded back for use: a finished run (its model rebuilt from config.json, its weights
+from model.pt), a pretrained backbone by name, or a file made by ``cnnlab export`` run by
+onnxruntime. evaluate, predict, export and explain load their models here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import get_backbone, pretrained
+from .config import TrainConfig, from_record
+from .errors import CnnlabError
+from .preprocessing import Preprocessing
+from .presets import build_model
+from .runs import load_run, load_torch
+from .runtime import memory_format, pick_device
+from .transfer_model import build_from_config
+from .weights import load_weights_into
+
+
+def load_model(run_dir: str | Path, device: torch.device | None = None):
+    """(model in eval mode with the run's best weights, its config, its preprocessing), all
+    from what the run directory recorded."""
+    run_dir = Path(run_dir)
+    config, _ = load_run(run_dir)
+    if config.get("kind") == "transfer":
+        model, preprocessing = build_from_config(config)
+    else:
+        model = build_model(config["layers"], len(config["class_names"]), tuple(config["input_shape"]))
+        preprocessing = from_record(TrainConfig, config).preprocessing
+    load_weights_into(model, load_torch(run_dir / "model.pt"), str(run_dir / "model.pt"), "the run's layers",
+                      "retrain the run or restore its model.pt")
+    device = device or pick_device()
+    layout = memory_format(config.get("channels_last", True))
+    return model.to(device, memory_format=layout).eval(), config, preprocessing
+
+
+def torch_model(model: str, weights: str | None = None) -> tuple[nn.Module, Preprocessing, list[str]]:
+    """(model in eval mode, its preprocessing, its class names) for a run directory or a backbone name."""
+    if (Path(model) / "config.json").is_file():
+        net, config, preprocessing = load_model(model)
+        return net, preprocessing, config["class_names"]
+    if Path(model).exists():
+        raise CnnlabError(f"{model} is not a run directory (no config.json) nor an exported .onnx file; pass a run, "
+                          "a .onnx file or a backbone name")
+    built, weights_used, _ = pretrained(model, None, weights)
+    net = built.net.to(pick_device(), memory_format=torch.channels_last).eval()
+    return net, weights_used.preprocessing, get_backbone(model).class_names()
+
+
+class OnnxModel:
+    """An exported file run by onnxruntime: its class names and input size from the metadata."""
+
+    def __init__(self, path: str | Path):
+        try:
+            import onnxruntime
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            meta = self.session.get_modelmeta().custom_metadata_map
+            self.class_names = json.loads(meta["class_names"])
+            self.size = int(meta["input_size"])
+        except ImportError:
+            raise CnnlabError("running .onnx files needs onnxruntime: pip install onnxruntime") from None
+        except Exception as exc:
+            raise CnnlabError(f"{path} is not a model exported by `cnnlab export` ({type(exc).__name__}); "
+                              "export the run again") from None
+
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        """Class probabilities for uint8 (N, 3, size, size) images."""
+        return self.session.run(None, {"pixels": images.float().numpy()})[0]
