@@ -66,7 +66,7 @@ def cmd_export(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import build_report
-    print(build_report(args.run_dirs, args.output, args.title))
+    print(build_report(args.run_dirs, args.output, args.title, log=launch.say))
     return 0
 
 

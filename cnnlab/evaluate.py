@@ -28,6 +28,7 @@ def format_report(result: dict, class_names: list[str]) -> str:
     """The human-readable form of ``evaluate_run``'s result."""
     lines = [f"{result['run']} on {result['data']} ({result['images']} images)",
              f"test loss {result['loss']:.4f}   test accuracy {result['accuracy']:.4f}   "
+             f"balanced accuracy {result['balanced_accuracy']:.4f}",
              f"macro precision {result['precision']:.4f}  recall {result['recall']:.4f}  f1 {result['f1']:.4f}", "",
              f"{'class':<14}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
     for name in class_names:

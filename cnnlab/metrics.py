@@ -1,10 +1,14 @@
 """What logits mean and how good they are: the loss, predicted classes and probabilities (for
-softmax heads and single-sigmoid heads alike), the confusion matrix, and accuracy and per-class
-precision, recall and F1."""
+softmax heads and single-sigmoid heads alike), the confusion matrix, and accuracy, balanced
+accuracy and per-class precision, recall and F1: each equal to scikit-learn's (tests/test_metrics.py)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+# 2: F1 counted as 2 tp / (predicted + actual); version 1 (no "metrics_version" in metrics.json) gave
+# 2PR wherever a class's precision + recall < 1
+METRICS_VERSION = 2
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -34,27 +38,40 @@ def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: in
     return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
-def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(b > 0, a / b.clamp_min(1), torch.zeros_like(a))
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / b``, and 0 where ``b`` is 0 (scikit-learn's ``zero_division=0``)."""
+    return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
 
 
 def precision_recall_f1(cm: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-class precision, recall, F1 and support; 0 where a ratio is undefined
-    (no predictions or no examples of the class), as scikit-learn's zero_division=0."""
+    """Per-class precision, recall, F1 and support; 0 where a ratio is undefined (no predictions
+    or no examples of the class), as scikit-learn's ``zero_division=0``. F1 is counted as
+    scikit-learn counts it, ``2 tp / (predicted + actual)``: the harmonic mean of precision and
+    recall wherever both are defined."""
     cm = cm.double()
     tp = cm.diag()
     predicted, actual = cm.sum(0), cm.sum(1)
-    precision, recall = _safe_div(tp, predicted), _safe_div(tp, actual)
-    f1 = _safe_div(2 * precision * recall, precision + recall)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    return {"precision": _ratio(tp, predicted), "recall": _ratio(tp, actual), "f1": _ratio(2 * tp, predicted + actual),
+            "support": actual}
+
+
+def balanced_accuracy(cm: torch.Tensor) -> float:
+    """The mean recall over the classes that have examples (scikit-learn's
+    ``balanced_accuracy_score``); 0 for an empty matrix."""
+    cm = cm.double()
+    actual = cm.sum(1)
+    present = actual > 0
+    return float((cm.diag()[present] / actual[present]).mean()) if bool(present.any()) else 0.0
 
 
 def summarize(cm: torch.Tensor, class_names: list[str]) -> dict:
-    """Accuracy, macro precision/recall/F1 and a per-class table from a confusion matrix."""
+    """Accuracy, balanced accuracy, macro precision/recall/F1 (every class counted, absent ones
+    as 0) and a per-class table from a confusion matrix."""
     prf = precision_recall_f1(cm)
     total = int(cm.sum())
     return {
         "accuracy": float(cm.diag().sum()) / total if total else 0.0,
+        "balanced_accuracy": balanced_accuracy(cm),
         "precision": float(prf["precision"].mean()),
         "recall": float(prf["recall"].mean()),
         "f1": float(prf["f1"].mean()),

@@ -10,10 +10,14 @@ import html
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from . import __version__
-from .errors import CnnlabError
 from .atomic import WriteError, atomic_write_bytes
+from .errors import CnnlabError
+from .metrics import METRICS_VERSION, summarize
 from .runs import load_run, read_history
 
 # The original study's figures (SEED-STUDY.md), shown beside a run that reproduces one.
@@ -52,13 +56,32 @@ def _run_info(run_dir: Path) -> dict | None:
     if missing or not isinstance(config.get("class_names"), list):
         raise CnnlabError(f"{run_dir} is damaged ({(missing or ['config.json: class_names'])[0]} missing or not a "
                           "number); restore the file from a copy, or leave the run out of the report")
+    rescored = _rescore(metrics, config["class_names"], run_dir)
     kind = config.get("kind", "train")
     best = metrics["best_epoch"]
     gap = history[best - 1]["accuracy"] - history[best - 1]["val_accuracy"] if history and validated else None
     seed_key = "transfer" if kind == "transfer" else config.get("preset")
     return {"dir": run_dir, "name": run_dir.name, "config": config, "metrics": metrics, "history": history,
             "kind": kind, "model": config.get("backbone") if kind == "transfer" else config.get("preset"),
-            "gap": gap, "seed": SEED_FIGURES.get(seed_key)}
+            "gap": gap, "seed": SEED_FIGURES.get(seed_key), "rescored": rescored}
+
+
+def _rescore(metrics: dict, class_names: list[str], run_dir: Path) -> bool:
+    """Recomputes the scores of a metrics.json written before ``METRICS_VERSION`` (whose F1 was
+    2PR wherever a class's precision + recall < 1) from its confusion matrix; True if it did."""
+    if metrics.get("metrics_version", 1) >= METRICS_VERSION:
+        return False
+    cm = metrics["confusion_matrix"]
+    k = len(class_names)
+    if not (isinstance(cm, list) and len(cm) == k and all(isinstance(r, list) and len(r) == k and
+                                                          all(isinstance(v, int) and v >= 0 for v in r) for r in cm)):
+        raise CnnlabError(f"{run_dir} is damaged (metrics.json: confusion_matrix is not {k} x {k} counts); restore "
+                          "the file from a copy, or leave the run out of the report")
+    scores = summarize(torch.tensor(cm), class_names)
+    metrics.update({"per_class": scores["per_class"], "test_precision": scores["precision"],
+                    "test_recall": scores["recall"], "test_f1": scores["f1"],
+                    "test_balanced_accuracy": scores["balanced_accuracy"]})
+    return True
 
 
 def _validated(config: dict) -> bool:
@@ -215,9 +238,10 @@ const r=(!isNaN(na)&&!isNaN(nc))?na-nc:a.localeCompare(c);return dir=='asc'?r:-r
 
 
 def build_report(run_dirs: list[str | Path], output: str | Path, title: str = "cnnlab report",
-                 failures: list[str] | None = None) -> Path:
+                 failures: list[str] | None = None, log: Callable[[str], None] = print) -> Path:
     """Writes the report of the finished runs among ``run_dirs`` to ``output``; unfinished runs
-    and ``failures`` are listed as such."""
+    and ``failures`` are listed as such. Runs whose metrics.json predates ``METRICS_VERSION`` are
+    scored again from their confusion matrices, which the page and one ``log`` line say."""
     import plotly.io as pio
     from plotly.offline import get_plotlyjs
 
@@ -232,6 +256,13 @@ def build_report(run_dirs: list[str | Path], output: str | Path, title: str = "c
         return pio.to_html(fig, full_html=False, include_plotlyjs=False, config={"displaylogo": False})
 
     notes = [f'<p class="failed">{html.escape(f)}</p>' for f in failures or []]
+    rescored = [info["name"] for info in infos if info["rescored"]]
+    if rescored:
+        said = (f"{len(rescored)} run(s) ({', '.join(rescored)}) have a metrics.json from before cnnlab's F1 fix: "
+                "their test precision, recall and F1 are recomputed from the confusion matrix (history.csv's "
+                "val_f1 stays as it was written)")
+        log(f"note: {said}")
+        notes.append(f'<p class="failed">{html.escape(said)}</p>')
     notes += [f'<p class="failed">unfinished (not reported): {html.escape(n)} — continue it with '
               f'<code>cnnlab resume</code></p>' for n in unfinished]
     sections = []

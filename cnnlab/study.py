@@ -209,7 +209,7 @@ def reproduce_study(cfg: ReproduceConfig, log: Callable[[str], None] = print) ->
             return runs[-1]
         except RunInterrupted:
             if runs and writes:
-                build_report(runs, report_path, failures=failures + [f"{label}: interrupted"])
+                build_report(runs, report_path, failures=failures + [f"{label}: interrupted"], log=log)
             raise
         except Exception as exc:  # one failed run must not lose the others
             message = str(exc) if isinstance(exc, CnnlabError) else f"{type(exc).__name__}: {exc}"
@@ -250,7 +250,7 @@ def reproduce_study(cfg: ReproduceConfig, log: Callable[[str], None] = print) ->
         raise CnnlabError("; ".join(failures) or "nothing ran")
     if writes:
         build_report(runs, report_path, title="cnnlab: the seed study reproduced" + (" (quick)" if cfg.quick else ""),
-                     failures=failures)
+                     failures=failures, log=log)
     if cfg.quick and not failures:
         _say_full_time(runs, cifar, pets, log)
     return report_path, failures

@@ -27,10 +27,20 @@ from .errors import CnnlabError, RunInterrupted
 from .inference import confident_mistakes, predict_logits, score, score_logits
 from .interrupts import guarded_run, read_marker
 from .layers import Whiten
+from .metrics import METRICS_VERSION
 from .presets import build_model, count_parameters, get_preset, init_whitening
 from .run_state import Outcome, RunContext, RunState, steps_in
-from .runs import (create_run_dir, run_record, save_torch, unfinished_config, write_finished, write_history,
-                   write_json, write_mistakes, write_samples)
+from .runs import (
+    create_run_dir,
+    run_record,
+    save_torch,
+    unfinished_config,
+    write_finished,
+    write_history,
+    write_json,
+    write_mistakes,
+    write_samples,
+)
 from .runtime import environment, memory_format, setup
 from .step import TrainStep
 from .tensorboard_log import Board
@@ -310,7 +320,8 @@ def _metrics(model: nn.Module, splits: Splits, outcome: Outcome, test: dict) -> 
     best = stopping.best_epoch or len(history)
     return {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_precision": test["precision"],
-        "test_recall": test["recall"], "test_f1": test["f1"],
+        "test_recall": test["recall"], "test_f1": test["f1"], "test_balanced_accuracy": test["balanced_accuracy"],
+        "metrics_version": METRICS_VERSION,
         "train_time_s": sum(r["seconds"] for r in history), "epochs_run": len(history), "best_epoch": best,
         "stopped_early": stopping.stopped_epoch is not None, "monitor": stopping.monitor, "best_value": stopping.best,
         "best_val_accuracy": history[best - 1].get("val_accuracy"),  # None: no validation images
