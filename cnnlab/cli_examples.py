@@ -20,7 +20,12 @@ One spelling everywhere: --model names the model (a preset, a backbone, a run di
   cnnlab train --model dropout --data cifar10 --epochs 30 --monitor val_accuracy --patience 5
   cnnlab train --model conv --data photos/ --val-split 0.2 --test-split 0.2 --seed 1
   cnnlab train --model pool-bn --data photos/ --nproc 2          # 2 processes of this machine
-  torchrun --standalone --nproc-per-node 8 -m cnnlab train --model fast --data photos/ --sync-bn""",
+  torchrun --standalone --nproc-per-node 8 -m cnnlab train --model fast --data photos/ --sync-bn
+  cnnlab train --model pool-bn --data photos/ --name p1 --resume-if-exists  # a Slurm job that may be requeued""",
+    "lr-find": """examples:
+  cnnlab lr-find --model pool-bn --data ../shared/data/cifar10/train       # plot in runs/lr_find-pool-bn.png
+  cnnlab lr-find --model efficientnet_lite0 --data photos/ -o head-lr.png
+  cnnlab train --model pool-bn --data photos/ --lr auto                   # the same sweep, then the run""",
     "evaluate": """examples:
   cnnlab evaluate runs/pool-bn --data ../shared/data/cifar10/train
   cnnlab evaluate --model runs/fast --data my-test-images/ --json""",

@@ -1,17 +1,17 @@
-"""The grammar of the ``cnnlab`` command: every parser, its argument groups, help texts and
-examples. One spelling per idea: ``--model`` names the model (a preset, a backbone, a run or an
-.onnx file), ``--out DIR`` a folder to write into, ``-o/--output FILE`` a file to write. Nothing
-here imports torch."""
+"""The grammar of the ``cnnlab`` command: every parser, its argument groups and help texts. One spelling
+per idea: ``--model`` names the model (a preset, a backbone, a run or an .onnx file), ``--out DIR`` a
+folder to write into, ``-o/--output FILE`` a file to write. Nothing here imports torch."""
 from __future__ import annotations
 
 import argparse
-import math
 import textwrap
 
-from . import __version__, launch
+from . import launch
 from .cli_examples import EPILOGS
-from .config import (FLIPS, HEADS, MODES, MONITORS, OPTIMIZERS, PRECISIONS, SCHEDULES, TTA_LEVELS,
-                     WEIGHTS_VARIANTS, TrainConfig, TransferConfig)
+from .cli_options import number as _num, switch as _switch
+from .config import (AUTO, FLIPS, HEADS, MAX_IMAGE_SIZE, MODES, MONITORS, OPTIMIZERS, PRECISIONS, SCHEDULES,
+                     TTA_LEVELS, WEIGHTS_VARIANTS, TrainConfig, TransferConfig)
+from .version import __version__
 
 PRESET = "; a preset may set its own"
 NATIVE_BF16 = "bfloat16 where the device computes it natively, float32 elsewhere"
@@ -56,31 +56,6 @@ class CommandParser(Parser):
         if self.finish is not None:
             self.finish(self, namespace)
         return namespace, rest
-
-
-def _num(g, flag: str, kind, low=None, metavar=None, **kw) -> None:
-    """A number option, a bad value a parse error: at least ``low`` (above it if ``above``), below ``below``."""
-    above, below = kw.pop("above", False), kw.pop("below", None)
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be {'an integer' if kind is int else 'a number'}, "
-                                             f"not '{text}'") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{flag} must be a finite number, not '{text}'")
-        if low is not None and (value < low or (above and value == low)):
-            raise argparse.ArgumentTypeError(f"{flag} must be {'above' if above else 'at least'} {low:g}, got {text}")
-        if below is not None and value >= below:
-            raise argparse.ArgumentTypeError(f"{flag} must be below {below:g}, got {text}")
-        return value
-    g.add_argument(flag, type=parse, metavar=metavar, **kw)
-
-
-def _switch(g, flag: str, help: str) -> None:
-    """``--flag`` / ``--no-flag``; unset (None) lets the config's or the preset's value apply."""
-    g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
 
 
 def _one_run(parser, args) -> None:
@@ -130,6 +105,10 @@ def _add_tta(g, default: str) -> None:
 def _add_run_output(g, default_out: str, default_name: str) -> None:
     g.add_argument("--out", metavar="DIR", help=f"folder for run directories (default {default_out}/)")
     g.add_argument("--name", help=f"run directory name (default {default_name}; a clash gets a suffix)")
+    g.add_argument("--resume-if-exists", action="store_true",
+                   help="the run --out/--name names: resume it if it is there unfinished (its options must be "
+                        "the ones it started with), say so if finished, else start it there; a Slurm job requeued "
+                        "on SIGUSR1 reruns its command with this (docs/scale-out.md)")
     _switch(g, "--tensorboard", "write TensorBoard event files into the run directory as it trains (default; see "
                                 "them with `tensorboard --logdir runs`)")
 
@@ -145,7 +124,8 @@ def _train_augment(g) -> None:
 
 def _train_optimization(g) -> None:
     _num(g, "--batch-size", int, 1, "B", help=f"batch size (default {TrainConfig.batch_size}{PRESET})")
-    _num(g, "--lr", float, 0, "LR", above=True, help=f"learning rate (default {TrainConfig.lr:g}{PRESET})")
+    _num(g, "--lr", float, 0, "LR", above=True, words=(AUTO,), help=f"learning rate, or auto: the suggestion of the "
+         f"learning-rate finder (`cnnlab lr-find`), recorded in config.json (default {TrainConfig.lr:g}{PRESET})")
     g.add_argument("--optimizer", choices=OPTIMIZERS,
                    help=f"optimizer (default {TrainConfig.optimizer}{PRESET}); muon: Muon on the conv filters (--lr), "
                         "SGD-Nesterov with --momentum on the rest")
@@ -200,7 +180,9 @@ def _train(sub) -> None:
     model = p.add_argument_group("model")
     model.add_argument("--model", "--preset", dest="preset", metavar="PRESET",
                        help="the model preset (see `cnnlab presets`); required unless --resume")
-    model.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run (same as `cnnlab resume`)")
+    model.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run (same as `cnnlab resume`); an "
+                       "option beside it that would change the run is refused; --threads, --device, --nproc and "
+                       "--data (holding the same images) are honoured")
     data = p.add_argument_group("data", "the images, their splits and their augmentation")
     _add_data(data, required=False)
     _train_augment(data)
@@ -217,8 +199,9 @@ def _train(sub) -> None:
 
 def _resume(sub) -> None:
     p = sub.add_parser("resume", help="continue a stopped run from its last checkpoint", epilog=EPILOGS["resume"],
-                       description="Continue a run stopped by Ctrl-C, SIGTERM or a crash from its last epoch's "
-                       "checkpoint; a finished run is left unchanged.")
+                       description="Continue a run stopped by Ctrl-C, SIGTERM, SIGUSR1 or a crash from its last "
+                       "epoch's checkpoint, on exactly the data and split it started with; a finished run is left "
+                       "unchanged.")
     _add_run(p, "to continue")
 
 
@@ -259,7 +242,8 @@ def _transfer_data(g) -> None:
 def _transfer_training(g) -> None:
     _num(g, "--epochs", int, 1, "N", help=f"frozen-phase epochs (default {TransferConfig.epochs})")
     _num(g, "--batch-size", int, 1, "B", help=f"batch size (default {TransferConfig.batch_size})")
-    _num(g, "--lr", float, 0, "LR", above=True, help=f"head learning rate (default {TransferConfig.lr:g})")
+    _num(g, "--lr", float, 0, "LR", above=True, words=(AUTO,),
+         help=f"head learning rate, or auto: the learning-rate finder's (default {TransferConfig.lr:g})")
     g.add_argument("--monitor", metavar="METRIC", help=f"metric for the best epoch: {', '.join(MONITORS)} "
                    f"(default {TransferConfig.monitor})")
     _num(g, "--patience", int, 0, "P",
@@ -362,8 +346,10 @@ def _summary(sub) -> None:
                        description="Layer, output shape (C, H, W) and parameters.")
     p.add_argument("--model", "--preset", dest="preset", metavar="PRESET", required=True,
                    help="the model preset (see `cnnlab presets`)")
-    _num(p, "--image-size", int, 8, "PX", default=32, help="input images of PX x PX pixels (default 32)")
-    _num(p, "--classes", int, 2, "N", default=10, help="classes of the output layer (default 10)")
+    _num(p, "--image-size", int, 8, "PX", default=32, below=MAX_IMAGE_SIZE + 1,
+         help=f"input images of PX x PX pixels, 8 to {MAX_IMAGE_SIZE} (default 32)")
+    _num(p, "--classes", int, 2, "N", default=10, below=100_001, help="classes of the output layer, 2 to 100,000 "
+         "(default 10)")
 
 
 def _study(sub) -> None:
@@ -383,8 +369,23 @@ def _study(sub) -> None:
                                                 "directories and study-cifar10.csv (default runs/)")
 
 
+def _lr_find(sub) -> None:
+    p = sub.add_parser("lr-find", help="suggest a learning rate: fastai's range test on a copy of the model",
+                       epilog=EPILOGS["lr-find"], description="Train a copy of the model for up to 100 batches at "
+                       "rates from 1e-7 to 10 until the loss diverges; plot it; print the suggested rate last.")
+    p.add_argument("--model", required=True, metavar="PRESET_OR_BACKBONE", help="a preset, or a backbone (its head)")
+    _add_data(p.add_argument_group("data"))
+    g = p.add_argument_group("training", "as the run would train (default: the preset's or the backbone's)")
+    _num(g, "--batch-size", int, 1, "B", help="batch size")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (presets only)")
+    _num(g, "--image-size", int, 32, "PX", help="input size the base sees (backbones only)")
+    _add_runtime(g, NATIVE_BF16, True, None)
+    g.add_argument("--out", metavar="DIR", help="folder for the plot lr_find-MODEL.png (default runs/)")
+    g.add_argument("-o", "--output", metavar="FILE", help="the plot (a .png) instead")
+
+
 SUBCOMMANDS = (_train, _resume, _evaluate, _transfer, _predict, _explain, _export, _report, _reproduce, _presets,
-               _summary, _study)
+               _summary, _study, _lr_find)
 
 
 def build_parser() -> argparse.ArgumentParser:

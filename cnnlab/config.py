@@ -14,10 +14,19 @@ SCHEDULES = ("none", "onecycle", "triangle", "linear", "cosine")
 FLIPS = ("random", "alternate")
 TTA_LEVELS = (0, 1, 2)
 PRECISIONS = ("auto", "fp32", "bf16")
+AUTO = "auto"  # --lr auto: the learning-rate finder picks it
 MONITORS = ("loss", "accuracy", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1")
 MODES = ("auto", "min", "max")
 HEADS = ("flatten", "gap")
 WEIGHTS_VARIANTS = ("torchvision", "keras", "pypi")
+
+# upper limits: past them a setting asks for more than any machine has (memory, threads), never for a better run
+MAX_IMAGE_SIZE = 1024  # pixels a side: one photo's activations in a base grow with its square (VGG19: 3 GB at 1024)
+MAX_THREADS = 1024  # CPU threads: PyTorch starts about twice as many; more than any machine's cores
+MAX_BATCH = 65536  # images per batch (a whole CIFAR-10 training set fits in one)
+MAX_EPOCHS = 100_000  # per phase; history, curves and the report grow with them
+MAX_FEATURE_COPIES = 16  # altered copies of each training photo: each adds a full set of features to memory
+MAX_SEED = 2**32 - 1  # numpy's and every rank's seed derived from it stay in range
 
 
 @dataclass
@@ -29,7 +38,7 @@ class TrainConfig:
     data: str = ""
     epochs: int = 20
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float | str = 1e-3  # "auto": the learning-rate finder's suggestion (lr_sweep.py), recorded as lr_found
     optimizer: str = "adam"
     momentum: float = 0.9
     nesterov: bool = False
@@ -78,7 +87,7 @@ class TransferConfig:
     head: str = "gap"  # held-out photos: better than the seed's flatten head (BENCHMARKS.md); reproduce keeps flatten
     epochs: int = 4
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float | str = 1e-3  # "auto" as TrainConfig's: the finder's suggestion for the head
     fine_tune_epochs: int = 0
     unfreeze: int = 1
     fine_tune_lr: float | None = None  # None: lr / 10
@@ -111,6 +120,9 @@ class ReproduceConfig:
     seed: int = 0
     precision: str = "auto"  # every run's
     threads: int | None = None  # every run's
+
+    def __post_init__(self):
+        _check([_choice(self.precision, PRECISIONS, "--precision"), *_seed_and_threads(self)])
 
 
 def from_record(config: type, record: dict):
@@ -149,6 +161,18 @@ def name_problem(name: str | None) -> str | None:
     return None
 
 
+def _at_most(value, limit: int, flag: str, why: str) -> tuple[bool, str]:
+    """``value`` (None: unset) is at most ``limit``; the message names the flag, the limit and why."""
+    return (value is None or value <= limit,
+            f"{flag} must be at most {limit:,} (got {value}): {why}")
+
+
+def _seed_and_threads(cfg) -> list[tuple[bool, str]]:
+    return [(0 <= cfg.seed <= MAX_SEED, f"--seed must be 0 to {MAX_SEED} (got {cfg.seed})"),
+            (cfg.threads is None or cfg.threads >= 1, f"--threads must be at least 1 (got {cfg.threads})"),
+            _at_most(cfg.threads, MAX_THREADS, "--threads", "pass at most the machine's CPU cores")]
+
+
 def _finite(cfg) -> list[tuple[bool, str]]:
     """Every number setting must be finite: nan and inf pass every range check unnoticed."""
     return [(math.isfinite(value), f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
@@ -162,7 +186,8 @@ def _common(cfg) -> list[tuple[bool, str]]:
         (name is None, name),
         (cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})"),
         (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
-        (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),
+        (cfg.lr == AUTO or (isinstance(cfg.lr, (int, float)) and not isinstance(cfg.lr, bool) and cfg.lr > 0),
+         f"--lr must be positive, or {AUTO} (got {cfg.lr})"),
         (0 <= cfg.val_split < 1, f"--val-split must be in [0, 1) (got {cfg.val_split})"),
         (0 < cfg.test_split < 1, f"--test-split must be between 0 and 1 (got {cfg.test_split})"),
         (cfg.val_split + cfg.test_split < 1,
@@ -171,7 +196,9 @@ def _common(cfg) -> list[tuple[bool, str]]:
         _choice(int(cfg.tta), TTA_LEVELS, "--tta level"),
         _choice(cfg.precision, PRECISIONS, "--precision"),
         (cfg.patience is None or cfg.patience >= 0, f"--patience must be 0 or more (got {cfg.patience})"),
-        (cfg.threads is None or cfg.threads >= 1, f"--threads must be at least 1 (got {cfg.threads})"),
+        _at_most(cfg.epochs, MAX_EPOCHS, "--epochs", "more would never end"),
+        _at_most(cfg.batch_size, MAX_BATCH, "--batch-size", "a larger batch would not fit in memory"),
+        *_seed_and_threads(cfg),
     ]
 
 
@@ -189,7 +216,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.min_delta >= 0, f"--min-delta must be 0 or more (got {cfg.min_delta})"),
         (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {cfg.label_smoothing})"),
         (cfg.weight_decay >= 0, f"--weight-decay must be 0 or more (got {cfg.weight_decay})"),
-        (cfg.preprocessing.size >= 8, f"the input size must be at least 8 (got {cfg.preprocessing.size})"),
+        (8 <= cfg.preprocessing.size <= MAX_IMAGE_SIZE,
+         f"the input size must be 8 to {MAX_IMAGE_SIZE} pixels (got {cfg.preprocessing.size})"),
         (cfg.start_from_epoch >= 0, f"--start-from-epoch must be 0 or more (got {cfg.start_from_epoch})"),
         (cfg.val_split > 0 or cfg.patience is None or not cfg.monitor.startswith("val_"),
          f"--val-split 0 leaves no validation images for early stopping on {cfg.monitor}; stop on --monitor loss "
@@ -201,10 +229,15 @@ def validate_transfer(cfg: TransferConfig) -> None:
     """One-line errors for transfer settings out of range."""
     _check(_common(cfg) + [
         (cfg.fine_tune_epochs >= 0, f"--fine-tune-epochs must be 0 or more (got {cfg.fine_tune_epochs})"),
+        _at_most(cfg.fine_tune_epochs, MAX_EPOCHS, "--fine-tune-epochs", "more would never end"),
         (cfg.unfreeze >= 1, f"--unfreeze must be at least 1 (got {cfg.unfreeze})"),
         (cfg.image_size is None or cfg.image_size >= 32,
          f"--image-size must be at least 32, the base's total stride (got {cfg.image_size})"),
+        _at_most(cfg.image_size, MAX_IMAGE_SIZE, "--image-size",
+                 "every photo is decoded and run at that size (the base's own, 224 to 260, is best)"),
         (cfg.feature_copies >= 0, f"--feature-copies must be 0 or more (got {cfg.feature_copies})"),
+        _at_most(cfg.feature_copies, MAX_FEATURE_COPIES, "--feature-copies",
+                 "each copy holds another set of every training photo's features (2 gain most; docs/transfer.md)"),
         (cfg.fine_tune_lr is None or cfg.fine_tune_lr > 0, f"--fine-tune-lr must be positive (got {cfg.fine_tune_lr})"),
         _choice(cfg.head, HEADS, "--head"),
         (cfg.val_split > 0, "a transfer run needs validation images (it keeps the better of its frozen and "

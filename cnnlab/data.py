@@ -23,6 +23,7 @@ from .atomic import WriteError
 from .cache import default_cache_dir
 from .errors import CnnlabError
 from .runtime import to_device
+from .text import shown
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 CACHE_VERSION = 2  # 2: entries sealed with a manifest (cache.py)
@@ -73,10 +74,11 @@ def _is_image(path: Path) -> bool:
 def check_folder(root: Path) -> None:
     """Raises a one-line error unless ``root`` is an existing directory."""
     if not root.exists():
-        raise CnnlabError(f"data folder {root} does not exist; pass --data with a folder "
+        raise CnnlabError(f"data folder {shown(root)} does not exist; pass --data with a folder "
                           "holding one subfolder of images per class")
     if not root.is_dir():
-        raise CnnlabError(f"--data {root} is a file; pass the folder holding one subfolder per class")
+        what = "a file" if root.is_file() else "not a folder (a pipe or a device)"
+        raise CnnlabError(f"--data {shown(root)} is {what}; pass the folder holding one subfolder per class")
 
 
 def scan_folder(root: Path, per_class: int | None = None) -> tuple[list[str], list[tuple[str, int]]]:
@@ -85,17 +87,17 @@ def scan_folder(root: Path, per_class: int | None = None) -> tuple[list[str], li
     check_folder(root)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise CnnlabError(f"{root} has no class subfolders; put each class's images in "
-                          f"{root}/<class name>/")
+        raise CnnlabError(f"{shown(root)} has no class subfolders; put each class's images in "
+                          f"{shown(root)}/<class name>/")
     files = []
     for label, name in enumerate(classes):
         found = sorted(str(p) for p in (root / name).rglob("*") if p.is_file() and _is_image(p))
         if not found:
-            raise CnnlabError(f"class folder {root / name} has no images "
+            raise CnnlabError(f"class folder {shown(root / name)} has no images "
                               f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove the folder")
         files += [(f, label) for f in found[:per_class]]
     if len(classes) < 2:
-        raise CnnlabError(f"{root} has only one class ({classes[0]}); a classifier needs at least two "
+        raise CnnlabError(f"{shown(root)} has only one class ({shown(classes[0])}); a classifier needs at least two "
                           "class subfolders")
     return classes, files
 
@@ -147,7 +149,8 @@ def _cache_key(files: list[tuple[str, int]], size: int) -> str:
     digest = hashlib.sha256(f"v{CACHE_VERSION}|{size}".encode())
     for path, label in files:
         st = os.stat(path)
-        digest.update(f"|{path}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+        # the name's bytes as on disk: a name that is not UTF-8 is a key like any other
+        digest.update(b"|" + os.fsencode(path) + f"|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
     return digest.hexdigest()[:24]
 
 
@@ -160,8 +163,8 @@ def load_folder(root: str | Path, size: int, cache_dir: Path | None = None,
     root = Path(root).resolve()
     classes, files = scan_folder(root, per_class)
     if class_names is not None and classes != class_names:
-        raise CnnlabError(f"class folders in {root} ({', '.join(classes)}) differ from the expected "
-                          f"classes ({', '.join(class_names)}); use a folder with the same class names")
+        raise CnnlabError(f"class folders in {shown(root)} ({_names(classes)}) differ from the expected "
+                          f"classes ({_names(class_names)}); use a folder with the same class names")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key = _cache_key(files, size)
     array_path = cache_dir / f"images-{key}.npy"
@@ -175,14 +178,31 @@ def load_folder(root: str | Path, size: int, cache_dir: Path | None = None,
                 "labels": [label for _, label in kept], "files": [path for path, _ in kept],
                 "skipped": [files[i][0] for i in bad]}
         _write_cache(cache_dir, array_path, array, meta)
-    if meta["skipped"]:
-        shown = ", ".join(meta["skipped"][:5]) + (" ..." if len(meta["skipped"]) > 5 else "")
-        warnings.warn(f"skipped {len(meta['skipped'])} unreadable image file(s): {shown}")
     if not len(meta["labels"]):
-        raise CnnlabError(f"no readable images in {root}; check the files are images")
+        raise CnnlabError(f"no readable images in {shown(root)}; check the files are images")
+    _every_class_read(root, classes, meta)  # before the warning: an error is the one line
+    if meta["skipped"]:
+        listed = ", ".join(map(shown, meta["skipped"][:5])) + (" ..." if len(meta["skipped"]) > 5 else "")
+        warnings.warn(f"skipped {len(meta['skipped'])} unreadable image file(s): {listed}")
     images = ImageSet(torch.from_numpy(array), torch.tensor(meta["labels"], dtype=torch.int64), meta["files"])
     info = {"root": str(root), "files": len(files), "skipped": meta["skipped"], "cache_hit": hit}
     return images, classes, info
+
+
+def _names(names: list[str], most: int = 10) -> str:
+    """Class names for one line: escaped, and the first ``most`` of a long list."""
+    return ", ".join(map(shown, names[:most])) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
+def _every_class_read(root: Path, classes: list[str], meta: dict) -> None:
+    """A one-line error naming a class whose every file was unreadable: trained on, it would be a
+    class of no images (never predicted, its scores undefined)."""
+    counts = np.bincount(np.asarray(meta["labels"], dtype=np.int64), minlength=len(classes))
+    empty = [name for name, count in zip(classes, counts) if count == 0]
+    if empty:
+        raise CnnlabError(f"class folder {shown(root / empty[0])} has no readable image (every file in it failed to "
+                          f"decode{f'; so do {len(empty) - 1} other class(es)' if len(empty) > 1 else ''}); replace "
+                          "the files with images or remove the folder")
 
 
 def _cached_array(path: Path, meta: dict, size: int) -> np.ndarray | None:
@@ -277,6 +297,11 @@ def _checked(splits: Splits, no_val: bool = False) -> Splits:
             raise CnnlabError(f"the {name} split is empty; use more images or a larger "
                               f"--{'val' if name == 'val' else 'test'}-split" if name != "train" else
                               "the train split is empty; lower --val-split and --test-split")
+    counts = torch.bincount(splits.train.labels, minlength=len(splits.class_names))
+    if (counts == 0).any():
+        name = splits.class_names[int(torch.nonzero(counts == 0)[0])]
+        raise CnnlabError(f"class {shown(name)} has no training images once the validation and test images are "
+                          "held out; add images to it, or lower --val-split and --test-split")
     splits.info.update({f"{n}_size": len(getattr(splits, n)) for n in SPLIT_NAMES})
     return splits
 

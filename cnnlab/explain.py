@@ -12,8 +12,9 @@ from PIL import Image, ImageDraw, ImageFont
 from .atomic import atomic_write_bytes
 from .errors import CnnlabError
 from .gradcam import explainable, overlays
-from .images import image_paths, readable_images
+from .images import image_batches, image_paths
 from .saved_model import torch_model
+from .text import fit_name, shown
 
 
 def write_overlay(picture: np.ndarray, title: str, path: Path) -> None:
@@ -36,11 +37,25 @@ def write_overlay(picture: np.ndarray, title: str, path: Path) -> None:
 
 def _output_names(paths: list[Path], out: Path) -> list[Path]:
     """``out/STEM-gradcam.png`` per image; where two images share a stem (cat/0.jpg, dog/0.jpg),
-    their folder's name goes first."""
-    stems = [p.stem for p in paths]
-    names = [f"{p.parent.name}-{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
-    names = [f"{n}-{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-    return [out / f"{n}-gradcam.png" for n in names]
+    their folder's name goes first. Control characters and undecodable bytes of a name are written
+    escaped (text.shown), and a long name is cut to the file system's 255 bytes (text.fit_name)."""
+    stems = [shown(p.stem) for p in paths]
+    seen = {}
+    for stem in stems:
+        seen[stem] = seen.get(stem, 0) + 1
+    names = [f"{shown(p.parent.name)}-{stem}" if seen[stem] > 1 else stem for p, stem in zip(paths, stems)]
+    counts = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    names = [f"{n}-{i}" if counts[n] > 1 else n for i, n in enumerate(names)]
+    return [out / fit_name(n, "-gradcam.png") for n in names]
+
+
+def _make(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CnnlabError(f"cannot create {shown(out)} ({exc.strerror}); pass a writable --out") from None
 
 
 def explain(inputs: list[str], model: str, weights: str | None = None, class_name: str | None = None,
@@ -49,27 +64,26 @@ def explain(inputs: list[str], model: str, weights: str | None = None, class_nam
     if str(model).endswith(".onnx"):
         raise CnnlabError("explain needs the PyTorch model: pass the run directory or backbone name the .onnx "
                           "file was exported from")
-    image_paths(inputs)  # a missing path is an error before any model loads
+    paths = image_paths(inputs)  # a missing path is an error before any model loads
     net, preprocessing, names = torch_model(str(model), weights)
     if class_name is not None and class_name not in names:
-        close = [n for n in names if class_name.lower() in n.lower()][:5]
-        raise CnnlabError(f"--class '{class_name}' is not one of this model's classes"
+        close = [shown(n) for n in names if class_name.lower() in n.lower()][:5]
+        raise CnnlabError(f"--class '{shown(class_name)}' is not one of this model's classes"
                           + (f"; did you mean {', '.join(close)}?" if close else ""))
-    images, paths = readable_images(inputs, preprocessing.size)
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CnnlabError(f"cannot create {out} ({exc.strerror}); pass a writable --out") from None
-    chosen = None if class_name is None else [names.index(class_name)] * len(images)
-    targets = _output_names(paths, out)
+    targets: dict[Path, list[Path]] = {}  # a path given twice has two targets, taken in order
+    for path, target in zip(paths, _output_names(paths, out)):
+        targets.setdefault(path, []).append(target)
     net = explainable(net)
     written = []
-    for start in range(0, len(images), 8):  # a few at a time: gradients of 224x224 images take memory
-        batch = images[start:start + 8]
-        pictures, classes, probs = overlays(net, batch, preprocessing, chosen and chosen[:len(batch)])
-        for path, target, picture, c, p in zip(paths[start:start + 8], targets[start:start + 8], pictures, classes,
-                                               probs):
-            write_overlay(picture, f"{path.name}: {names[c]} {p:.1%}", target)
+    # a few at a time, decoded as they come: gradients of 224x224 images take memory, and a folder may be large
+    for batch, batch_paths in image_batches(paths, preprocessing.size, batch=8):
+        chosen = None if class_name is None else [names.index(class_name)] * len(batch)
+        pictures, classes, probs = overlays(net, batch, preprocessing, chosen)
+        if not written:  # made once an image was read: a run whose images are all unreadable writes nothing
+            _make(out)
+        for path, picture, c, p in zip(batch_paths, pictures, classes, probs):
+            target = targets[path].pop(0)
+            write_overlay(picture, f"{shown(path.name)}: {shown(names[c])} {p:.1%}", target)
             written.append(target)
     return written

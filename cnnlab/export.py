@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -15,13 +14,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from .atomic import atomic_path
 from .data import load_splits
 from .errors import CnnlabError
 from .metrics import probabilities
 from .preprocessing import Preprocessing
 from .runs import load_run
-from .saved_model import OnnxModel, load_model
+from .saved_model import OnnxModel, check_run_files, load_model
+from .text import NAME_MAX, name_bytes, shown
+from .version import __version__
 
 FORMATS = ("onnx",)
 CHECK_IMAGES = 64
@@ -50,19 +51,19 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str =
     if fmt not in FORMATS:
         raise CnnlabError(f"unknown --format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
+    check_run_files(run_dir)
     config, metrics = load_run(run_dir)
     if metrics is None:
         raise CnnlabError(f"{run_dir} is not a finished run (no metrics.json); finish it with `cnnlab resume "
                           f"{run_dir}` first")
-    output = Path(output) if output else run_dir / "model.onnx"
-    if output.is_dir() or not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
-        raise CnnlabError(f"cannot write {output}; pass -o a file name in a writable folder")
+    output = _checked_output(run_dir, output)
     model, config, preprocessing = load_model(run_dir, torch.device("cpu"))
     wrapper = Exported(model.float().eval(), preprocessing).eval()
     images, what = _check_images(config, preprocessing, log)
     _write_onnx(wrapper, images, output, {"class_names": json.dumps(config["class_names"]),
                                           "input_size": str(preprocessing.size), "cnnlab_version": __version__,
-                                          "preprocessing": json.dumps(preprocessing.__dict__), "run": run_dir.name})
+                                          "preprocessing": json.dumps(preprocessing.__dict__),
+                                          "run": shown(run_dir.name)})
     with torch.no_grad():
         expected = wrapper(images.float()).numpy()
     got = OnnxModel(output).probabilities(images)
@@ -71,6 +72,26 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str =
         f"{np.abs(got - expected).max():.2e}, top-1 agreement {agree:.2%}")
     if agree < 1.0 and np.abs(got - expected).max() > 1e-3:
         log("warning: onnxruntime and PyTorch disagree on some images; the file was written, compare before use")
+    return output
+
+
+def _checked_output(run_dir: Path, output: str | Path | None) -> Path:
+    """Where the export goes (default RUN_DIR/model.onnx), or a one-line error: only a .onnx name,
+    never one of the run's own files (its weights, checkpoint, records) nor anything not a plain
+    file, in a writable folder."""
+    output = Path(output) if output else run_dir / "model.onnx"
+    if len(name_bytes(output.name)) > NAME_MAX:
+        raise CnnlabError(f"-o {shown(output.name[:40])}... is longer than a file name may be ({NAME_MAX} bytes); "
+                          "pass -o a shorter name")
+    if output.exists() and output.resolve().parent == run_dir.resolve() and output.suffix.lower() != ".onnx":
+        raise CnnlabError(f"-o {shown(output)} is one of the run's own files: the export would replace it and break "
+                          f"the run; pass -o a .onnx file (default {shown(run_dir / 'model.onnx')})")
+    if output.suffix.lower() != ".onnx":
+        raise CnnlabError(f"-o {shown(output)} does not end in .onnx; pass -o a file name ending in .onnx")
+    if output.exists() and not output.is_file():
+        raise CnnlabError(f"-o {shown(output)} is not a plain file; pass -o a new .onnx file name")
+    if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
+        raise CnnlabError(f"cannot write {shown(output)}; pass -o a file name in a writable folder")
     return output
 
 
@@ -92,19 +113,14 @@ def _write_onnx(wrapper: nn.Module, images: torch.Tensor, output: Path, metadata
     """Exports ``wrapper`` with a dynamic batch and ``metadata``, atomically (temporary file, rename)."""
     import onnx
 
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".onnx")
-    os.close(fd)
     try:
-        torch.onnx.export(wrapper, (images[:2].float(),), tmp, input_names=["pixels"], output_names=["probabilities"],
-                          dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}}, external_data=False,
-                          verbose=False)
-        graph = onnx.load(tmp)
-        for key, value in metadata.items():
-            graph.metadata_props.add(key=key, value=value)
-        onnx.save(graph, tmp)
-        os.replace(tmp, output)
-    except Exception as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CnnlabError(f"cannot write {output} ({exc.strerror}); pass -o a file in a writable folder") from None
-        raise
+        with atomic_path(output) as tmp:  # removed on an error, Ctrl-C or SIGTERM (atomic.py)
+            torch.onnx.export(wrapper, (images[:2].float(),), str(tmp), input_names=["pixels"],
+                              output_names=["probabilities"], external_data=False, verbose=False,
+                              dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}})
+            graph = onnx.load(str(tmp))
+            for key, value in metadata.items():
+                graph.metadata_props.add(key=key, value=value)
+            onnx.save(graph, str(tmp))
+    except OSError as exc:
+        raise CnnlabError(f"cannot write {shown(output)} ({exc.strerror}); pass -o a file in a writable folder") from None

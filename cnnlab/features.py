@@ -29,9 +29,9 @@ from .run_state import RunContext
 from .runtime import autocast, compute_dtype
 
 
-def _feature_key(cfg: TransferConfig, weights_path: Path, prep: Preprocessing, splits: Splits,
+def _feature_key(cfg: TransferConfig, weights_path: Path, preprocessing: Preprocessing, splits: Splits,
                  dtype: torch.dtype | None) -> str:
-    digest = hashlib.sha256(f"{cfg.backbone}|{prep}|{cfg.head}|{weights_path}|{dtype}".encode())
+    digest = hashlib.sha256(f"{cfg.backbone}|{preprocessing}|{cfg.head}|{weights_path}|{dtype}".encode())
     if cfg.feature_copies:  # (the key of a cache without copies is as it always was)
         digest.update(f"|copies {cfg.feature_copies} seed {cfg.seed}".encode())
     st = os.stat(weights_path)
@@ -106,11 +106,11 @@ def cached_features(cfg: TransferConfig, base: nn.Module, splits: Splits, weight
     Under torchrun the ranks extract together and rank 0 writes the cache; whether to read it is
     rank 0's call, so all ranks agree. The base runs on ``ctx.device`` with the run's
     preprocessing, logging to ``ctx.log``; ``ctx.guard`` stops it at the end of a batch."""
-    device, prep, log = ctx.device, ctx.preprocessing, ctx.log
+    device, preprocessing, log = ctx.device, ctx.preprocessing, ctx.log
     dtype = compute_dtype(cfg.precision, device)
-    key = _feature_key(cfg, weights_path, prep, splits, dtype)
-    extractor = functools.cache(lambda: extraction_base(base, prep.size, device, dtype, log))  # only when needed
-    how = Extraction(prep, device, pool=cfg.head == "gap", precision=cfg.precision)
+    key = _feature_key(cfg, weights_path, preprocessing, splits, dtype)
+    extractor = functools.cache(lambda: extraction_base(base, preprocessing.size, device, dtype, log))  # when needed
+    how = Extraction(preprocessing, device, pool=cfg.head == "gap", precision=cfg.precision)
 
     def extract(images: torch.Tensor, view=None) -> torch.Tensor:
         return extract_features(extractor(), images, how, view, log, ctx.guard)

@@ -1,30 +1,52 @@
 """The image files a user names (files, and folders searched recursively), listed and read at a
-model's input size: what predict and explain take in."""
+model's input size, a batch at a time: what predict and explain take in. Memory stays the same
+however many images a folder holds."""
 from __future__ import annotations
 
+import stat
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from .data import IMAGE_EXTENSIONS, decode_image
 from .errors import CnnlabError
+from .text import shown
+
+BATCH = 32  # images decoded (and classified) at a time
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file or a folder is, in words."""
+    for test, what in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return what
+    return "not a regular file"
 
 
 def image_paths(inputs: list[str]) -> list[Path]:
-    """Files as given, and the image files inside folders (recursively, sorted)."""
+    """Files as given, and the image files inside folders (recursively, sorted). A path that does
+    not exist, or is neither a regular file nor a folder (a named pipe, a device: reading one may
+    never end), is a one-line error."""
     paths = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            raise CnnlabError(f"{shown(path)} does not exist; pass image files or folders of images") from None
+        if stat.S_ISDIR(mode):
             paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif path.exists():
+        elif stat.S_ISREG(mode):
             paths.append(path)
         else:
-            raise CnnlabError(f"{path} does not exist; pass image files or folders of images")
+            raise CnnlabError(f"{shown(path)} is {_kind(mode)}, not an image file; pass image files or folders "
+                              "of images")
     if not paths:
-        raise CnnlabError(f"no images found in {', '.join(inputs)}")
+        raise CnnlabError(f"no images found in {', '.join(map(shown, inputs))}")
     return paths
 
 
@@ -33,7 +55,7 @@ def load_images(paths: list[Path], size: int) -> tuple[torch.Tensor, list[Path],
     they came from, and the paths that could not be read."""
     good, bad, arrays = [], [], []
     for path in paths:
-        data = decode_image((str(path), size))
+        data = decode_image((str(path), size)) if _regular(path) else None
         if data is None:
             bad.append(path)
         else:
@@ -43,13 +65,34 @@ def load_images(paths: list[Path], size: int) -> tuple[torch.Tensor, list[Path],
     return images, good, bad
 
 
-def readable_images(inputs: list[str], size: int) -> tuple[torch.Tensor, list[Path]]:
-    """The images among ``inputs`` (files and folders) that can be read, at ``size``, and their
-    paths; one warning for the others, a one-line error when none can."""
-    images, good, bad = load_images(image_paths(inputs), size)
+def _regular(path: Path) -> bool:
+    """Whether ``path`` is (still) a regular file: one swapped for a pipe since it was listed is skipped."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def image_batches(paths: list[Path], size: int, batch: int = BATCH) -> Iterator[tuple[torch.Tensor, list[Path]]]:
+    """The images among ``paths`` (from ``image_paths``) that can be read, at ``size``, ``batch``
+    at a time, with their paths; at the end one warning for the others, and a one-line error when
+    none could be read."""
+    bad, read = [], 0
+    for start in range(0, len(paths), batch):
+        images, good, unreadable = load_images(paths[start:start + batch], size)
+        bad += unreadable
+        read += len(good)
+        if good:
+            yield images, good
+    if not read:  # the error alone, the one line
+        raise CnnlabError(f"none of the given files could be read as an image ({shown(bad[0])}"
+                          f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); pass image files")
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable file(s): {', '.join(map(str, bad[:5]))}"
+        warnings.warn(f"skipped {len(bad)} unreadable file(s): {', '.join(map(shown, bad[:5]))}"
                       + (" ..." if len(bad) > 5 else ""))
-    if not good:
-        raise CnnlabError("none of the given files could be read as an image")
-    return images, good
+
+
+def readable_images(inputs: list[str], size: int) -> tuple[torch.Tensor, list[Path]]:
+    """All of ``image_batches`` at once (for a few images: memory grows with their number)."""
+    batches = list(image_batches(image_paths(inputs), size))
+    return torch.cat([images for images, _ in batches]), [p for _, good in batches for p in good]

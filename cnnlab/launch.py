@@ -8,6 +8,8 @@ import sys
 import time
 import warnings
 
+from .text import shown
+
 # torchrun's rank, read before torch loads: only rank 0 (or a plain process) prints
 MAIN_RANK = os.environ.get("RANK", "0") == "0"
 # how long another rank that fails waits before it exits, so that rank 0 says why first: torchrun
@@ -15,11 +17,15 @@ MAIN_RANK = os.environ.get("RANK", "0") == "0"
 REPORT_WAIT_S = 3.0
 # what a collective's error says when a peer rank is gone, as gloo and NCCL word it
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "NCCL error")
+# the signals torchrun passes on to its ranks (its --signals-to-handle): its own four, and Slurm's
+# warning before a job's end (`--signal=USR1@90`), which it would otherwise die of
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 def torchrun(nproc: int, argv: list[str]) -> int:
     """``argv`` (without --nproc) again on ``nproc`` processes, through torchrun's own launcher;
     the exit code is the first failed rank's."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -27,10 +33,13 @@ def torchrun(nproc: int, argv: list[str]) -> int:
     import logging  # the ranks say what went wrong; torchrun's own summary of it would repeat it
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "cnnlab", *without_nproc(argv)]))
+        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "--signals-to-handle", FORWARDED_SIGNALS,
+                        "-m", "cnnlab", *without_nproc(argv)]))
     except ChildFailedError as exc:
         codes = [f.exitcode for f in exc.failures.values()]
         return next((c for c in codes if c and c > 0), 1)
+    except SignalException as exc:  # passed on to every rank, which stopped after the same batch and said so
+        return 128 + int(exc.sigval)
     return 0
 
 
@@ -58,9 +67,10 @@ def say(message: str) -> None:
 
 
 def error(line: str) -> None:
-    """A failed command's one line on stderr, from rank 0 alone; the other ranks wait for it."""
+    """A failed command's one line on stderr, from rank 0 alone (a user's name in it shown escaped,
+    so that it stays one harmless line); the other ranks wait for it."""
     if MAIN_RANK:
-        print(line, file=sys.stderr)
+        print(shown(line), file=sys.stderr)
     leave_the_report_to_rank0()
 
 

@@ -1,16 +1,18 @@
-"""Top-k predictions for images, from a pretrained backbone (ImageNet classes) or a finished run."""
+"""Top-k predictions for images, from a pretrained backbone (ImageNet classes) or a finished run.
+Images are decoded and classified a batch at a time, so memory stays flat however large the folder."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from .errors import CnnlabError
-from .images import image_paths, readable_images
+from .images import image_batches, image_paths
 from .inference import predict_logits
 from .metrics import probabilities
 from .saved_model import OnnxModel, torch_model
+from .text import shown
 
 
 def _classifier(model: str, weights: str | None) -> tuple[Callable[[torch.Tensor], torch.Tensor], int, list[str]]:
@@ -27,22 +29,34 @@ def _classifier(model: str, weights: str | None) -> tuple[Callable[[torch.Tensor
             preprocessing.size, classes)
 
 
-def predict(inputs: list[str], model: str, weights: str | None = None, top: int = 3) -> list[dict]:
-    """For each readable image: its path and the top-``top`` (class, probability) pairs."""
+def iter_predictions(inputs: list[str], model: str, weights: str | None = None, top: int = 3) -> Iterator[dict]:
+    """For each readable image, as soon as its batch is classified: its path and the top-``top``
+    (class, probability) pairs."""
     if top < 1:
         raise CnnlabError(f"--top must be at least 1 (got {top})")
-    image_paths(inputs)  # a missing path is an error before any model loads
+    paths = image_paths(inputs)  # a missing path is an error before any model loads
     classify, size, classes = _classifier(str(model), weights)
-    images, good = readable_images(inputs, size)
-    probs = classify(images)
-    k = min(top, probs.shape[1])
-    values, indices = probs.topk(k, dim=1)
-    return [{"image": str(p), "top": [{"class": classes[int(i)], "probability": float(v)}
-                                      for v, i in zip(vs, ix)]}
-            for p, vs, ix in zip(good, values, indices)]
+    for images, good in image_batches(paths, size):
+        probs = classify(images)
+        values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
+        for p, vs, ix in zip(good, values, indices):
+            yield {"image": str(p), "top": [{"class": classes[int(i)], "probability": float(v)}
+                                            for v, i in zip(vs, ix)]}
+
+
+def predict(inputs: list[str], model: str, weights: str | None = None, top: int = 3) -> list[dict]:
+    """``iter_predictions`` as one list (a few hundred bytes an image; the images themselves are
+    never all in memory)."""
+    return list(iter_predictions(inputs, model, weights, top))
+
+
+def format_prediction(result: dict) -> str:
+    """The seed's style: ``photo.jpg: bald eagle 99.81%  kite 0.16%  vulture 0.02%``; a path or class
+    name with control characters or undecodable bytes shown escaped, on its one line."""
+    return f"{shown(result['image'])}: " + "  ".join(f"{shown(t['class'])} {t['probability']:.2%}"
+                                                    for t in result["top"])
 
 
 def format_predictions(results: list[dict]) -> str:
-    """The seed's style: ``photo.jpg: bald eagle 99.81%  kite 0.16%  vulture 0.02%``."""
-    return "\n".join(f"{r['image']}: " + "  ".join(f"{t['class']} {t['probability']:.2%}" for t in r["top"])
-                     for r in results)
+    """``format_prediction`` of each result, one line each."""
+    return "\n".join(map(format_prediction, results))

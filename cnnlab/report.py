@@ -1,7 +1,9 @@
 """Runs -> one self-contained HTML page: comparison table, curves, confusion matrices, images.
 
-Everything is read from the run directories. Charts are Plotly figures (hover values, zoom) with
-plotly.js inlined once, images are embedded as base64, so the file opens from disk with no network.
+A run directory may come from someone else: every value read from it is escaped (on the page and in
+the charts' labels) or checked to be a number (else a one-line "damaged" error), and files are read
+only from inside it, never through a link leading out. Charts are Plotly figures with plotly.js
+inlined once, images embedded as base64: the file opens from disk with no network.
 """
 from __future__ import annotations
 
@@ -12,131 +14,83 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from . import __version__
 from .atomic import WriteError, atomic_write_bytes
 from .errors import CnnlabError
-from .metrics import METRICS_VERSION, summarize
-from .runs import load_run, read_history
+from .report_runs import inside, is_number, read_run
+from .text import shown
+from .version import __version__
 
-# The original study's figures (SEED-STUDY.md), shown beside a run that reproduces one.
-SEED_FIGURES = {
-    "conv": {"epochs": "20", "time": "803.6 s (~40 s/epoch)", "val": "~66% (peak, epoch 5)", "test": "57.19%",
-             "notes": "train acc 98%: heavy overfitting"},
-    "pool-bn": {"epochs": "20", "time": "~12 s/epoch", "val": "~76% (epoch 13)", "test": "n/a", "notes": ""},
-    "dropout": {"epochs": "60", "time": "383.2 s (~6 s/epoch)", "val": "~69%", "test": "59.42%",
-                "notes": "test images scaled unlike training images"},
-    "early-stop": {"epochs": "stopped at 12", "time": "~3 s/epoch", "val": "~68%", "test": "n/a",
-                   "notes": "restored epoch 7"},
-    "transfer": {"epochs": "3-4", "time": "n/a", "val": "n/a", "test": "97.29%",
-                 "notes": "VGG19, frozen conv base, 1 sigmoid unit"},
-}
-COLUMNS = ["run", "kind", "model", "params", "epochs", "best epoch", "train time (s)", "images/s", "best val acc",
+COLUMNS = ["run", "kind", "model", "params", "epochs", "best epoch", "time (s)", "images/s", "best val acc",
            "test acc", "test loss", "overfit gap", "seed test acc"]
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
+IMAGE_LIMIT = 32 * 2**20  # bytes: a bigger "PNG" in a run folder is not embedded
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+def _esc(value) -> str:
+    """A value as the page's text: one printable line (``text.shown``), HTML-escaped, quotes included."""
+    return html.escape(shown(value))
 
 
-METRICS_READ = ("best_epoch", "parameters", "epochs_run", "train_time_s", "images_per_s", "test_accuracy",
-                "test_loss", "confusion_matrix", "per_class")
-HISTORY_READ = ("epoch", "loss", "accuracy")
-VALIDATION_READ = ("val_loss", "val_accuracy")  # absent from a run trained with --val-split 0
+def _time(m: dict) -> tuple[str, float, str]:
+    """(seconds shown, sort value, their parts): the whole run, feature extraction and training apart."""
+    train, extraction, whole = m["train_time_s"], m.get("feature_extraction_s"), m.get("run_time_s")
+    parts = ([f"extraction {extraction:.1f}"] if extraction is not None else []) + [f"training {train:.1f}"]
+    known = train + (extraction or 0.0)
+    if whole is None:
+        return f"{known:.1f}", known, " + ".join(parts) + "; whole run not recorded (an older run)"
+    if whole + 0.05 < known:  # resumed: this attempt's wall time is part of the run
+        return f"{known:.1f}", known, " + ".join(parts) + f" over every attempt; the last attempt took {whole:.1f}"
+    return f"{whole:.1f}", whole, " · ".join(parts + [f"other {whole - known:.1f}"])
 
 
-def _run_info(run_dir: Path) -> dict | None:
-    config, metrics = load_run(run_dir)
-    if metrics is None:
-        return None
-    history = read_history(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else []
-    validated = _validated(config)
-    missing = [f"metrics.json: {k}" for k in METRICS_READ if k not in metrics] + [
-        f"history.csv row {i + 1}: {k}" for i, row in enumerate(history)
-        for k in HISTORY_READ + (VALIDATION_READ if validated else ()) if not isinstance(row.get(k), (int, float))]
-    if missing or not isinstance(config.get("class_names"), list):
-        raise CnnlabError(f"{run_dir} is damaged ({(missing or ['config.json: class_names'])[0]} missing or not a "
-                          "number); restore the file from a copy, or leave the run out of the report")
-    rescored = _rescore(metrics, config["class_names"], run_dir)
-    kind = config.get("kind", "train")
-    best = metrics["best_epoch"]
-    gap = history[best - 1]["accuracy"] - history[best - 1]["val_accuracy"] if history and validated else None
-    seed_key = "transfer" if kind == "transfer" else config.get("preset")
-    return {"dir": run_dir, "name": run_dir.name, "config": config, "metrics": metrics, "history": history,
-            "kind": kind, "model": config.get("backbone") if kind == "transfer" else config.get("preset"),
-            "gap": gap, "seed": SEED_FIGURES.get(seed_key), "rescored": rescored}
-
-
-def _rescore(metrics: dict, class_names: list[str], run_dir: Path) -> bool:
-    """Recomputes the scores of a metrics.json written before ``METRICS_VERSION`` (whose F1 was
-    2PR wherever a class's precision + recall < 1) from its confusion matrix; True if it did."""
-    if metrics.get("metrics_version", 1) >= METRICS_VERSION:
-        return False
-    cm = metrics["confusion_matrix"]
-    k = len(class_names)
-    if not (isinstance(cm, list) and len(cm) == k and all(isinstance(r, list) and len(r) == k and
-                                                          all(isinstance(v, int) and v >= 0 for v in r) for r in cm)):
-        raise CnnlabError(f"{run_dir} is damaged (metrics.json: confusion_matrix is not {k} x {k} counts); restore "
-                          "the file from a copy, or leave the run out of the report")
-    scores = summarize(torch.tensor(cm), class_names)
-    metrics.update({"per_class": scores["per_class"], "test_precision": scores["precision"],
-                    "test_recall": scores["recall"], "test_f1": scores["f1"],
-                    "test_balanced_accuracy": scores["balanced_accuracy"]})
-    return True
-
-
-def _validated(config: dict) -> bool:
-    """Whether the run scored validation images each epoch (not with --val-split 0)."""
-    info = config.get("data_info") if isinstance(config.get("data_info"), dict) else {}
-    return info.get("val_size", 1) != 0
-
-
-def _row(info: dict) -> list[tuple[str, object]]:
-    """(shown text, sort value) per column."""
+def _speed(info: dict) -> tuple[str, float, str]:
+    """(images/s shown, sort value, note): a head trained on cached features is no speed to show."""
     m = info["metrics"]
-
-    def pct(v):
-        return (f"{v:.2%}", v) if v is not None else ("–", -1)
-    seed = info["seed"]["test"] if info["seed"] else "–"
-    return [(info["name"], info["name"]), (info["kind"], info["kind"]), (info["model"], info["model"]),
-            (f"{m['parameters']:,}", m["parameters"]), (str(m["epochs_run"]), m["epochs_run"]),
-            (str(m["best_epoch"]), m["best_epoch"]), (f"{m['train_time_s']:.1f}", m["train_time_s"]),
-            (f"{m['images_per_s']:.0f}", m["images_per_s"]), pct(m.get("best_val_accuracy")),
-            pct(m["test_accuracy"]), (f"{m['test_loss']:.4f}", m["test_loss"]),
-            pct(info["gap"]), (seed, seed)]
+    if info["kind"] == "transfer" and m.get("feature_extraction_s") is not None:
+        tuned = [r["images_per_s"] for r in info["history"]
+                 if r.get("phase") == "fine-tune" and is_number(r.get("images_per_s"))]
+        if tuned:
+            return f"{sum(tuned) / len(tuned):.0f}", sum(tuned) / len(tuned), "fine-tuning epochs"
+        return "–", -1, "head trained on cached features: see time"
+    return f"{m['images_per_s']:.0f}", m["images_per_s"], ""
 
 
 def _table(infos: list[dict]) -> str:
-    head = "".join(f'<th onclick="sortTable({i})" title="sort">{html.escape(c)} ⇅</th>' for i, c in enumerate(COLUMNS))
+    def pct(v, note=""):
+        return (f"{v:.2%}", v, note) if v is not None else ("–", -1, "")
+    head = "".join(f'<th onclick="sortTable({i})" title="sort">{_esc(c)} ⇅</th>' for i, c in enumerate(COLUMNS))
     rows = []
     for info in infos:
-        cells = "".join(f'<td data-v="{html.escape(str(v))}">{html.escape(str(t))}</td>' for t, v in _row(info))
-        rows.append(f"<tr>{cells}</tr>")
+        m, seed = info["metrics"], info["seed"]["test"] if info["seed"] else "–"
+        row = [(info["name"], info["name"], ""), (info["kind"], info["kind"], ""), (info["model"], info["model"], ""),
+               (f"{m['parameters']:,}", m["parameters"], ""), (str(m["epochs_run"]), m["epochs_run"], ""),
+               (str(m["best_epoch"]), m["best_epoch"], ""), _time(m), _speed(info), pct(m.get("best_val_accuracy")),
+               pct(m["test_accuracy"]), (f"{m['test_loss']:.4f}", m["test_loss"], ""), pct(*info["gap"]),
+               (seed, seed, "")]
+        rows.append("<tr>" + "".join(f'<td data-v="{_esc(v)}">{_esc(t)}'
+                                     f'{f"<br><small>{_esc(note)}</small>" if note else ""}</td>'
+                                     for t, v, note in row) + "</tr>")
     return f'<table id="runs" class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def _curves(infos: list[dict], title: str, overlay: bool):
+    """Loss and accuracy per epoch; every text from a run escaped, as Plotly reads its labels as HTML."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy"))
     for i, info in enumerate(infos):
-        color = PALETTE[i % len(PALETTE)]
-        h = info["history"]
-        epochs = [r["epoch"] for r in h]
-        best = info["metrics"]["best_epoch"]
+        color, h, best, group = PALETTE[i % len(PALETTE)], info["history"], info["metrics"]["best_epoch"], _esc(info["name"])
+        epochs, prefix = [r["epoch"] for r in h], f"{group} " if overlay else ""
         for col, key in ((1, "loss"), (2, "accuracy")):
-            prefix = f"{info['name']} " if overlay else ""
-            fig.add_trace(go.Scatter(x=epochs, y=[r[key] for r in h], mode="lines", name=f"{prefix}train",
-                                     line={"dash": "dash", "color": color}, legendgroup=info["name"],
-                                     showlegend=col == 1), row=1, col=col)
-            if not _validated(info["config"]):
-                continue
-            fig.add_trace(go.Scatter(x=epochs, y=[r[f"val_{key}"] for r in h], mode="lines", name=f"{prefix}val",
-                                     line={"color": color}, legendgroup=info["name"], showlegend=col == 1),
-                          row=1, col=col)
-            if best and best <= len(h):
+            for label, column, line in [("train", key, {"dash": "dash", "color": color})] + (
+                    [("val", f"val_{key}", {"color": color})] if info["validated"] else []):
+                fig.add_trace(go.Scatter(x=epochs, y=[r[column] for r in h], mode="lines", name=f"{prefix}{label}",
+                                         line=line, legendgroup=group, showlegend=col == 1), row=1, col=col)
+            if info["validated"] and best and best <= len(h):
                 fig.add_trace(go.Scatter(x=[best], y=[h[best - 1][f"val_{key}"]], mode="markers",
                                          marker={"symbol": "star", "size": 12, "color": color},
-                                         name=f"{prefix}best epoch {best}", legendgroup=info["name"],
+                                         name=f"{prefix}best epoch {best}", legendgroup=group,
                                          showlegend=False), row=1, col=col)
         phases = [r.get("phase") for r in h]
         if "fine-tune" in phases:
@@ -148,106 +102,127 @@ def _curves(infos: list[dict], title: str, overlay: bool):
     return fig
 
 
-def _confusion(info: dict):
+def _overlays(infos: list[dict], fig_html: Callable) -> str:
+    """A chart of the curves per data set (class names, data folder): losses of different ones are on no one scale."""
+    groups: dict[tuple, list[dict]] = {}
+    for info in infos:
+        groups.setdefault((tuple(info["config"]["class_names"]), str(info["config"].get("data"))), []).append(info)
+    legend = "train dashed, validation solid, ★ best epoch"
+    if len(groups) == 1:
+        return fig_html(_curves(infos, f"all runs: {legend}", overlay=True)) if len(infos) > 1 else ""
+    charts = [fig_html(_curves(group, f"runs on {_esc(Path(data).name or data)} ({len(names)} classes: "
+                                      f"{_esc(', '.join(names[:6]) + (', …' if len(names) > 6 else ''))}): {legend}",
+                               overlay=True)) for (names, data), group in groups.items() if len(group) > 1]
+    return ('<p class="sub">the runs trained on different data sets, whose losses are not on one scale: each data '
+            "set's runs share a chart, and a run alone on its data has its curves in its own section</p>"
+            + "".join(charts))
+
+
+def _test_scores(info: dict, fig_html: Callable) -> str:
+    """The confusion matrix (class names escaped for Plotly) beside the per-class scores."""
     import plotly.graph_objects as go
-    names = info["config"]["class_names"]
-    cm = info["metrics"]["confusion_matrix"]
+    names, cm = [_esc(n) for n in info["config"]["class_names"]], info["metrics"]["confusion_matrix"]
     fig = go.Figure(go.Heatmap(z=cm, x=names, y=names, colorscale="Blues", text=cm, texttemplate="%{text}",
                                hovertemplate="true %{y}<br>predicted %{x}<br>%{z} images<extra></extra>"))
     size = 260 + 32 * len(names)
     fig.update_layout(title="confusion matrix (test)", width=size + 80, height=size, margin={"t": 40, "b": 40})
     fig.update_yaxes(autorange="reversed", title_text="true")
     fig.update_xaxes(title_text="predicted")
-    return fig
-
-
-def _per_class(info: dict) -> str:
-    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
+    rows = "".join(f"<tr><td>{_esc(name)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
                    f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>"
                    for name, v in info["metrics"]["per_class"].items())
-    return (f'<table class="grid small"><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>'
-            f"<th>support</th></tr></thead><tbody>{rows}</tbody></table>")
+    return (f'<div class="row"><div>{fig_html(fig)}</div><div><h3>per class (test)</h3><table class="grid small"><thead>'
+            f"<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr></thead><tbody>{rows}</tbody></table></div></div>")
 
 
-def _image(path: Path, alt: str) -> str:
-    if not path.is_file():
+def _image(run_dir: Path, name: str, alt: str, css: str = "") -> str:
+    """``run_dir/name`` embedded if it is a regular PNG file inside the run (no link out), else a note saying why not."""
+    path, data = run_dir / name, b""
+    if not (path.is_symlink() or path.exists()):
         return ""
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+    why = ("it is a link leading out of the run" if not inside(path, run_dir.resolve()) else
+           "" if path.is_file() else "it is not a regular file")
+    if not why:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(IMAGE_LIMIT + 1)
+            why = (f"it is over {IMAGE_LIMIT // 2**20} MiB" if len(data) > IMAGE_LIMIT else
+                   "" if data.startswith(PNG_SIGNATURE) else "it is not a PNG image")
+        except OSError as exc:
+            why = f"it cannot be read ({exc.strerror})"
+    if why:
+        return f'<p class="failed">{_esc(f"{name} left out: {why}")}</p>'
+    return (f'<figure{css}><img alt="{_esc(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+            f"<figcaption>{_esc(alt)}</figcaption></figure>")
 
 
-def _seed_note(info: dict) -> str:
-    seed = info["seed"]
-    if not seed:
-        return ""
-    m = info["metrics"]
-    val = m.get("best_val_accuracy")
-    ours = (f"{m['epochs_run']} epochs (best {m['best_epoch']}), {m['train_time_s']:.1f} s, best val "
+def _summary(info: dict) -> str:
+    """The run in one line, and beside it the original study's figures when it reproduces one."""
+    seed, m, config = info["seed"], info["metrics"], info["config"]
+    val, (time_text, _, time_parts) = m.get("best_val_accuracy"), _time(m)
+    size = config["data_info"].get("train_size") if isinstance(config.get("data_info"), dict) else None
+    images = f" on {size:,} training images" if is_number(size, True) else ""
+    ours = (f"{m['epochs_run']} epoch{'' if m['epochs_run'] == 1 else 's'}{images} (best {m['best_epoch']}), "
+            f"{time_text} s ({time_parts}), best val "
             f"{f'{val:.2%}' if val is not None else '- (no validation images)'}, test {m['test_accuracy']:.2%}")
+    if not seed:
+        return f'<p class="sub"><b>This run:</b> {_esc(ours)}.</p>'
     theirs = f"{seed['epochs']} epochs, {seed['time']}, val {seed['val']}, test {seed['test']}"
     extra = f" ({seed['notes']})" if seed["notes"] else ""
-    backbone = ""
-    if info["kind"] == "transfer":
-        config = info["config"]
-        recipe = f"{config.get('head', 'flatten')} head" + (", mirror test-time augmentation" if config.get("tta") else "")
-        backbone = (f" Backbone used here: <b>{html.escape(info['model'])}</b>, {html.escape(recipe)} (the original "
-                    "used VGG19, flatten head).")
-    return (f'<p class="seed"><b>Original:</b> {html.escape(theirs)}{html.escape(extra)}<br><b>Reproduction:</b> '
-            f"{html.escape(ours)}.{backbone}</p>")
-
-
-def _ranks(config: dict) -> str:
-    """'1', or '4 (nccl, 32 images per rank)' for a run on several ranks under torchrun."""
-    ranks = config.get("ranks") if isinstance(config.get("ranks"), dict) else {}
-    size = ranks.get("world_size", 1)
-    return str(size) if size == 1 else f"{size} ({ranks.get('backend')}, {ranks.get('batch_per_rank')} images per rank)"
+    recipe = f"{config.get('head', 'flatten')} head" + (", mirror test-time augmentation" if config.get("tta") else "")
+    backbone = (f" Backbone used here: <b>{_esc(info['model'])}</b>, {_esc(recipe)} (the original used VGG19, "
+                "flatten head).") if info["kind"] == "transfer" else ""
+    return (f'<p class="seed"><b>Original:</b> {_esc(theirs)}{_esc(extra)}<br><b>Reproduction:</b> '
+            f"{_esc(ours)}.{backbone}</p>")
 
 
 def _environment(infos: list[dict]) -> str:
     rows = []
     for info in infos:
-        env = info["config"].get("environment", {})
-        rows.append(f"<tr><td>{html.escape(info['name'])}</td><td>{env.get('cnnlab', '?')}</td><td>{env.get('torch', '?')}"
-                    f"</td><td>{env.get('python', '?')}</td><td>{html.escape(str(env.get('device', '?')))}</td>"
-                    f"<td>{html.escape(str(env.get('compute_dtype', 'float32' if env.get('device') == 'cpu' else '?')))}</td>"
-                    f"<td>{html.escape(str(env.get('native_kernels', '-')))}</td>"
-                    f"<td>{env.get('threads', '?')}</td><td>{html.escape(_ranks(info['config']))}</td>"
-                    f"<td>{info['config'].get('seed', '?')}</td>"
-                    f"<td>{html.escape(str(env.get('date', '?')))}</td></tr>")
+        config = info["config"]
+        env = config.get("environment") if isinstance(config.get("environment"), dict) else {}
+        ranks = config.get("ranks") if isinstance(config.get("ranks"), dict) else {}
+        size = ranks.get("world_size", 1)  # '4 (nccl, 32 images per rank)' for a run on 4 ranks under torchrun
+        ranks = str(size) if size == 1 else f"{size} ({ranks.get('backend')}, {ranks.get('batch_per_rank')} images per rank)"
+        cells = [info["name"], env.get("cnnlab", "?"), env.get("torch", "?"), env.get("python", "?"),
+                 env.get("device", "?"), env.get("compute_dtype", "float32" if env.get("device") == "cpu" else "?"),
+                 env.get("native_kernels", "-"), env.get("threads", "?"), ranks, config.get("seed", "?"),
+                 env.get("date", "?")]
+        rows.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
     return ('<table class="grid small"><thead><tr><th>run</th><th>cnnlab</th><th>torch</th><th>python</th>'
             f'<th>device</th><th>compute dtype</th><th>native kernels</th><th>threads</th><th>ranks</th><th>seed</th><th>date</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
-h1{margin-bottom:4px} .sub{color:#666;margin-top:0}
-table.grid{border-collapse:collapse;margin:12px 0;font-size:14px}
-table.grid th,table.grid td{border:1px solid #ddd;padding:4px 8px;text-align:right}
+h1{margin-bottom:4px} .sub{color:#666;margin-top:0} table.grid{border-collapse:collapse;margin:12px 0;font-size:14px} table.grid th,table.grid td{border:1px solid #ddd;padding:4px 8px;text-align:right} table.small{font-size:13px}
 table.grid th{background:#f3f5f8;cursor:pointer;user-select:none} table.grid td:first-child{text-align:left}
-table.small{font-size:13px} .run{border-top:2px solid #e5e5e5;margin-top:28px;padding-top:8px}
+table.grid td small{color:#777;font-size:11px} .run{border-top:2px solid #e5e5e5;margin-top:28px;padding-top:8px}
 .row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start} figure{margin:0} figure img{max-width:560px;border:1px solid #eee}
-figcaption{font-size:12px;color:#666} .seed{background:#fafaf0;border-left:4px solid #d8c96b;padding:6px 10px}
-.failed{background:#fff0f0;border-left:4px solid #d66;padding:6px 10px}
+figure.wide{margin-top:12px} figure.wide img{max-width:100%;height:auto} figcaption{font-size:12px;color:#666} .seed{background:#fafaf0;border-left:4px solid #d8c96b;padding:6px 10px} .failed{background:#fff0f0;border-left:4px solid #d66;padding:6px 10px}
 """
-SORT_SCRIPT = """
-function sortTable(col){const t=document.getElementById('runs'),b=t.tBodies[0],rows=[...b.rows];
+SORT_SCRIPT = """function sortTable(col){const t=document.getElementById('runs'),b=t.tBodies[0],rows=[...b.rows];
 const dir=t.dataset.col==String(col)&&t.dataset.dir=='asc'?'desc':'asc';t.dataset.col=col;t.dataset.dir=dir;
 rows.sort((x,y)=>{const a=x.cells[col].dataset.v,c=y.cells[col].dataset.v,na=parseFloat(a),nc=parseFloat(c);
-const r=(!isNaN(na)&&!isNaN(nc))?na-nc:a.localeCompare(c);return dir=='asc'?r:-r});rows.forEach(r=>b.appendChild(r));}
-"""
+const r=(!isNaN(na)&&!isNaN(nc))?na-nc:a.localeCompare(c);return dir=='asc'?r:-r});rows.forEach(r=>b.appendChild(r));}"""
+EXPLAINED = """click a column to sort. Time: the whole run, loading to test, and under it its parts: feature extraction
+(transfer runs), the training epochs (validation included), the rest. Overfit gap: training minus validation accuracy of
+the weights kept, the training accuracy measured in evaluation mode (dropout off) where the run recorded it; a transfer
+run's is its epochs' (its base runs in evaluation mode, its head has no dropout: only augmentation sets it apart). The
+last column: the original study's test accuracy where a run reproduces that experiment (a seed preset on CIFAR-10, or
+transfer learning on cats vs dogs)"""
 
 
 def build_report(run_dirs: list[str | Path], output: str | Path, title: str = "cnnlab report",
                  failures: list[str] | None = None, log: Callable[[str], None] = print) -> Path:
-    """Writes the report of the finished runs among ``run_dirs`` to ``output``; unfinished runs
-    and ``failures`` are listed as such. Runs whose metrics.json predates ``METRICS_VERSION`` are
-    scored again from their confusion matrices, which the page and one ``log`` line say."""
+    """Writes the report of the finished runs among ``run_dirs`` to ``output``; unfinished runs and ``failures``
+    are listed as such. Runs rescored (``_rescore``) are named on the page and in one ``log`` line."""
     import plotly.io as pio
     from plotly.offline import get_plotlyjs
 
     infos, unfinished = [], []
     for d in run_dirs:
-        info = _run_info(Path(d))
+        info = read_run(Path(d))
         (infos.append(info) if info else unfinished.append(Path(d).name))
     if not infos and not failures:
         raise CnnlabError("no finished runs to report; pass run directories that hold metrics.json")
@@ -255,39 +230,33 @@ def build_report(run_dirs: list[str | Path], output: str | Path, title: str = "c
     def fig_html(fig) -> str:
         return pio.to_html(fig, full_html=False, include_plotlyjs=False, config={"displaylogo": False})
 
-    notes = [f'<p class="failed">{html.escape(f)}</p>' for f in failures or []]
+    notes = [f'<p class="failed">{_esc(f)}</p>' for f in failures or []]
     rescored = [info["name"] for info in infos if info["rescored"]]
     if rescored:
-        said = (f"{len(rescored)} run(s) ({', '.join(rescored)}) have a metrics.json from before cnnlab's F1 fix: "
-                "their test precision, recall and F1 are recomputed from the confusion matrix (history.csv's "
-                "val_f1 stays as it was written)")
-        log(f"note: {said}")
-        notes.append(f'<p class="failed">{html.escape(said)}</p>')
-    notes += [f'<p class="failed">unfinished (not reported): {html.escape(n)} — continue it with '
+        said = (f"{len(rescored)} run(s) ({', '.join(rescored)}) have a metrics.json from before cnnlab's F1 fix: their "
+                "test precision, recall and F1 are recomputed from the confusion matrix (history.csv's val_f1 stays as it was written)")
+        log(f"note: {shown(said)}")
+        notes.append(f'<p class="failed">{_esc(said)}</p>')
+    notes += [f'<p class="failed">unfinished (not reported): {_esc(n)} — continue it with '
               f'<code>cnnlab resume</code></p>' for n in unfinished]
-    sections = []
-    for info in infos:
-        sections.append(f"""<section class="run" id="run-{html.escape(info['name'])}">
-<h2>{html.escape(info['name'])} <small>({html.escape(info['kind'])}: {html.escape(str(info['model']))})</small></h2>
-{_seed_note(info)}
-{fig_html(_curves([info], f"{info['name']}: learning curves", overlay=False))}
-<div class="row"><div>{fig_html(_confusion(info))}</div><div><h3>per class (test)</h3>{_per_class(info)}</div></div>
-<div class="row">{_image(info['dir'] / 'samples.png', 'random training images')}
-{_image(info['dir'] / 'mistakes.png', 'most confident mistakes: true → predicted, probability')}</div>
-</section>""")
-    overlay = fig_html(_curves(infos, "all runs: train dashed, validation solid, ★ best epoch", overlay=True)) \
-        if infos else ""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+    sections = "".join(f"""<section class="run" id="run-{_esc(info['name'])}">
+<h2>{_esc(info['name'])} <small>({_esc(info['kind'])}: {_esc(info['model'])})</small></h2>
+{_summary(info)}
+{fig_html(_curves([info], f"{_esc(info['name'])}: learning curves", overlay=False))}
+{_test_scores(info, fig_html)}
+<div class="row">{_image(info['dir'], 'samples.png', 'random training images')}</div>
+{_image(info['dir'], 'mistakes.png', 'most confident mistakes: true → predicted, probability', ' class="wide"')}
+</section>""" for info in infos)
+    page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>
 <style>{STYLE}</style><script>{get_plotlyjs()}</script><script>{SORT_SCRIPT}</script></head><body>
-<h1>{html.escape(title)}</h1><p class="sub">{len(infos)} runs · made {now} by cnnlab {__version__} on Python
+<h1>{_esc(title)}</h1><p class="sub">{len(infos)} runs · made {now} by cnnlab {__version__} on Python
 {platform.python_version()} · accuracies are measured once on each run's held-out test split</p>
 {''.join(notes)}
-<h2>Runs side by side</h2><p class="sub">click a column to sort; the overfitting gap is train minus validation
-accuracy at the best epoch; the last column is the original study's test accuracy where a run reproduces one</p>
+<h2>Runs side by side</h2><p class="sub">{EXPLAINED}</p>
 {_table(infos)}
-{overlay}
-{''.join(sections)}
+{_overlays(infos, fig_html) if infos else ""}
+{sections}
 <h2>Environment</h2>{_environment(infos)}
 </body></html>"""
     output = Path(output)
@@ -295,7 +264,7 @@ accuracy at the best epoch; the last column is the original study's test accurac
         raise CnnlabError(f"-o {output} is a folder; pass a file name such as {output / 'report.html'}")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(output, page.encode())
+        atomic_write_bytes(output, page.encode("utf-8", "backslashreplace"))
     except (OSError, WriteError) as exc:
         raise CnnlabError(f"cannot write the report to {output} ({getattr(exc, 'strerror', None) or exc}); "
                           "pass -o a file in a writable folder") from None

@@ -4,6 +4,7 @@ where it writes, how it speaks, the hooks passed in). ``fit``, checkpointing and
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -83,7 +84,8 @@ class RunContext:
     logs, the interrupt guard, and the hooks passed in. ``checkpoints``: ``fit`` writes
     checkpoint.pt and history.csv into ``run_dir`` after every epoch (rank 0 of a from-scratch run).
     ``mistake_pictures(model, images, preprocessing, classes)`` turns the test's most confident
-    mistakes into the pictures the run shows, with a title (None: the photos as they are)."""
+    mistakes into the pictures the run shows, with a title (None: the photos as they are);
+    ``started``: when this attempt began, for the run's whole wall time."""
     device: torch.device
     run_dir: Path | None = None
     preprocessing: Preprocessing | None = None
@@ -95,6 +97,7 @@ class RunContext:
     guard: InterruptGuard | None = None
     checkpoints: bool = False
     mistake_pictures: Callable | None = None
+    started: float = field(default_factory=time.perf_counter)  # when this attempt at the run began
 
 
 @dataclass

@@ -5,9 +5,11 @@ written atomically (atomic.py)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -16,14 +18,29 @@ import torch
 from .atomic import atomic_write_bytes
 from .config import name_problem
 from .errors import CnnlabError
+from .text import shown
 
 
 def write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def _regular(path: Path) -> Path:
+    """``path``, or a one-line error when it exists but is not a regular file (a named pipe would
+    block the read forever, a device would never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return Path(path)  # missing: the reader says so
+    if not stat.S_ISREG(mode):
+        raise CnnlabError(f"{shown(path)} is not a regular file; restore the run's file from a copy, or train the "
+                          "run again")
+    return Path(path)
+
+
 def read_json(path: Path):
     """A JSON file cnnlab wrote, or a one-line error when it is damaged."""
+    _regular(path)
     try:
         return json.loads(Path(path).read_bytes())
     except (OSError, ValueError) as exc:
@@ -48,6 +65,7 @@ def save_torch(path: Path, obj) -> None:
 
 def load_torch(path: Path):
     """Loads tensors with ``weights_only=True``: a crafted file cannot run code."""
+    _regular(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -80,12 +98,91 @@ def create_run_dir(out: str | Path, name: str) -> Path:
     raise CnnlabError(f"too many runs named {name} in {out}; pass another --name")
 
 
+def claim_run_dir(path: Path) -> Path:
+    """``path`` as a run directory, made if missing (``--resume-if-exists`` starting the run it names)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CnnlabError(f"cannot create run directory {path} ({exc.strerror}); pass a writable --out") from None
+    return Path(path)
+
+
+def existing_run(out: str | Path, name: str) -> tuple[Path, bool]:
+    """``--resume-if-exists``: (out/name, whether a run is there, finished or not); a one-line error
+    for a folder there that holds something else. An empty folder is no run yet."""
+    problem = name_problem(name)
+    if problem:
+        raise CnnlabError(problem)
+    path = Path(out) / name
+    if (path / "config.json").is_file():
+        return path, True
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CnnlabError(f"--resume-if-exists: {path} exists but holds no run (no config.json); move it away, or "
+                          "pass another --name")
+    return path, False
+
+
+SPLITS = ("train", "val", "test")
+
+
+def split_digests(splits) -> dict:
+    """Per split: its image count, a digest of its files (relative to the data's root) with their
+    labels, which is the split drawn, and one of its decoded pixels with the labels (which also
+    covers data without files, such as torchvision's CIFAR-10)."""
+    root = splits.info.get("root")
+    digests = {}
+    for name in SPLITS:
+        part = getattr(splits, name)
+        labels = part.labels.cpu().to(torch.int64)
+        files = hashlib.sha256()
+        for path, label in zip(part.files, labels.tolist()):
+            files.update(os.fsencode(os.path.relpath(path, root) if root else path) + f"\0{label}\n".encode())
+        pixels = hashlib.sha256(f"{tuple(part.images.shape)}".encode() + labels.numpy().tobytes())
+        pixels.update(part.images.cpu().contiguous().reshape(-1).numpy())  # uint8 bytes, hashed in place
+        digests[name] = {"images": len(part), "files": files.hexdigest() if part.files else None,
+                         "pixels": pixels.hexdigest()}
+    return digests
+
+
+def check_same_data(run_dir: Path, record: dict, splits, log) -> None:
+    """A one-line error unless ``splits`` are the data ``record`` (a run's config.json) was started on:
+    its classes, input shape, and each split's images, files and labels. A continued run must train
+    and test on exactly the split it started with; new or removed images would redraw it."""
+    fix = (f"restore the data at {record.get('data')} as it was when the run started, or train a new run on it "
+           "(another --name)")
+    if splits.class_names != record.get("class_names"):
+        raise CnnlabError(f"the data no longer has {run_dir}'s classes ({', '.join(record.get('class_names') or [])}"
+                          f"; now {', '.join(splits.class_names)}); {fix}")
+    shape = list(splits.train.images.shape[1:])
+    if record.get("input_shape") not in (None, shape):
+        raise CnnlabError(f"the images are now {'x'.join(map(str, shape))}, {run_dir}'s were "
+                          f"{'x'.join(map(str, record['input_shape']))}; {fix}")
+    recorded = record.get("split_digests")
+    if not isinstance(recorded, dict):
+        log(f"notice: {run_dir} recorded no digest of its splits (an older cnnlab started it): that they are "
+            "the same is not checked")
+        return
+    now, changed = split_digests(splits), []
+    for name in SPLITS:
+        was, is_ = recorded.get(name) or {}, now[name]
+        if was.get("images") != is_["images"]:
+            changed.append(f"its {name} split had {was.get('images')} images and would now have {is_['images']}")
+        elif was.get("files") != is_["files"]:
+            changed.append(f"its {name} split's files or their classes differ")
+        elif was.get("pixels") != is_["pixels"]:
+            changed.append(f"its {name} split's images differ")
+    if changed:
+        raise CnnlabError(f"the data changed since {run_dir} started ({'; '.join(changed)}): going on would mix "
+                          f"images of one split into another; {fix}")
+
+
 def run_record(kind: str, settings: dict, splits, parameters: int, environment: dict, **extra) -> dict:
-    """What a run's config.json holds: its settings, what it is, the data it saw, where it ran
-    and the command that started it."""
+    """What a run's config.json holds: its settings, what it is, the data it saw (with a digest of
+    each split, which resume checks), where it ran and the command that started it."""
     return {**settings, "kind": kind, **extra, "class_names": splits.class_names,
-            "input_shape": list(splits.train.images.shape[1:]), "parameters": parameters, "data_info": splits.info,
-            "environment": environment, "command": " ".join(sys.argv)}
+            "input_shape": list(splits.train.images.shape[1:]), "split_digests": split_digests(splits),
+            "parameters": parameters, "data_info": splits.info, "environment": environment,
+            "command": " ".join(sys.argv)}
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -98,6 +195,7 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 def read_history(path: Path) -> list[dict]:
     """history.csv's rows, numbers as numbers; a one-line error when the file is damaged."""
+    _regular(path)
     try:
         with open(path, newline="") as f:
             return [{k: _number(v) if isinstance(v, str) else v for k, v in row.items()} for row in csv.DictReader(f)]

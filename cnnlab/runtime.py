@@ -12,8 +12,9 @@ from typing import Callable
 
 import torch
 
-from . import __version__, distributed
+from . import distributed
 from .errors import CnnlabError
+from .version import __version__
 
 
 def switched_off(variable: str) -> bool:

@@ -17,14 +17,28 @@ from .preprocessing import Preprocessing
 from .presets import build_model
 from .runs import load_run, load_torch
 from .runtime import memory_format, pick_device
+from .text import shown
 from .transfer_model import build_from_config
 from .weights import load_weights_into
+
+
+RUN_FILES = ("config.json", "metrics.json", "history.csv", "model.pt", "checkpoint.pt")
+
+
+def check_run_files(run_dir: Path) -> None:
+    """A one-line error for a run file that is there but not a regular file (a named pipe, a
+    device): reading one could wait forever."""
+    for name in RUN_FILES:
+        path = Path(run_dir) / name
+        if path.exists() and not path.is_file():
+            raise CnnlabError(f"{shown(path)} is not a regular file; restore the run's {name} or train the run again")
 
 
 def load_model(run_dir: str | Path, device: torch.device | None = None):
     """(model in eval mode with the run's best weights, its config, its preprocessing), all
     from what the run directory recorded."""
     run_dir = Path(run_dir)
+    check_run_files(run_dir)
     config, _ = load_run(run_dir)
     if config.get("kind") == "transfer":
         model, preprocessing = build_from_config(config)
@@ -44,7 +58,7 @@ def torch_model(model: str, weights: str | None = None) -> tuple[nn.Module, Prep
         net, config, preprocessing = load_model(model)
         return net, preprocessing, config["class_names"]
     if Path(model).exists():
-        raise CnnlabError(f"{model} is not a run directory (no config.json) nor an exported .onnx file; pass a run, "
+        raise CnnlabError(f"{shown(model)} is not a run directory (no config.json) nor an exported .onnx file; pass a run, "
                           "a .onnx file or a backbone name")
     built, weights_used, _ = pretrained(model, None, weights)
     net = built.net.to(pick_device(), memory_format=torch.channels_last).eval()
@@ -64,9 +78,12 @@ class OnnxModel:
         except ImportError:
             raise CnnlabError("running .onnx files needs onnxruntime: pip install onnxruntime") from None
         except Exception as exc:
-            raise CnnlabError(f"{path} is not a model exported by `cnnlab export` ({type(exc).__name__}); "
+            raise CnnlabError(f"{shown(path)} is not a model exported by `cnnlab export` ({type(exc).__name__}); "
                               "export the run again") from None
 
-    def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        """Class probabilities for uint8 (N, 3, size, size) images."""
-        return self.session.run(None, {"pixels": images.float().numpy()})[0]
+    def probabilities(self, images: torch.Tensor, batch: int = 32) -> np.ndarray:
+        """Class probabilities for uint8 (N, 3, size, size) images, ``batch`` at a time (float32
+        copies of a batch, never of all of them)."""
+        parts = [self.session.run(None, {"pixels": images[i:i + batch].float().numpy()})[0]
+                 for i in range(0, len(images), batch)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.class_names)), np.float32)

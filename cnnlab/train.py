@@ -8,29 +8,33 @@ augments it as a whole batch (data.py), and runs forward, loss, backward and the
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import closing
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from . import __version__, distributed, kernels
+from . import distributed, kernels
 from .checkpoint import checkpoint_state, read_checkpoint, restore
-from .config import TrainConfig, from_record
+from .config import AUTO, TrainConfig, from_record
 from .data import ImageSet, Splits, load_splits
 from .early_stopping import EarlyStopping
 from .errors import CnnlabError, RunInterrupted
 from .inference import confident_mistakes, predict_logits, score, score_logits
 from .interrupts import guarded_run, read_marker
 from .layers import Whiten
+from .lr_sweep import plot, sweep
 from .metrics import METRICS_VERSION
 from .presets import build_model, count_parameters, get_preset, init_whitening
 from .run_state import Outcome, RunContext, RunState, steps_in
 from .runs import (
+    check_same_data,
+    claim_run_dir,
     create_run_dir,
     run_record,
     save_torch,
@@ -44,6 +48,7 @@ from .runs import (
 from .runtime import environment, memory_format, setup
 from .step import TrainStep
 from .tensorboard_log import Board
+from .version import __version__
 
 
 def _progress(total: int, epoch: int, epochs: int):
@@ -214,37 +219,52 @@ def _start(cfg: TrainConfig, layers, splits: Splits | None, log: Callable[[str],
     return device, splits, model.to(device, memory_format=memory_format(cfg.channels_last))
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: Splits | None = None) -> Path:
-    """Loads data, trains, tests once on the held-out split and writes the run directory."""
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, splits: Splits | None = None,
+          run_dir: Path | None = None) -> Path:
+    """Loads data, trains, tests once on the held-out split and writes the run directory: a new one
+    in ``cfg.out``, or ``run_dir`` (``--resume-if-exists`` starting the run it names)."""
     started = time.perf_counter()
     layers = list(get_preset(cfg.preset).layers)
     device, splits, model = _start(cfg, layers, splits, log)
-    run_dir = distributed.on_main(lambda: create_run_dir(cfg.out, cfg.name or cfg.preset))
+    found = sweep(model, splits.train, cfg, device) if cfg.lr == AUTO else None
+    if found is not None:  # on a copy, the random streams restored: the run trains as with --lr <the value found>
+        cfg = replace(cfg, lr=found.suggestion)
+        log(f"--lr auto: the learning-rate finder suggests {found.suggestion:.3g} ({len(found.lrs)} steps, "
+            f"{found.seconds:.1f}s)")
+    named = run_dir
+    run_dir = distributed.on_main(lambda: claim_run_dir(named) if named is not None else
+                                  create_run_dir(cfg.out, cfg.name or cfg.preset))
     params = count_parameters(model)
     if distributed.is_main():
+        auto = {"lr_found": found.suggestion, "lr_auto": True} if found is not None else {}
         write_json(run_dir / "config.json", run_record(
             "train", asdict(cfg), splits, params, environment(device, cfg.precision, kernels.status),
-            layers=layers, ranks=distributed.describe(cfg.batch_size)))
+            layers=layers, ranks=distributed.describe(cfg.batch_size), **auto))
+        if found is not None:
+            plot(found, run_dir / "lr_find.png", f"learning-rate finder: {cfg.preset}, lr {found.suggestion:.3g}")
     ranks = f" x {distributed.world_size()} ranks" if distributed.active() else ""
     log(f"{cfg.preset}: {params:,} parameters, {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test images, {device}{ranks}; loaded in {time.perf_counter() - started:.1f}s")
     log(f"run directory: {run_dir}")
     board = Board(run_dir, cfg.tensorboard and distributed.is_main(), log=log, validated=len(splits.val) > 0)
-    return _run(cfg, _context(cfg, run_dir, device, log, board), model, splits, None)
+    ctx = _context(cfg, run_dir, device, log, board)
+    ctx.started = started
+    return _run(cfg, ctx, model, splits, None)
 
 
-def resume(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+def resume(run_dir: str | Path, log: Callable[[str], None] = print, honoured: dict | None = None) -> Path:
     """Continues a stopped run from its last checkpoint, with the model rebuilt from the layers
-    the run recorded; a finished run is left as it is."""
+    the run recorded, on exactly the data and split it started with (else a one-line error); a
+    finished run is left as it is. ``honoured``: settings that cannot change the run (where it
+    computes, where its data lies) that this attempt takes instead of the recorded ones."""
     run_dir = Path(run_dir)
     config = unfinished_config(run_dir, log)
     if config is None:
         return run_dir
-    cfg = from_record(TrainConfig, config)
+    cfg = replace(from_record(TrainConfig, config), **(honoured or {}))
     device, splits, model = _start(cfg, config["layers"], None, log)
-    if splits.class_names != config["class_names"]:
-        raise CnnlabError(f"the data at {cfg.data} no longer has the run's classes; restore it or start a new run")
-    state = read_checkpoint(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").is_file() else None
+    check_same_data(run_dir, config, splits, log)
+    state = read_checkpoint(run_dir / "checkpoint.pt") if os.path.lexists(run_dir / "checkpoint.pt") else None
     if state is None:
         log(f"{run_dir} has no checkpoint yet: starting its training from epoch 1")
     else:
@@ -279,8 +299,16 @@ def _run(cfg: TrainConfig, ctx: RunContext, model: nn.Module, splits: Splits, ch
         if distributed.is_main():
             write_samples(ctx.run_dir, splits.train, splits.class_names, cfg.seed)
         run = fit_model(model, splits, cfg, ctx, checkpoint)
-        finish_run(ctx, model, splits, Outcome(run.history, run.early_stopping))
+        finish_run(ctx, model, splits, Outcome(run.history, run.early_stopping,
+                                               extra={"train_accuracy_eval": _train_accuracy(model, splits, ctx)}))
     return ctx.run_dir
+
+
+def _train_accuracy(model: nn.Module, splits: Splits, ctx: RunContext) -> float:
+    """The training split's accuracy with the final weights in evaluation mode (dropout off, batch
+    norm's running statistics): what the gap to validation accuracy should be measured with."""
+    logits = predict_logits(model, splits.train.images, ctx.preprocessing, ctx.device, precision=ctx.precision)
+    return score_logits(logits, splits.train.labels, splits.class_names)["accuracy"]
 
 
 def finish_run(ctx: RunContext, model: nn.Module, splits: Splits, outcome: Outcome,
@@ -294,7 +322,7 @@ def finish_run(ctx: RunContext, model: nn.Module, splits: Splits, outcome: Outco
         logits = predict_logits(model, splits.test.images, ctx.preprocessing, ctx.device, tta=ctx.tta,
                                 precision=ctx.precision)
     test = score_logits(logits, splits.test.labels, splits.class_names)
-    metrics = _metrics(model, splits, outcome, test)
+    metrics = _metrics(ctx, model, splits, outcome, test)
     if not distributed.is_main():  # the test was scored by every rank together; rank 0 writes it
         return
     mistakes = confident_mistakes(logits, splits.test.labels)
@@ -314,15 +342,17 @@ def finish_run(ctx: RunContext, model: nn.Module, splits: Splits, outcome: Outco
             f"({len(outcome.history)} epochs, best {metrics['best_epoch']}, {metrics['train_time_s']:.1f}s training)")
 
 
-def _metrics(model: nn.Module, splits: Splits, outcome: Outcome, test: dict) -> dict:
-    """metrics.json: the test scores, how training went, and ``outcome.extra``."""
+def _metrics(ctx: RunContext, model: nn.Module, splits: Splits, outcome: Outcome, test: dict) -> dict:
+    """metrics.json: the test scores, how training went (``run_time_s``: this attempt's wall time,
+    loading to results; ``train_time_s``: the epochs'), and ``outcome.extra``."""
     history, stopping = outcome.history, outcome.early_stopping
     best = stopping.best_epoch or len(history)
     return {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_precision": test["precision"],
         "test_recall": test["recall"], "test_f1": test["f1"], "test_balanced_accuracy": test["balanced_accuracy"],
         "metrics_version": METRICS_VERSION,
-        "train_time_s": sum(r["seconds"] for r in history), "epochs_run": len(history), "best_epoch": best,
+        "train_time_s": sum(r["seconds"] for r in history), "run_time_s": time.perf_counter() - ctx.started,
+        "epochs_run": len(history), "best_epoch": best,
         "stopped_early": stopping.stopped_epoch is not None, "monitor": stopping.monitor, "best_value": stopping.best,
         "best_val_accuracy": history[best - 1].get("val_accuracy"),  # None: no validation images
         "train_accuracy_at_best": history[best - 1]["accuracy"],

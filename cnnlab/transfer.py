@@ -3,6 +3,7 @@ optional fine-tuning of the last blocks. Both phases run through train.py's loop
 from __future__ import annotations
 
 import copy
+import json
 import time
 from contextlib import closing
 from dataclasses import asdict, dataclass, replace
@@ -14,15 +15,18 @@ from torch import nn
 
 from . import distributed, kernels
 from .backbones import Built, pretrained
-from .config import TrainConfig, TransferConfig, from_record, validate_transfer
+from .config import AUTO, TrainConfig, TransferConfig, from_record, validate_transfer
 from .data import ImageSet, Splits, load_splits
+from .errors import CnnlabError
 from .features import cached_features, cached_test_logits
 from .gradcam import explainable, overlays
 from .interrupts import guarded_run
+from .lr_sweep import plot, sweep
 from .preprocessing import Preprocessing
 from .presets import count_parameters
 from .run_state import Outcome, RunContext
-from .runs import create_run_dir, run_record, unfinished_config, write_history, write_json, write_samples
+from .runs import (check_same_data, claim_run_dir, create_run_dir, run_record, unfinished_config, write_history,
+                   write_json, write_samples)
 from .runtime import environment, setup
 from .tensorboard_log import Board
 from .train import finish_run, fit_model
@@ -49,9 +53,11 @@ class _Job:
 
 
 def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Splits | None = None,
-             run_dir: Path | None = None) -> Path:
+             run_dir: Path | None = None, record: dict | None = None) -> Path:
     """Frozen phase (cached features unless augmenting), optional fine-tuning, one test, a run
-    directory (a new one, or ``run_dir`` when restarting a stopped run)."""
+    directory (a new one, or ``run_dir``: a stopped run restarted, whose config.json is ``record``,
+    or the run ``--resume-if-exists`` names, started there). A restart goes on with exactly the
+    data, split and input the run recorded, or stops with a one-line error before writing a thing."""
     validate_transfer(cfg)
     device = setup(cfg.device, cfg.threads)
     distributed.check_batch(cfg.batch_size)
@@ -67,8 +73,12 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
     head = Head(cfg.head, built.channels, built.grid, len(splits.class_names))
     model = TransferModel(built.features, head).to(device, memory_format=torch.channels_last)
     freeze_base(model, built.blocks, 0)
-    restart = run_dir is not None
-    run_dir = run_dir or distributed.on_main(lambda: create_run_dir(cfg.out, cfg.name or f"transfer-{cfg.backbone}"))
+    restart = record is not None
+    if restart:
+        _same_start(record, run_dir, splits, {"weights_variant": weights.variant, "preprocessing": asdict(prep)}, log)
+    named = run_dir
+    run_dir = distributed.on_main(lambda: claim_run_dir(named) if named is not None else
+                                  create_run_dir(cfg.out, cfg.name or f"transfer-{cfg.backbone}"))
     writes = distributed.is_main()
     if writes:
         write_json(run_dir / "config.json", run_record(
@@ -78,7 +88,7 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
             ranks=distributed.describe(cfg.batch_size)))
     board = Board(run_dir, cfg.tensorboard and writes, 1 if restart else None, log)  # a restart hides the stopped attempt's
     ctx = RunContext(device, run_dir, prep, cfg.tta, cfg.precision, asdict(cfg), log, board,
-                     mistake_pictures=gradcam_pictures)
+                     mistake_pictures=gradcam_pictures, started=started)
     with guarded_run(run_dir, log, checkpoints=False) as guard, closing(board):
         ctx.guard = guard
         if writes:
@@ -91,6 +101,17 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
         outcome, logits = _phases(_Job(cfg, model, built, splits, weights_path, ctx))
         finish_run(ctx, model, splits, outcome, logits)
     return run_dir
+
+
+def _same_start(record: dict, run_dir: Path, splits: Splits, inputs: dict, log: Callable[[str], None]) -> None:
+    """A one-line error unless a restarted run sees what it started with: the data and split, and its
+    weights' variant and preprocessing (``inputs``; the input size among them)."""
+    check_same_data(run_dir, record, splits, log)
+    for key, now in json.loads(json.dumps(inputs)).items():
+        if record.get(key, now) != now:
+            raise CnnlabError(f"the backbone's weights now give {key} {now}, {run_dir} started with {record[key]}; "
+                              f"restore its weights file ({record.get('weights_path')}), or train a new run "
+                              "(another --name)")
 
 
 def gradcam_pictures(model: nn.Module, images: torch.Tensor, preprocessing: Preprocessing,
@@ -117,9 +138,11 @@ def _phases(job: _Job) -> tuple[Outcome, torch.Tensor | None]:
         labels["train"] = labels["train"].repeat(cfg.feature_copies + 1)  # the photos, then each altered copy
         feature_splits = Splits(*(ImageSet(features[n], labels[n]) for n in ("train", "val", "test")),
                                 splits.class_names)
+        frozen_cfg = _auto_lr(job, model.head, feature_splits.train, frozen_cfg)
         ctx.log(f"frozen phase: training the head on cached features ({cfg.epochs} epochs)")
         frozen = fit_model(model.head, feature_splits, frozen_cfg, ctx)
     else:
+        frozen_cfg = _auto_lr(job, model, splits.train, frozen_cfg)
         ctx.log(f"frozen phase: base run every step ({cfg.epochs} epochs)")
         frozen = fit_model(model, splits, frozen_cfg, ctx)
     for row in frozen.history:
@@ -136,6 +159,25 @@ def _phases(job: _Job) -> tuple[Outcome, torch.Tensor | None]:
     if distributed.is_main():
         write_history(ctx.run_dir / "history.csv", outcome.history)
     return outcome, None
+
+
+def _auto_lr(job: _Job, model: nn.Module, train: ImageSet, frozen_cfg: TrainConfig) -> TrainConfig:
+    """With --lr auto: the learning-rate finder's suggestion for the frozen phase, swept on a copy of
+    the model that phase trains, on what it trains on; recorded in config.json with its curve."""
+    if job.cfg.lr != AUTO:
+        return frozen_cfg
+    found = sweep(model, train, frozen_cfg, job.ctx.device)
+    job.cfg = replace(job.cfg, lr=found.suggestion)
+    job.ctx.settings["lr"] = found.suggestion
+    job.ctx.log(f"--lr auto: the learning-rate finder suggests {found.suggestion:.3g} ({len(found.lrs)} steps, "
+                f"{found.seconds:.1f}s)")
+    if distributed.is_main():
+        path = job.ctx.run_dir / "config.json"
+        write_json(path, {**json.loads(path.read_text()), "lr": found.suggestion, "lr_found": found.suggestion,
+                          "lr_auto": True})
+        plot(found, job.ctx.run_dir / "lr_find.png", f"learning-rate finder: {job.cfg.backbone} head, "
+                                                     f"lr {found.suggestion:.3g}")
+    return replace(frozen_cfg, lr=found.suggestion)
 
 
 def _fine_tune(job: _Job, frozen: Outcome) -> Outcome:
@@ -169,12 +211,14 @@ def _fine_tune(job: _Job, frozen: Outcome) -> Outcome:
     return Outcome(frozen.history + tuned.history, stopping, offset + 1, extra)
 
 
-def resume_transfer(run_dir: str | Path, log: Callable[[str], None] = print) -> Path:
-    """Restarts a stopped transfer run in its own directory. Seeded on the CPU it ends as an
-    uninterrupted run would; the feature cache makes the frozen phase quick."""
+def resume_transfer(run_dir: str | Path, log: Callable[[str], None] = print, honoured: dict | None = None) -> Path:
+    """Restarts a stopped transfer run in its own directory, on exactly the data and split it
+    started with (``honoured``: as train.resume's). Seeded on the CPU it ends as an uninterrupted run
+    would; the feature cache makes the frozen phase quick."""
     run_dir = Path(run_dir)
     config = unfinished_config(run_dir, log)
     if config is None:
         return run_dir
     log(f"restarting transfer run {run_dir} from its first epoch")
-    return transfer(from_record(TransferConfig, config), log, run_dir=run_dir)
+    return transfer(replace(from_record(TransferConfig, config), **(honoured or {})), log, run_dir=run_dir,
+                    record=config)

@@ -67,7 +67,7 @@ def freeze_base(model: TransferModel, blocks: list[nn.Module], unfreeze: int = 0
 
 def build_from_config(config: dict) -> tuple[TransferModel, Preprocessing]:
     """A transfer run's model (architecture only: weights come from its model.pt) and preprocessing."""
-    prep = Preprocessing.from_dict(config["preprocessing"])
-    built = build(config["backbone"], prep.size)
+    preprocessing = Preprocessing.from_dict(config["preprocessing"])
+    built = build(config["backbone"], preprocessing.size)
     head = Head(config["head"], built.channels, built.grid, len(config["class_names"]))
-    return TransferModel(built.features, head), prep
+    return TransferModel(built.features, head), preprocessing

@@ -33,6 +33,11 @@ def world(tmp_path_factory, trained_run):
     (root / "a-file").write_text("x")
     other = make_folder(root / "other-classes", classes=3, per_class=2)
     (other / "class_2").rename(other / "zebra")
+    unreadable = make_folder(root / "unreadable-class", classes=3, per_class=4)
+    for image in (unreadable / "class_2").iterdir():  # images by name, none by content
+        image.write_bytes(b"not an image")
+    os.mkfifo(root / "pipe.jpg")  # reading one waits for a writer forever
+    os.mkfifo(root / "pipe.onnx")
     broken = root / "broken"
     for name, content in [("wrong-arch", None), ("truncated", good.joinpath("model.pt").read_bytes()[:500]),
                           ("not-weights", b"hello, I am a text file"), ("crafted", None)]:
@@ -42,10 +47,14 @@ def world(tmp_path_factory, trained_run):
     from cnnlab.presets import PRESETS, build_model
     torch.save(build_model(PRESETS["conv"].layers, 3).state_dict(), broken / "wrong-arch" / "model.pt")
     torch.save({"0.weight": Evil(root / "pwned")}, broken / "crafted" / "model.pt")
+    shutil.copytree(good, broken / "pipe-weights")
+    (broken / "pipe-weights" / "model.pt").unlink()
+    os.mkfifo(broken / "pipe-weights" / "model.pt")
     return root
 
 
 T = ["train", "--preset", "pool-bn", "--batch-size", "8", "--epochs", "1"]
+TR = ["transfer", "--backbone", "efficientnet_lite0", "--epochs", "1"]
 CASES = [
     (T + ["--data", "{root}/missing"], "does not exist"),
     (T + ["--data", "{root}/a-file"], "is a file"),
@@ -76,6 +85,28 @@ CASES = [
     (["evaluate", "{root}/broken/not-weights", "--data", "{data}"], "not a readable weights file"),
     (["evaluate", "{root}/broken/crafted", "--data", "{data}"], "not a readable weights file"),
     (["resume", "{root}/missing-run"], "not a run directory"),
+    # issue 44: inputs that are not what they seem
+    (T + ["--data", "{root}/unreadable-class"], "class_2 has no readable image"),
+    (["predict", "{root}/pipe.jpg", "--model", "{run}"], "pipe.jpg is a named pipe, not an image file"),
+    (["explain", "{root}/pipe.jpg", "--model", "{run}", "--out", "{root}/explained"], "is a named pipe"),
+    (["evaluate", "{run}", "--data", "{root}/pipe.jpg"], "is not a folder"),
+    (["predict", "{root}/no\x1b[31mpe\nx.jpg", "--model", "{run}"], "no\\x1b[31mpe\\nx.jpg does not exist"),
+    (["export", "{run}", "-o", "{run}/model.pt"], "is one of the run's own files"),
+    (["export", "{run}", "--output", "{run}/config.json"], "is one of the run's own files"),
+    (["export", "{run}", "-o", "{root}/model.pt"], "does not end in .onnx"),
+    (["export", "{run}", "-o", "{root}/pipe.onnx"], "is not a plain file"),
+    (["evaluate", "{root}/broken/pipe-weights", "--data", "{data}"], "model.pt is not a regular file"),
+    (["predict", "{data}/class_0", "--model", "{root}/broken/pipe-weights"], "model.pt is not a regular file"),
+    (["export", "{root}/broken/pipe-weights"], "model.pt is not a regular file"),
+    # issue 44: numbers that ask for more than any machine has
+    (T + ["--data", "{data}", "--threads", "10000"], "--threads must be at most 1,024"),
+    (T + ["--data", "{data}", "--batch-size", "100000"], "--batch-size must be at most 65,536"),
+    (T + ["--data", "{data}", "--epochs", "1000000"], "--epochs must be at most 100,000"),
+    (T + ["--data", "{data}", "--seed", str(2 ** 64)], "--seed must be 0 to 4294967295"),
+    (TR + ["--data", "{data}", "--image-size", "100000"], "--image-size must be at most 1,024"),
+    (TR + ["--data", "{data}", "--feature-copies", "1000"], "--feature-copies must be at most 16"),
+    (TR + ["--data", "{data}", "--fine-tune-epochs", "1000000"], "--fine-tune-epochs must be at most 100,000"),
+    (["reproduce", "--threads", "10000", "--out", "{root}/reproduce"], "--threads must be at most 1,024"),
 ]
 
 
@@ -89,6 +120,7 @@ def test_bad_input_table(world, trained_run, capsys, i, args, message):
     args = [a.format(root=world, data=trained_run.data, run=trained_run.dir) for a in args]
     result = cnnlab(*args) if i in SUBPROCESS else cnnlab_here(capsys, *args)
     assert_one_line_error(result, message)
+    assert "\x1b" not in result.stderr  # a name's escape sequences are shown, never sent to the terminal
     assert snapshot(trained_run.dir) == before
     assert not (world / "pwned").exists()  # the crafted pickle ran no code
 

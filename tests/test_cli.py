@@ -1,12 +1,13 @@
 """The command line as a user meets it: real subprocesses, exit codes, one-line errors (refusals
 run in the test process, as the same ``main``)."""
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import assert_one_line_error, cnnlab, cnnlab_here, make_folder
+from conftest import TRAINED_RUN_ARGS, assert_one_line_error, cnnlab, cnnlab_here, make_folder, snapshot
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -128,3 +129,53 @@ def test_predicting_does_not_load_the_training_loop_and_help_does_not_load_torch
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
     probe = "import sys, cnnlab.cli; cnnlab.cli.build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def _copy_run(trained_run, tmp_path, finished=True):
+    run = tmp_path / "runs" / "pool-bn"
+    shutil.copytree(trained_run.dir, run)
+    if not finished:
+        (run / "metrics.json").unlink()  # as if it had stopped
+    return run
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_options_beside_resume_that_would_change_the_run_are_refused(trained_run, tmp_path, capsys, finished):
+    """Issue 44: `train --resume RUN --epochs 5 --lr 0.5` exited 0, having ignored both."""
+    run = _copy_run(trained_run, tmp_path, finished)
+    before = snapshot(run)
+    same = [*TRAINED_RUN_ARGS, "--data", trained_run.data, "--out", tmp_path / "runs", "--name", "pool-bn"]
+    for args in (["train", "--resume", run, "--epochs", "5", "--lr", "0.5"],
+                 [*same, "--epochs", "5", "--lr", "0.5", "--resume-if-exists"]):
+        result = cnnlab_here(capsys, *args)
+        assert_one_line_error(result, "would change it")
+        assert "--epochs 5 (the run's: 1)" in result.stderr and "--lr 0.5 (the run's: " in result.stderr
+        assert "train a new run" in result.stderr
+    assert snapshot(run) == before
+
+
+def test_resume_if_exists_on_a_finished_run_says_so_and_changes_nothing(trained_run, tmp_path, capsys):
+    run = _copy_run(trained_run, tmp_path)
+    before = snapshot(tmp_path / "runs")
+    result = cnnlab_here(capsys, *TRAINED_RUN_ARGS, "--data", trained_run.data, "--out", tmp_path / "runs", "--name",
+                         "pool-bn", "--resume-if-exists")
+    assert result.returncode == 0 and "is finished" in result.stdout and result.stderr == "", result.stderr
+    assert snapshot(tmp_path / "runs") == before
+    assert cnnlab_here(capsys, "train", "--resume", run, "--epochs", 1, "--threads", 1).returncode == 0  # the run's own
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "--resume", "{run}", "--resume-if-exists"], "give one"),
+    (["train", "--model", "pool-bn", "--data", "{data}", "--out", "{out}", "--name", "odd", "--resume-if-exists"],
+     "holds no run"),
+    (["transfer", "--data", "{data}", "--out", "{out}", "--name", "odd", "--resume-if-exists"], "holds no run"),
+    (["train", "--model", "pool-bn", "--data", "{data}", "--out", "{out}", "--name", "..", "--resume-if-exists"],
+     "not a plain name"),
+])
+def test_resume_if_exists_refusals_are_one_line(trained_run, tmp_path, capsys, args, fragment):
+    (tmp_path / "runs" / "odd").mkdir(parents=True)
+    (tmp_path / "runs" / "odd" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    paths = {"run": trained_run.dir, "data": trained_run.data, "out": tmp_path / "runs"}
+    assert_one_line_error(cnnlab_here(capsys, *[a.format(**paths) for a in args]), fragment)
+    assert snapshot(tmp_path) == before

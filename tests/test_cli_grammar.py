@@ -12,7 +12,7 @@ from cnnlab.cli import TRAIN_KEYS, TRANSFER_KEYS, _settings
 from cnnlab.cli_parser import build_parser
 
 COMMANDS = ("train", "resume", "evaluate", "transfer", "predict", "explain", "export", "report", "reproduce",
-            "presets", "summary", "study")
+            "presets", "summary", "study", "lr-find")
 
 
 def subparsers(parser=None) -> dict:
@@ -60,7 +60,7 @@ GROUPS = {  # group title -> some of its options
                          "--lookahead"],
     "early stopping": ["--monitor", "--patience", "--min-delta", "--mode", "--restore-best-weights"],
     "runtime": ["--threads", "--device", "--precision", "--cuda-graph", "--sync-bn", "--nproc"],
-    "output": ["--out", "--name", "--tensorboard"],
+    "output": ["--out", "--name", "--tensorboard", "--resume-if-exists"],
 }
 
 
@@ -145,7 +145,7 @@ def test_one_name_per_idea(capsys):
                 outs.append(name)
             if "--output" in action.option_strings:
                 assert action.option_strings == ["-o", "--output"] and action.metavar == "FILE", name
-    assert set(outs) == {"train", "transfer", "explain", "reproduce", "study"}
+    assert set(outs) == {"train", "transfer", "explain", "reproduce", "study", "lr-find"}
     assert "--weights-kind" in refused(capsys, "transfer", "--data", "d", "--weights-kind", "keras")
     assert parse("transfer", "--data", "d", "--weights-variant", "keras")["weights_variant"] == "keras"
 
@@ -168,3 +168,16 @@ def test_the_parser_and_launch_load_neither_torch_nor_the_dispatch():
              "print('torch' in sys.modules, 'cnnlab.cli' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["False", "False"], done.stderr
+
+
+def test_resume_takes_no_training_option(capsys):
+    """Issue 44: an option beside a resume is refused, never ignored (`train --resume` checks its own:
+    test_cli)."""
+    line = refused(capsys, "resume", "runs/x", "--epochs", "5")
+    assert "unrecognized arguments: --epochs 5" in line and "cnnlab resume --help" in line
+
+
+def test_resume_if_exists_is_a_switch_of_train_and_transfer():
+    assert parse("train", "--model", "fast", "--data", "d", "--resume-if-exists")["resume_if_exists"] is True
+    assert parse("transfer", "--data", "d", "--resume-if-exists")["resume_if_exists"] is True
+    assert parse("train", "--model", "fast", "--data", "d")["resume_if_exists"] is False

@@ -155,3 +155,45 @@ def test_cifar10_in_torchvision_format_gives_the_official_test_split(monkeypatch
     splits = load_splits("cifar10", 32, val_split=0.2, test_split=0.3)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (16, 4, 6)
     assert int(splits.test.images.float().mean()) == 9 and splits.train.images.shape[1:] == (3, 32, 32)
+
+
+def test_file_and_class_names_that_are_not_utf8_are_read_and_cached(tmp_path):
+    root = make_folder(tmp_path / "d", classes=2, per_class=3)
+    os.rename(os.fsencode(root / "class_0" / "img_000.png"), os.fsencode(root / "class_0") + b"/caf\xe9.png")
+    os.rename(os.fsencode(root / "class_1"), os.fsencode(root) + b"/chien-\xff")
+    images, classes, info = load_folder(root, 32)
+    assert len(images) == 6 and os.fsdecode(b"chien-\xff") in classes and not info["cache_hit"]
+    again, _, info = load_folder(root, 32)
+    assert info["cache_hit"] and torch.equal(again.images, images.images)
+
+
+def test_a_class_whose_every_file_is_unreadable_is_an_error_naming_it(tmp_path):
+    root = make_folder(tmp_path / "d", classes=3, per_class=3)
+    for image in (root / "class_1").iterdir():
+        image.write_bytes(b"not an image")
+    for _ in range(2):  # the first time decoding, the second from the cache
+        with pytest.raises(CnnlabError, match="class folder .*class_1 has no readable image"):
+            load_splits(str(root), 32)
+
+
+def test_a_class_left_without_training_images_by_the_splits_is_an_error(tmp_path):
+    root = make_folder(tmp_path / "d", classes=2, per_class=10)
+    for image in sorted((root / "class_1").iterdir())[2:]:
+        image.unlink()
+    with pytest.raises(CnnlabError, match="class class_1 has no training images"):
+        load_splits(str(root), 32, val_split=0.4, test_split=0.4)
+
+
+def test_a_data_folder_that_is_a_pipe_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(CnnlabError, match="is not a folder"):
+        load_splits(str(tmp_path / "pipe"), 32)
+
+
+def test_images_to_predict_are_read_a_batch_at_a_time(tmp_path):
+    from cnnlab.images import image_batches, image_paths
+    root = make_folder(tmp_path / "d", classes=2, per_class=5)
+    (root / "class_1" / "broken.png").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        batches = [(len(images), len(paths)) for images, paths in image_batches(image_paths([str(root)]), 16, 4)]
+    assert batches == [(4, 4), (3, 3), (3, 3)]  # 11 files, 4 at a time: the broken one leaves its batch 3

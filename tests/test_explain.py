@@ -69,3 +69,31 @@ def test_a_pretrained_backbone_explains_photos_with_its_imagenet_classes(tmp_pat
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["class_0-img_000-gradcam.png",
                                                                         "class_1-img_000-gradcam.png"]
+
+
+def test_a_long_file_name_is_explained_as_it_is_predicted(trained_run, tmp_path, capsys):
+    from cnnlab.cli import main
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    long = photos / ("a" * 246 + ".png")  # 250 characters: STEM-gradcam.png would be 258
+    long.write_bytes((trained_run.data / "class_1" / "img_000.png").read_bytes())
+    odd = photos / "red\x1b[31m.png"
+    odd.write_bytes(long.read_bytes())
+    assert main(["predict", str(photos), "--model", str(trained_run.dir)]) == 0
+    assert main(["explain", str(photos), "--model", str(trained_run.dir), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "red\\x1b[31m" in out
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(written) == 2 and all(len(n.encode()) <= 255 and n.endswith("-gradcam.png") for n in written)
+    assert "red\\x1b[31m-gradcam.png" in written
+
+
+def test_output_names_are_distinct_and_fit_the_file_system(tmp_path):
+    from pathlib import Path
+
+    from cnnlab.explain import _output_names
+    paths = [Path("cat") / ("x" * 250 + ".jpg"), Path("dog") / ("x" * 250 + ".jpg"), Path("cat/0.jpg"),
+             Path("dog/0.jpg"), Path("cat/0.jpg")]
+    names = [p.name for p in _output_names(paths, tmp_path)]
+    assert len(set(names)) == 5 and all(len(n.encode()) <= 255 for n in names)
+    assert names[2:4] == ["cat-0-2-gradcam.png", "dog-0-gradcam.png"]

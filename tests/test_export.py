@@ -63,3 +63,54 @@ def test_export_bad_inputs_are_one_line(trained_run, tmp_path):
     (tmp_path / "not.onnx").write_bytes(b"garbage")
     assert_one_line_error(cnnlab("predict", trained_run.data / "class_0", "--model", tmp_path / "not.onnx"),
                           "not a model exported by `cnnlab export`")
+
+
+def test_export_never_replaces_a_file_the_run_needs(trained_run, tmp_path):
+    from cnnlab.errors import CnnlabError
+    from cnnlab.export import _checked_output
+    run = trained_run.dir
+    for name in sorted(p.name for p in run.iterdir() if p.is_file() and p.suffix != ".onnx"):
+        with pytest.raises(CnnlabError, match="is one of the run's own files"):
+            _checked_output(run, run / name)
+    for name in ("model.pt", "weights.bin", "model"):
+        with pytest.raises(CnnlabError, match="does not end in .onnx"):
+            _checked_output(run, tmp_path / name)
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(CnnlabError, match="is not a plain file"):
+        _checked_output(run, tmp_path / "folder.onnx")
+    with pytest.raises(CnnlabError, match="longer than a file name may be"):
+        _checked_output(run, tmp_path / ("m" * 260 + ".onnx"))
+    assert _checked_output(run, None) == run / "model.onnx"
+    assert _checked_output(run, tmp_path / "x.ONNX") == tmp_path / "x.ONNX"
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_an_export_stopped_midway_leaves_no_temporary_file(tmp_path, monkeypatch, stop):
+    import torch
+
+    from cnnlab.export import _write_onnx
+
+    def half_then_stop(model, args, f, **kwargs):
+        open(f, "wb").write(b"half an onnx file")
+        raise stop("stopped")
+    monkeypatch.setattr(torch.onnx, "export", half_then_stop)
+    with pytest.raises(stop):
+        _write_onnx(torch.nn.Identity(), torch.zeros(2, 3, 8, 8), tmp_path / "model.onnx", {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_onnx_model_runs_a_batch_at_a_time():
+    import numpy as np
+    import torch
+
+    from cnnlab.saved_model import OnnxModel
+    seen = []
+
+    class Session:
+        def run(self, outputs, feeds):
+            seen.append(len(feeds["pixels"]))
+            return [np.zeros((len(feeds["pixels"]), 2), np.float32)]
+    model = OnnxModel.__new__(OnnxModel)
+    model.session, model.class_names = Session(), ["a", "b"]
+    assert model.probabilities(torch.zeros(70, 3, 8, 8, dtype=torch.uint8)).shape == (70, 2)
+    assert seen == [32, 32, 6]

@@ -66,6 +66,15 @@ def test_the_report_shows_the_seeds_transfer_recipe_and_cnnlabs_default_beside_i
 
 def test_the_report_shows_the_seeds_figures_beside_ours(page):
     assert "57.19%" in page and "97.29%" in page  # the seed's figures beside ours
+    assert page.count("<b>Original:</b>") == 6  # beside each run: the study's runs, on a subset of its data
+
+
+def test_the_report_times_a_transfer_run_whole_with_its_feature_extraction_apart(reproduced, page):
+    out, _ = reproduced
+    m = json.loads((out / "transfer-efficientnet_lite0-default" / "metrics.json").read_text())
+    assert m["run_time_s"] >= m["train_time_s"] + m["feature_extraction_s"]
+    assert (f'<td data-v="{m["run_time_s"]}">{m["run_time_s"]:.1f}<br><small>extraction '
+            f'{m["feature_extraction_s"]:.1f} · training {m["train_time_s"]:.1f}') in page
 
 
 def test_precision_reached_every_run_and_the_report_says_so(reproduced, page):

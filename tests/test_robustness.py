@@ -94,7 +94,7 @@ def test_a_damaged_cache_entry_is_rebuilt_with_one_warning(world, trained_run, t
     metrics = json.loads((tmp_path / "runs" / "again" / "metrics.json").read_text())
     assert metrics == {**json.loads((run / "metrics.json").read_text()),
                        **{k: metrics[k] for k in ("train_time_s", "images_per_s", "feature_extraction_s",
-                                                  "feature_cache") if k in metrics}}
+                                                  "feature_cache", "run_time_s") if k in metrics}}
 
 
 def test_two_processes_filling_an_empty_cache_both_end_with_a_good_entry(world, tmp_path, monkeypatch):
@@ -226,3 +226,145 @@ def test_an_unwritable_report_path_is_one_line(trained_run, tmp_path, capsys, ou
     (tmp_path / "a-file").write_text("x")
     result = cnnlab_here(capsys, "report", trained_run.dir, "-o", output.format(tmp=tmp_path))
     assert_one_line_error(result, message)
+
+
+# ---------------------------------------------------------------- issue 44: names, temporary files, bounds
+
+def test_a_name_is_shown_on_one_line_with_its_escapes():
+    from cnnlab.text import shown
+    assert shown("cat") == "cat" and shown("chat noir é 猫") == "chat noir é 猫"
+    assert shown("red\x1b[31mcat\nx\t") == "red\\x1b[31mcat\\nx\\t"
+    assert shown(os.fsdecode(b"caf\xe9.jpg")) == "caf\\xe9.jpg"  # a Latin-1 name: its byte, not a surrogate
+    assert shown("evil\u202egpj.exe") == "evil\\u202egpj.exe"  # a direction override shows what it hides
+    assert shown(b"a\xffb") == "a\\xffb"
+    shown(os.fsdecode(b"\xff\x1b")).encode("utf-8")  # always encodable
+
+
+def test_a_name_made_from_a_long_one_fits_the_file_system():
+    from cnnlab.text import NAME_MAX, fit_name
+    assert fit_name("photo", "-gradcam.png") == "photo-gradcam.png"
+    long = ["é" * 200 + "a", "é" * 200 + "b", "x" * 300]
+    names = [fit_name(n, "-gradcam.png") for n in long]
+    assert all(len(n.encode()) <= NAME_MAX and n.endswith("-gradcam.png") for n in names)
+    assert len(set(names)) == 3  # cut alike, still distinct
+
+
+def _temporaries(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    from cnnlab.atomic import WriteError, atomic_write_bytes
+    target = tmp_path / "metrics.json"
+    target.write_bytes(b"old")
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(WriteError, match="No space left"):
+        atomic_write_bytes(target, b"new")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old" and _temporaries(tmp_path) == []
+
+
+def test_a_long_file_name_is_written_atomically(tmp_path):
+    from cnnlab.atomic import atomic_write_bytes
+    target = tmp_path / ("é" * 120 + ".png")  # 244 bytes: a temporary name longer than it would not fit
+    atomic_write_bytes(target, b"data")
+    assert target.read_bytes() == b"data" and _temporaries(tmp_path) == []
+
+
+WRITER = """
+import os, signal, sys, time
+from pathlib import Path
+from cnnlab.atomic import atomic_path
+with atomic_path(Path(sys.argv[1])) as tmp:
+    tmp.write_bytes(b"half")
+    print("writing", flush=True)
+    if sys.argv[2] == "raise":
+        raise KeyboardInterrupt
+    os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+    time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("how, code", [("SIGTERM", -15), ("SIGINT", -2), ("raise", -2), ("SIGKILL", -9)])
+def test_a_signal_mid_write_leaves_no_temporary_file_but_sigkill_can(tmp_path, how, code):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"old")
+    done = subprocess.run([sys.executable, "-c", WRITER, str(target), how], capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stderr
+    assert target.read_bytes() == b"old"
+    left = _temporaries(tmp_path)
+    assert left == [] if how != "SIGKILL" else len(left) == 1 and left[0].startswith(".model.onnx.")
+    assert not any(p.suffix == ".onnx" and p != target for p in tmp_path.iterdir())  # never taken for a result
+    if how == "SIGKILL":  # the next write there removes what the killed one left
+        from cnnlab.atomic import atomic_write_bytes
+        atomic_write_bytes(target, b"new")
+        assert target.read_bytes() == b"new" and _temporaries(tmp_path) == []
+
+
+def test_a_running_writers_temporary_file_is_left_alone(tmp_path):
+    from cnnlab.atomic import atomic_write_bytes
+    alive = tmp_path / f".model.onnx.{os.getppid()}.abc123.tmp"  # our parent runs: its write goes on
+    other = tmp_path / ".model.onnx.5.1234.abc123.tmp"  # model.onnx.5's, not model.onnx's
+    alive.write_bytes(b"")
+    other.write_bytes(b"")
+    atomic_write_bytes(tmp_path / "model.onnx", b"new")
+    assert alive.exists() and other.exists()
+
+
+def test_the_confusion_matrix_of_1000_classes_is_a_bounded_picture(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cnnlab.plots import confusion_heatmap
+    n = 1000
+    cm = np.diag(np.full(n, 5)) + 1
+    names = [f"class\x1b[31m-{i}-" + "x" * 300 for i in range(n)]
+    confusion_heatmap(cm.tolist(), names, tmp_path / "cm.png", "run $x^$: confusion matrix")
+    with Image.open(tmp_path / "cm.png") as im:
+        assert max(im.size) < 2000
+    for n in (12, 45):  # labelled cells; named ticks, no counts
+        confusion_heatmap((np.eye(n, dtype=int) * 3).tolist(), [f"c{i}$" * 40 for i in range(n)],
+                          tmp_path / f"cm{n}.png")
+        with Image.open(tmp_path / f"cm{n}.png") as im:
+            assert max(im.size) < 2500
+
+
+def test_a_run_name_that_looks_like_a_formula_is_drawn_as_text(tmp_path):
+    from cnnlab.plots import curve
+    history = [{"epoch": 1, "loss": 1.0, "val_loss": 1.2}, {"epoch": 2, "loss": 0.5, "val_loss": 0.9}]
+    curve(history, "loss", 2, "$\\frac$\x1b: loss", tmp_path / "loss.png")  # as a formula: a ValueError
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_evaluate_prints_escaped_names_and_no_matrix_past_20_classes():
+    from cnnlab.evaluate import format_report
+    names = [f"c\x1b[2J{i}" for i in range(25)]
+    row = {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
+    result = {"run": "runs/x\n", "data": "d", "images": 25, "loss": 0.1, "accuracy": 1.0, "balanced_accuracy": 1.0,
+              "precision": 1.0, "recall": 1.0, "f1": 1.0, "per_class": {n: row for n in names},
+              "confusion_matrix": [[int(i == j) for j in range(25)] for i in range(25)]}
+    text = format_report(result, names)
+    assert "\x1b" not in text and "c\\x1b[2J24" in text and "runs/x\\n on d" in text
+    assert "25 classes, too many to print" in text and len(text.splitlines()) == 5 + 25 + 2
+    assert "confusion matrix (rows true" in format_report({**result, "per_class": {n: row for n in names[:3]},
+                                                           "confusion_matrix": [[1, 0, 0]] * 3}, names[:3])
+
+
+def test_upper_limits_hold_in_code_as_on_the_command_line():
+    from cnnlab.config import ReproduceConfig, TrainConfig, TransferConfig, validate, validate_transfer
+    from cnnlab.errors import CnnlabError
+    from cnnlab.preprocessing import Preprocessing
+    with pytest.raises(CnnlabError, match="--image-size must be at most 1,024"):
+        validate_transfer(TransferConfig(data="d", image_size=100_000))
+    with pytest.raises(CnnlabError, match="--threads must be at most 1,024"):
+        validate(TrainConfig(preset="conv", data="d", threads=10_000))
+    with pytest.raises(CnnlabError, match="the input size must be 8 to 1024"):
+        validate(TrainConfig(preset="conv", data="d", preprocessing=Preprocessing(size=100_000)))
+    with pytest.raises(CnnlabError, match="--threads must be at most"):
+        ReproduceConfig(threads=10_000)
+    with pytest.raises(CnnlabError, match="--seed must be 0 to"):
+        ReproduceConfig(seed=-1)
+    validate_transfer(TransferConfig(data="d", image_size=1024, feature_copies=16, threads=1024))

@@ -1,0 +1,102 @@
+"""``cnnlab lr-find`` and ``cnnlab.lr_find``: fastai's learning-rate range test (lr_sweep.py) on the
+model a run would train, a preset's as ``train`` builds it or a backbone's new head on the frozen
+base's features, on the training split alone. It prints and returns the suggestion and draws the
+curve; it changes no run and writes nothing to the cache beyond the decoded images."""
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import TrainConfig, TransferConfig, validate_transfer
+from .data import ImageSet
+from .errors import CnnlabError
+from .lr_sweep import STEPS, Sweep, plot, random_state, restore_random, sweep
+from .text import fit_name, shown
+
+# the settings that change what the sweep sees; the rest (epochs, output, early stopping) do not
+TRAIN_OPTIONS = {f.name for f in fields(TrainConfig)} - {"preset", "lr", "out", "name"}
+TRANSFER_OPTIONS = {f.name for f in fields(TransferConfig)} - {"backbone", "lr", "out", "name"}
+
+
+def lr_find(model: str, data: str, output: str | Path | None = None, log: Callable[[str], None] = print,
+            steps: int = STEPS, **options) -> Sweep:
+    """The range test of preset or backbone ``model`` on ``data`` with the run's other ``options``
+    (``batch_size``, ``optimizer``, ``precision``, ``threads``, ``seed``, ``image_size``, ...);
+    the curve is drawn to ``output`` (a .png file; None: none). Returns the ``Sweep``, its
+    ``suggestion`` the learning rate to train with."""
+    from .presets import PRESETS
+    state = random_state()  # building the model seeds the global streams: they are given back as they were
+    try:
+        if model in PRESETS:
+            result, what = _preset(model, data, steps, options, log), model
+        else:
+            result, what = _backbone(model, data, steps, options, log), f"{model} head"
+    finally:
+        restore_random(state)
+    if output is not None:
+        plot(result, Path(output), f"learning-rate finder: {what}, suggested lr {result.suggestion:.3g}")
+    log(f"{len(result.lrs)} steps in {result.seconds:.1f}s from lr {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}; "
+        f"stopped: {result.stopped}; suggested {result.suggestion:.3g} (fastai's valley; its minimum "
+        f"{result.others['minimum']:.3g}, steep {result.others['steep']:.3g})")
+    return result
+
+
+def _unknown(options: dict, known: set, what: str) -> None:
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise CnnlabError(f"lr-find does not take {', '.join(unknown)} for {what}")
+
+
+def _preset(preset: str, data: str, steps: int, options: dict, log) -> Sweep:
+    from .presets import get_preset, resolve_config
+    from .train import _start
+    _unknown(options, TRAIN_OPTIONS, "a preset")
+    cfg = resolve_config(preset, data=data, **options)
+    device, splits, model = _start(cfg, list(get_preset(preset).layers), None, log)
+    log(f"{preset}: sweeping {steps} steps of batch {cfg.batch_size} on {len(splits.train)} training images, "
+        f"{cfg.optimizer}, {device}")
+    return sweep(model, splits.train, cfg, device, steps)
+
+
+def _backbone(backbone: str, data: str, steps: int, options: dict, log) -> Sweep:
+    from .backbones import pretrained
+    from .data import load_splits
+    from .features import Extraction, extract_features
+    from .onnx_extraction import extraction_base
+    from .runtime import compute_dtype, setup
+    from .transfer import phase_config
+    from .transfer_model import Head
+    _unknown(options, TRANSFER_OPTIONS, "a backbone")
+    cfg = TransferConfig(backbone=backbone, data=data, **options)
+    validate_transfer(replace(cfg, lr=TransferConfig.lr))
+    device = setup(cfg.device, cfg.threads)
+    built, weights, _ = pretrained(cfg.backbone, cfg.weights_variant, cfg.weights_file, cfg.image_size)
+    prep = weights.preprocessing
+    splits = load_splits(cfg.data, prep.size, cfg.val_split, cfg.test_split, cfg.seed)
+    splits.require_batch(cfg.batch_size)
+    torch.manual_seed(cfg.seed)
+    head = Head(cfg.head, built.channels, built.grid, len(splits.class_names)).to(device)
+    dtype = compute_dtype(cfg.precision, device)
+    base = extraction_base(built.features.to(device), prep.size, device, dtype, log)
+    log(f"{backbone}: features of {len(splits.train)} training images (kept in memory, not cached)")
+    features = extract_features(base, splits.train.images,
+                                Extraction(prep, device, pool=cfg.head == "gap", precision=cfg.precision), log=log)
+    frozen = phase_config(cfg, 1, TransferConfig.lr, prep)
+    return sweep(head, ImageSet(features, splits.train.labels), frozen, device, steps)
+
+
+def describe(result: Sweep) -> str:
+    """The last line ``cnnlab lr-find`` prints: the suggested learning rate alone."""
+    return f"{result.suggestion:.3g}"
+
+
+def output_path(output: str | None, out: str | None, model: str) -> Path:
+    """Where the curve goes: ``-o FILE.png``, else ``--out DIR``/lr_find-MODEL.png (default runs/)."""
+    if output is not None:
+        if not str(output).lower().endswith(".png"):
+            raise CnnlabError(f"-o {shown(output)} must name a .png file")
+        return Path(output)
+    return Path(out or "runs") / fit_name(f"lr_find-{model.replace('/', '_')}", ".png")
