@@ -307,8 +307,8 @@ def _run(cfg: TrainConfig, ctx: RunContext, model: nn.Module, splits: Splits, ch
 def _train_accuracy(model: nn.Module, splits: Splits, ctx: RunContext) -> float:
     """The training split's accuracy with the final weights in evaluation mode (dropout off, batch
     norm's running statistics): what the gap to validation accuracy should be measured with."""
-    logits = predict_logits(model, splits.train.images, ctx.preprocessing, ctx.device, precision=ctx.precision)
-    return score_logits(logits, splits.train.labels, splits.class_names)["accuracy"]
+    return score(model, splits.train, splits.class_names, ctx.preprocessing, ctx.device,
+                 precision=ctx.precision)["accuracy"]
 
 
 def finish_run(ctx: RunContext, model: nn.Module, splits: Splits, outcome: Outcome,

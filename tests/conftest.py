@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+
+from cnnlab.runs import read_history
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COLORS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 50)]
@@ -83,6 +86,45 @@ def snapshot(root: Path) -> dict:
 
 # the shared run's settings (``--data``, ``--out`` and ``--name`` aside): the same command on the same
 # data trains the same weights, so a test can train again and compare (test_robustness does)
+# ---------------------------------------------------------------- runs stopped by a signal, and resumed
+
+TIMING = {"seconds", "train_seconds", "images_per_s"}  # history columns that differ run to run
+
+
+def train_args(data, out, name, epochs=12):
+    """A small dropout run that a signal can stop mid-training (the interrupt and resume tests')."""
+    # on the CPU: resumed runs are promised bit-for-bit equal there (on a GPU cuDNN may pick other kernels)
+    return ["train", "--preset", "dropout", "--data", data, "--epochs", epochs, "--batch-size", "8", "--augment",
+            "--threads", "1", "--device", "cpu", "--out", out, "--name", name]
+
+
+def start(args, env=None):
+    """``cnnlab ARGS`` started in the background, to be signalled."""
+    return subprocess.Popen([sys.executable, "-m", "cnnlab.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_epochs(run, n, proc, timeout=120):
+    """Until ``run``'s history.csv has ``n`` epochs (the process still running)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run / "history.csv"
+        if path.is_file() and len(path.read_text().splitlines()) > n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("training did not progress")
+
+
+def same_run(a, b):
+    """The two runs' weights and histories (less timing) are bit for bit the same."""
+    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ha, hb = ([{k: v for k, v in row.items() if k not in TIMING} for row in read_history(r / "history.csv")]
+              for r in (a, b))
+    assert ha == hb
+
+
 TRAINED_RUN_ARGS = ("train", "--preset", "pool-bn", "--epochs", "1", "--batch-size", "8", "--threads", "1",
                     "--device", "cpu")
 

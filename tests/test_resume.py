@@ -2,48 +2,12 @@
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from cnnlab.runs import read_history
-from conftest import assert_one_line_error, cnnlab, make_folder, snapshot
-
-TIMING = {"seconds", "train_seconds", "images_per_s"}
-
-
-def train_args(data, out, name, epochs=12):
-    # on the CPU: resumed runs are promised bit-for-bit equal there (on a GPU cuDNN may pick other kernels)
-    return ["train", "--preset", "dropout", "--data", data, "--epochs", epochs, "--batch-size", "8", "--augment",
-            "--threads", "1", "--device", "cpu", "--out", out, "--name", name]
-
-
-def start(args):
-    return subprocess.Popen([sys.executable, "-m", "cnnlab.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_epochs(run, n, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        path = run / "history.csv"
-        if path.is_file() and len(path.read_text().splitlines()) > n:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
-    raise AssertionError("training did not progress")
-
-
-def same_run(a, b):
-    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (a, b))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    ha, hb = ([{k: v for k, v in row.items() if k not in TIMING} for row in read_history(r / "history.csv")]
-              for r in (a, b))
-    assert ha == hb
-
+from conftest import assert_one_line_error, cnnlab, make_folder, same_run, snapshot, start, train_args, wait_for_epochs
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

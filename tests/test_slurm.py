@@ -4,15 +4,12 @@ command with --resume-if-exists continues the run to the weights and history of 
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import cnnlab, make_folder, snapshot
-from test_resume import same_run, train_args, wait_for_epochs
+from conftest import cnnlab, make_folder, same_run, snapshot, start, train_args, wait_for_epochs
 
 EPOCHS = 12
 FAKE_SCONTROL = '#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\nexit "${SCONTROL_EXIT:-0}"\n'
@@ -33,11 +30,6 @@ def _fake_slurm(tmp_path: Path, job: str = "4242", exit_code: int = 0) -> dict:
             "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "SCONTROL_EXIT": str(exit_code)}
 
 
-def _start(args, env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cnnlab.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("slurm") / "tiny", per_class=40)
@@ -55,7 +47,7 @@ def test_sigusr1_under_slurm_requeues_and_the_same_command_ends_as_an_uninterrup
     env = _fake_slurm(tmp_path)
     command = [*train_args(data, tmp_path, "run", EPOCHS), "--resume-if-exists"]
     run = tmp_path / "run"
-    proc = _start(command, env)
+    proc = start(command, env)
     wait_for_epochs(run, 3, proc)
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=60)
@@ -86,7 +78,7 @@ def test_sigusr1_under_slurm_requeues_and_the_same_command_ends_as_an_uninterrup
 
 def test_sigusr1_outside_slurm_stops_as_sigterm_does(data, tmp_path):
     run = tmp_path / "run"
-    proc = _start(train_args(data, tmp_path, "run", 200), _no_slurm())
+    proc = start(train_args(data, tmp_path, "run", 200), _no_slurm())
     wait_for_epochs(run, 1, proc)
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=60)
@@ -102,7 +94,7 @@ def test_sigusr1_outside_slurm_stops_as_sigterm_does(data, tmp_path):
 def test_a_failed_requeue_says_so_and_how_to_continue(data, tmp_path):
     env = _fake_slurm(tmp_path, job="77", exit_code=3)
     run = tmp_path / "run"
-    proc = _start(train_args(data, tmp_path, "run", 200), env)
+    proc = start(train_args(data, tmp_path, "run", 200), env)
     wait_for_epochs(run, 1, proc)
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=60)
@@ -150,7 +142,7 @@ def test_sigusr1_to_nproc_stops_every_rank_and_only_rank_0_requeues(data, tmp_pa
     command = ["train", "--preset", "pool-bn", "--data", data, "--epochs", 200, "--batch-size", 8, "--no-tensorboard",
                "--out", tmp_path, "--name", "run", "--nproc", 2, "--resume-if-exists"]
     run = tmp_path / "run"
-    proc = _start(command, env)
+    proc = start(command, env)
     wait_for_epochs(run, 1, proc, timeout=240)
     proc.send_signal(signal.SIGUSR1)  # to the launcher, as Slurm signals it: it passes the signal on to the ranks
     _, err = proc.communicate(timeout=120)
