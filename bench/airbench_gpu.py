@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from time_to_accuracy import ROOT, cells, cnnlab_run, make_split, parse_recipe, summary  # noqa: E402
-from cnnlab.data import decode_images, scan_folder  # noqa: E402  (time_to_accuracy puts ROOT on the path)
+from cnnlab.folders import decode_images, scan_folder  # noqa: E402  (time_to_accuracy puts ROOT on the path)
 
 
 def write_cifar_files(split: Path, folder: Path) -> None:

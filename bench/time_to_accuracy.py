@@ -64,7 +64,8 @@ def make_split(source: Path, work: Path, per_class: int | None, seed: int, tune:
     ``tune``, that tenth is left out and a ninth of the rest is scored instead."""
     import torch
 
-    from cnnlab.data import scan_folder, stratified_split
+    from cnnlab.data import stratified_split
+    from cnnlab.folders import scan_folder
     classes, files = scan_folder(source, per_class)
     labels = torch.tensor([label for _, label in files])
     train, _, test = stratified_split(labels, 0.0, 0.1, seed)

@@ -94,6 +94,16 @@ def for_extraction(features: nn.Module) -> nn.Module:
     return features.folded() if isinstance(features, LiteFeatures) else features
 
 
+def split_base(features: nn.Module, top: int) -> tuple[nn.Module, nn.Module]:
+    """(the base's blocks below its last ``top``, those ``top`` blocks), each as one module, sharing
+    ``features``' layers: ``tail(lower(x))`` is ``features(x)`` in inference mode. The blocks are
+    ``Built.blocks`` (EfficientNet-Lite's stem, MBConv blocks and head conv; any other base's
+    children), so a fine-tuning phase can train the tail on the lower part's outputs, computed once."""
+    parts = [features.stem, *features.blocks, features.head] if isinstance(features, LiteFeatures) else \
+        list(features.children())
+    return nn.Sequential(*parts[:len(parts) - top]), nn.Sequential(*parts[len(parts) - top:])
+
+
 @dataclass
 class Built:
     """A backbone's pieces: ``net`` (the whole ImageNet classifier, in the weights file's layout),

@@ -5,26 +5,19 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import fields
 
 from . import launch
+from .cli_options import TRAIN_KEYS, TRANSFER_KEYS, given_settings
 from .cli_parser import build_parser
-from .config import ReproduceConfig, TrainConfig, TransferConfig
+from .config import ReproduceConfig, TransferConfig
 from .errors import CnnlabError, RunInterrupted
 
-TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "preset")
-TRANSFER_KEYS = tuple(f.name for f in fields(TransferConfig))
 
 
-# beside --resume or --resume-if-exists: where a run computes, not what (data: where its images lie,
-# checked to be the same ones); every other setting given must be the run's own
-HONOURED = ("threads", "device", "data")
+# beside --resume or --resume-if-exists: where a run computes, not what (data and labels: where its images
+# and their labels lie, checked to be the same ones); every other setting given must be the run's own
+HONOURED = ("threads", "device", "data", "labels")
 FLAGS = {"preset": "--model", "backbone": "--model", "weights_file": "--weights"}
-
-
-def _settings(args, keys) -> dict:
-    """The settings among ``keys`` that the command line set (None: the config's default)."""
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def _continue(run_dir, given: dict, how: str) -> int:
@@ -34,7 +27,7 @@ def _continue(run_dir, given: dict, how: str) -> int:
     from .train import resume
     from .transfer import resume_transfer
     config = load_run(run_dir)[0]
-    honoured = HONOURED if "split_digests" in config else HONOURED[:-1]  # an older run: its data unchecked
+    honoured = HONOURED if "split_digests" in config else HONOURED[:2]  # an older run: its data unchecked
     changed = [f"{FLAGS.get(k, '--' + k.replace('_', '-'))} {v} (the run's: {config.get(k)})"
                for k, v in given.items() if k not in honoured and v != config.get(k)]
     if changed:
@@ -68,17 +61,17 @@ def cmd_train(args) -> int:
     from .train import train
     if args.nproc and args.nproc > 1 and not launch.under_torchrun():
         return launch.torchrun(args.nproc, args.argv)
-    given = {**({"preset": args.preset} if args.preset else {}), **_settings(args, TRAIN_KEYS)}
+    given = {**({"preset": args.preset} if args.preset else {}), **given_settings(args, TRAIN_KEYS)}
     if args.resume:
         if args.resume_if_exists:
             raise CnnlabError("--resume RUN_DIR and --resume-if-exists both name a run to continue; give one")
         return _continue(args.resume, given, "--resume")
     if args.preset is None:
-        raise CnnlabError("--model PRESET is required (--preset PRESET is the same; see `cnnlab presets`), or "
-                          "--resume RUN_DIR to continue a run")
+        raise CnnlabError("--model is required: a preset (`cnnlab presets` lists them) or a torchvision architecture "
+                          "such as resnet18; or --resume RUN_DIR to continue a run")
     if args.data is None:
         raise CnnlabError("--data is required (or --resume RUN_DIR to continue a run)")
-    cfg = resolve_config(args.preset, **_settings(args, TRAIN_KEYS))
+    cfg = resolve_config(args.preset, **given_settings(args, TRAIN_KEYS))
     code, run_dir = _if_exists(args, cfg.out, cfg.name or cfg.preset, given)
     if code is not None:
         return code
@@ -89,9 +82,9 @@ def cmd_train(args) -> int:
 def cmd_transfer(args) -> int:
     from .config import validate_transfer
     from .transfer import transfer
-    cfg = TransferConfig(**_settings(args, TRANSFER_KEYS))
+    cfg = TransferConfig(**given_settings(args, TRANSFER_KEYS))
     validate_transfer(cfg)
-    code, run_dir = _if_exists(args, cfg.out, cfg.name or f"transfer-{cfg.backbone}", _settings(args, TRANSFER_KEYS))
+    code, run_dir = _if_exists(args, cfg.out, cfg.name or f"transfer-{cfg.backbone}", given_settings(args, TRANSFER_KEYS))
     if code is not None:
         return code
     launch.say(str(transfer(cfg, log=launch.say, run_dir=run_dir)))
@@ -117,7 +110,15 @@ def cmd_explain(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export_run
-    print(export_run(args.run_dir, args.output, args.format, log=launch.say))
+    print(export_run(args.run_dir, args.output, args.format, log=launch.say, int8=args.int8, max_drop=args.max_drop))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .config import ServeConfig
+    from .serve import serve
+    serve(ServeConfig(args.model, args.host, args.port, args.max_upload_mb, args.batch_delay_ms, args.max_batch,
+                      args.top, args.threads), log=launch.say, log_error=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 
 
@@ -146,7 +147,7 @@ def cmd_resume(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run, format_report
     from .runs import load_run
-    result = evaluate_run(args.run_dir, args.data)
+    result = evaluate_run(args.run_dir, args.data, args.labels, args.multi_label, args.threshold)
     print(json.dumps(result) if args.json else format_report(result, load_run(args.run_dir)[0]["class_names"]))
     return 0
 
@@ -168,7 +169,7 @@ def cmd_study(args) -> int:
     presets = tuple(p.strip() for p in args.presets.split(",")) if args.presets else SEED_PRESETS
     runs = run_cifar10_study(args.data, args.out, args.epochs_scale, args.seed or 0, presets, log=launch.say,
                              val_split=args.val_split, test_split=args.test_split, batch_size=args.batch_size,
-                             precision=args.precision, threads=args.threads)
+                             precision=args.precision, threads=args.threads, labels=args.labels)
     if launch.MAIN_RANK:
         table, path = write_study_table(runs, args.out)
         print("\n" + table)
@@ -178,8 +179,8 @@ def cmd_study(args) -> int:
 
 def cmd_lr_find(args) -> int:
     from .lr_finder import describe, lr_find, output_path
-    options = _settings(args, ("val_split", "test_split", "seed", "batch_size", "optimizer", "image_size",
-                               "threads", "device", "precision"))
+    options = given_settings(args, ("val_split", "test_split", "seed", "epochs", "batch_size", "optimizer",
+                               "image_size", "threads", "device", "precision"))
     path = output_path(args.output, args.out, args.model)
     result = lr_find(args.model, args.data, path, log=launch.say, **options)
     launch.say(f"plot: {path}")
@@ -190,7 +191,7 @@ def cmd_lr_find(args) -> int:
 COMMANDS = {"train": cmd_train, "resume": cmd_resume, "transfer": cmd_transfer, "predict": cmd_predict,
             "report": cmd_report, "reproduce": cmd_reproduce, "evaluate": cmd_evaluate, "presets": cmd_presets,
             "summary": cmd_summary, "study": cmd_study, "export": cmd_export, "explain": cmd_explain,
-            "lr-find": cmd_lr_find}
+            "lr-find": cmd_lr_find, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_deploy import add_int8 as _add_int8, add_serve as _serve
 from .cli_examples import EPILOGS
 from .cli_parsing import CommandParser, Parser
-from .cli_options import number as _num, switch as _switch
+from .cli_options import balance as _add_balance, labels as _add_labels, number as _num, switch as _switch
+from .cli_options import multi_label as _add_multi_label, positional_or_model
+from .cli_options import model_size as _add_model_size, photo_augment as _add_photo_augment
 from .config import (AUTO, FLIPS, HEADS, MAX_IMAGE_SIZE, MODES, MONITORS, OPTIMIZERS, PRECISIONS, SCHEDULES,
                      TTA_LEVELS, WEIGHTS_VARIANTS, TrainConfig, TransferConfig)
 from .version import __version__
@@ -18,12 +21,7 @@ NATIVE_BF16 = "bfloat16 where the device computes it natively, float32 elsewhere
 
 def _one_run(parser, args) -> None:
     """A command on one run takes it as RUN_DIR or as --model RUN_DIR: ``args.run_dir`` either way."""
-    given = [v for v in (args.run_dir, args.model) if v is not None]
-    del args.model
-    if len(given) != 1:
-        parser.error("the following arguments are required: RUN_DIR (or --model RUN_DIR)" if not given
-                     else "give the run once: RUN_DIR or --model RUN_DIR, not both")
-    args.run_dir = given[0]
+    positional_or_model(parser, args, "run_dir", "model", "run", "RUN_DIR")
 
 
 def _add_run(p, what: str) -> None:
@@ -34,9 +32,10 @@ def _add_run(p, what: str) -> None:
 
 def _add_data(g, required=True) -> None:
     g.add_argument("--data", required=required, metavar="PATH",
-                   help="image folder (one subfolder per class), or a folder with train/ (and val/, test/) "
-                        "subfolders of that kind: a given test/ is the test set, scored once; "
-                        "or 'cifar10' (torchvision's copy, downloaded into the cache when missing)")
+                   help="image folder (one subfolder per class), or a folder with train/ (and val/, valid/ or "
+                        "validation/, and test/) subfolders of that kind: a given test/ is the test set, scored once; "
+                        "or 'cifar10' (torchvision's copy, downloaded into the cache when missing); with --labels, "
+                        "the folder its image paths start from")
     _num(g, "--val-split", float, 0, "F", below=1,
          help=f"fraction of each class held out for validation (default {TrainConfig.val_split}); 0 trains on every "
               "training image with no validation pass (train only; no early stopping on a val_ metric then)")
@@ -69,10 +68,13 @@ def _add_run_output(g, default_out: str, default_name: str) -> None:
                         "on SIGUSR1 reruns its command with this (docs/scale-out.md)")
     _switch(g, "--tensorboard", "write TensorBoard event files into the run directory as it trains (default; see "
                                 "them with `tensorboard --logdir runs`)")
+    g.add_argument("--mlflow", nargs="?", const="mlruns", metavar="URI",
+                   help="log the run to MLflow: settings, every epoch, test scores, files (--mlflow alone: the "
+                        "file store mlruns/; or a folder, sqlite:///mlflow.db, http://host:5000); needs mlflow")
 
 
 def _train_augment(g) -> None:
-    _switch(g, "--augment", "random crop (reflect-padded by --translate) and horizontal flip on each batch")
+    _add_photo_augment(g)
     _num(g, "--translate", int, 0, "PX",
          help=f"augmenting: pixels a random crop may shift by (default {TrainConfig.translate}{PRESET})")
     g.add_argument("--flip", choices=FLIPS, help="augmenting: random flips, or alternate: each image's orientation "
@@ -133,16 +135,22 @@ def _train_runtime(g) -> None:
 
 
 def _train(sub) -> None:
-    p = sub.add_parser("train", help="train a preset and write a run directory", epilog=EPILOGS["train"],
-                       description="Train a preset on an image folder; prints the run directory's path last.")
+    p = sub.add_parser("train", help="train a preset or an architecture from scratch and write a run directory",
+                       epilog=EPILOGS["train"], description="Train a preset, or a torchvision architecture from "
+                       "scratch, on an image folder; prints the run directory's path last.")
     model = p.add_argument_group("model")
-    model.add_argument("--model", "--preset", dest="preset", metavar="PRESET",
-                       help="the model preset (see `cnnlab presets`); required unless --resume")
+    model.add_argument("--model", "--preset", dest="preset", metavar="MODEL", help="a preset (see `cnnlab presets`), "
+                       "or any torchvision classification architecture (resnet18, convnext_tiny, ...; timm's too "
+                       "once installed) trained from scratch; required unless --resume")
+    _add_model_size(model)
     model.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run (same as `cnnlab resume`); an "
                        "option beside it that would change the run is refused; --threads, --device, --nproc and "
                        "--data (holding the same images) are honoured")
     data = p.add_argument_group("data", "the images, their splits and their augmentation")
     _add_data(data, required=False)
+    _add_labels(data)
+    _add_balance(data, TrainConfig)
+    _add_multi_label(data, TrainConfig)
     _train_augment(data)
     _train_optimization(p.add_argument_group("optimization"))
     schedule = p.add_argument_group("schedule")
@@ -168,7 +176,13 @@ def _evaluate(sub) -> None:
                        description="Score a run on every image of a folder with the same class subfolders (its "
                        "test/ subfolder when present).")
     _add_run(p, "to score")
-    p.add_argument("--data", required=True, metavar="PATH", help="labelled image folder")
+    p.add_argument("--data", required=True, metavar="PATH", help="labelled image folder (with --labels: the folder "
+                   "its image paths start from)")
+    _add_labels(p, ", each one of the run's classes: its test rows when it has a split column, else every row")
+    p.add_argument("--multi-label", action="store_true", help="the run has several labels per image (read from the "
+                   "run: a one-line error if it has not); its labels file's label column holds names separated by ';'")
+    _num(p, "--threshold", float, 0, "P", above=True, below=1, help="a multi-label run: score every label at this "
+         "probability instead of the run's saved thresholds")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -190,6 +204,9 @@ def _transfer_model(g) -> None:
 
 def _transfer_data(g) -> None:
     _add_data(g)
+    _add_labels(g)
+    _add_balance(g, TransferConfig)
+    _add_multi_label(g, TransferConfig)
     _switch(g, "--augment", "flip/crop each batch (runs the base every step: no feature cache)")
     _num(g, "--feature-copies", int, 0, "N",
          help="N altered copies of each training photo (crop, mirror, JPEG re-encoding) join the feature cache: the "
@@ -213,7 +230,10 @@ def _transfer_fine_tuning(g) -> None:
          help=f"epochs of fine-tuning after the frozen phase (default {TransferConfig.fine_tune_epochs})")
     _num(g, "--unfreeze", int, 1, "K",
          help=f"blocks of the base to unfreeze for fine-tuning, from the top (default {TransferConfig.unfreeze})")
-    _num(g, "--fine-tune-lr", float, 0, "LR", above=True, help="fine-tuning learning rate (default: --lr / 10)")
+    _num(g, "--fine-tune-lr", float, 0, "LR", above=True,
+         help=f"fine-tuning learning rate (default {TransferConfig.fine_tune_lr:g})")
+    _switch(g, "--fine-tune-cached", "train the unfrozen blocks on cached maps of the frozen ones below them, which run "
+            "once (default; --no-fine-tune-cached runs the whole base every step, as before)")
 
 
 def _transfer(sub) -> None:
@@ -264,6 +284,7 @@ def _export(sub) -> None:
     _add_run(p, "to export")
     p.add_argument("--format", default="onnx", help="onnx (default), the only one so far")
     p.add_argument("-o", "--output", metavar="FILE", help="the file to write (default RUN_DIR/model.onnx)")
+    _add_int8(p)
 
 
 def _report(sub) -> None:
@@ -315,7 +336,9 @@ def _study(sub) -> None:
                        description="Trains conv, pool-bn, dropout and early-stop with the seed study's settings on "
                        "one shared split.")
     p.add_argument("which", choices=["cifar10"], help="the study to run")
-    _add_data(p.add_argument_group("data"))
+    data = p.add_argument_group("data")
+    _add_data(data)
+    _add_labels(data)
     g = p.add_argument_group("runs")
     _num(g, "--epochs-scale", float, 0, "F", above=True, default=1.0,
          help="multiply every preset's epochs by F (e.g. 0.1 for a quick look)")
@@ -329,11 +352,13 @@ def _study(sub) -> None:
 
 def _lr_find(sub) -> None:
     p = sub.add_parser("lr-find", help="suggest a learning rate: fastai's range test on a copy of the model",
-                       epilog=EPILOGS["lr-find"], description="Train a copy of the model for up to 100 batches at "
-                       "rates from 1e-7 to 10 until the loss diverges; plot it; print the suggested rate last.")
+                       epilog=EPILOGS["lr-find"], description="Train a copy of the model for up to 100 steps at "
+                       "rates from 1e-7 to 10 until the loss diverges, at most 4% of the run's batches; plot it; "
+                       "print the suggested rate last.")
     p.add_argument("--model", required=True, metavar="PRESET_OR_BACKBONE", help="a preset, or a backbone (its head)")
     _add_data(p.add_argument_group("data"))
     g = p.add_argument_group("training", "as the run would train (default: the preset's or the backbone's)")
+    _num(g, "--epochs", int, 1, "N", help="the run's epochs: the sweep takes at most 4%% of its batches")
     _num(g, "--batch-size", int, 1, "B", help="batch size")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (presets only)")
     _num(g, "--image-size", int, 32, "PX", help="input size the base sees (backbones only)")
@@ -343,7 +368,7 @@ def _lr_find(sub) -> None:
 
 
 SUBCOMMANDS = (_train, _resume, _evaluate, _transfer, _predict, _explain, _export, _report, _reproduce, _presets,
-               _summary, _study, _lr_find)
+               _summary, _study, _lr_find, _serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,3 +48,4 @@ class CommandParser(Parser):
         if self.finish is not None:
             self.finish(self, namespace)
         return namespace, rest
+

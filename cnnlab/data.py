@@ -1,15 +1,13 @@
-"""Images in, uint8 tensors out: folders and CIFAR-10 decoded once, cached, split, batched.
+"""Images in, uint8 tensors out: folders, labels files and CIFAR-10 decoded once, cached, split, batched.
 
 Training never touches a JPEG: every image is decoded once into a uint8 tensor that is
-cached on disk (keyed by the file list and image size), batches are sliced from memory,
-and augmentation runs on whole batches.
+cached on disk (keyed by the file list and image size: folders.py) and memory-mapped from there
+(each split an entry of its own), batches are gathered from it, and augmentation runs on whole
+batches. Labels come from class folders, or from a CSV or TSV file (labels.py).
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,35 +16,43 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import cache
-from .atomic import WriteError
 from .cache import default_cache_dir
 from .errors import CnnlabError
+from .folders import check_folder, listed, load_files, scan_folder, take_rows
+from .labels import read_labels
+from .multilabel import label_counts, rarest_label, strata
 from .runtime import to_device
 from .text import shown
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-CACHE_VERSION = 2  # 2: entries sealed with a manifest (cache.py)
 SPLIT_NAMES = ("train", "val", "test")
+VAL_FOLDERS = ("val", "valid", "validation")  # beside train/, each is the validation split
 
 
 @dataclass
 class ImageSet:
-    """Images as one uint8 tensor (N, 3, H, W) with integer labels."""
+    """Images as one uint8 tensor (N, 3, H, W) with integer labels (several labels per image:
+    multi-hot float rows, N x classes); ``entry``: the image cache's
+    file the tensor is memory-mapped from (folders.py), None where the images are in memory."""
     images: torch.Tensor
     labels: torch.Tensor
     files: list[str] = field(default_factory=list)
+    entry: Path | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
+        """The images ``index`` picks; from a cache entry, mapped from an entry of their own
+        (folders.take_rows), so that a split is never copied into memory."""
         files = [self.files[i] for i in index.tolist()] if self.files else []
-        return ImageSet(self.images[index], self.labels[index], files)
+        images, entry = take_rows(self.images, index, self.entry)
+        return ImageSet(images, self.labels[index], files, entry)
 
     def to(self, device: torch.device | str) -> "ImageSet":
-        """The same images and labels on ``device`` (a training loop slices its batches there)."""
-        return ImageSet(self.images.to(device), self.labels.to(device), self.files)
+        """The same images and labels on ``device`` (a training loop slices its batches there); on
+        the CPU the same tensors, never a copy (mapped images stay mapped)."""
+        images = self.images.to(device)
+        return ImageSet(images, self.labels.to(device), self.files, self.entry if images is self.images else None)
 
 
 @dataclass
@@ -65,94 +71,7 @@ class Splits:
                               f"({len(self.train)} images); use a smaller batch")
 
 
-# ---------------------------------------------------------------- folders
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def check_folder(root: Path) -> None:
-    """Raises a one-line error unless ``root`` is an existing directory."""
-    if not root.exists():
-        raise CnnlabError(f"data folder {shown(root)} does not exist; pass --data with a folder "
-                          "holding one subfolder of images per class")
-    if not root.is_dir():
-        what = "a file" if root.is_file() else "not a folder (a pipe or a device)"
-        raise CnnlabError(f"--data {shown(root)} is {what}; pass the folder holding one subfolder per class")
-
-
-def scan_folder(root: Path, per_class: int | None = None) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted subfolder names) and (path, label) for every image file (the first
-    ``per_class`` of each class, in name order, when given)."""
-    check_folder(root)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise CnnlabError(f"{shown(root)} has no class subfolders; put each class's images in "
-                          f"{shown(root)}/<class name>/")
-    files = []
-    for label, name in enumerate(classes):
-        found = sorted(str(p) for p in (root / name).rglob("*") if p.is_file() and _is_image(p))
-        if not found:
-            raise CnnlabError(f"class folder {shown(root / name)} has no images "
-                              f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove the folder")
-        files += [(f, label) for f in found[:per_class]]
-    if len(classes) < 2:
-        raise CnnlabError(f"{shown(root)} has only one class ({shown(classes[0])}); a classifier needs at least two "
-                          "class subfolders")
-    return classes, files
-
-
-def decode_image(args: tuple[str, int]) -> bytes | None:
-    """(path, size) -> RGB bytes (size x size x 3) of the image, any mode converted; None if unreadable."""
-    path, size = args
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = _to_rgb(im)
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).tobytes()
-    except Exception:
-        return None
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(im, mask=im.getchannel("A"))
-        return background
-    return im.convert("RGB")
-
-
-def decode_images(paths: list[str], size: int, workers: int | None = None) -> tuple[np.ndarray, list[int]]:
-    """Decodes and resizes images to (N, 3, size, size) uint8; returns the array and the
-    indices of files that could not be read."""
-    workers = workers or min(os.cpu_count() or 1, 8)
-    jobs = [(p, size) for p in paths]
-    if workers > 1 and len(paths) > 2000:
-        with ProcessPoolExecutor(workers) as pool:
-            decoded = list(pool.map(decode_image, jobs, chunksize=512))
-    else:
-        decoded = [decode_image(j) for j in jobs]
-    bad = [i for i, d in enumerate(decoded) if d is None]
-    good = [d for d in decoded if d is not None]
-    array = np.frombuffer(b"".join(good), dtype=np.uint8).reshape(len(good), size, size, 3)
-    return np.ascontiguousarray(array.transpose(0, 3, 1, 2)), bad
-
-
-def _cache_key(files: list[tuple[str, int]], size: int) -> str:
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{size}".encode())
-    for path, label in files:
-        st = os.stat(path)
-        # the name's bytes as on disk: a name that is not UTF-8 is a key like any other
-        digest.update(b"|" + os.fsencode(path) + f"|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return digest.hexdigest()[:24]
-
+# ---------------------------------------------------------------- loading
 
 def load_folder(root: str | Path, size: int, cache_dir: Path | None = None,
                 class_names: list[str] | None = None, per_class: int | None = None) -> tuple[ImageSet, list[str], dict]:
@@ -163,76 +82,58 @@ def load_folder(root: str | Path, size: int, cache_dir: Path | None = None,
     root = Path(root).resolve()
     classes, files = scan_folder(root, per_class)
     if class_names is not None and classes != class_names:
-        raise CnnlabError(f"class folders in {shown(root)} ({_names(classes)}) differ from the expected "
-                          f"classes ({_names(class_names)}); use a folder with the same class names")
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = _cache_key(files, size)
-    array_path = cache_dir / f"images-{key}.npy"
-    meta = cache.check(array_path)
-    array = _cached_array(array_path, meta, size) if meta is not None else None
-    hit = array is not None
-    if not hit:
-        array, bad = decode_images([f for f, _ in files], size)
-        kept = [item for i, item in enumerate(files) if i not in set(bad)]
-        meta = {"root": str(root), "size": size, "classes": classes,
-                "labels": [label for _, label in kept], "files": [path for path, _ in kept],
-                "skipped": [files[i][0] for i in bad]}
-        _write_cache(cache_dir, array_path, array, meta)
-    if not len(meta["labels"]):
-        raise CnnlabError(f"no readable images in {shown(root)}; check the files are images")
-    _every_class_read(root, classes, meta)  # before the warning: an error is the one line
-    if meta["skipped"]:
-        listed = ", ".join(map(shown, meta["skipped"][:5])) + (" ..." if len(meta["skipped"]) > 5 else "")
-        warnings.warn(f"skipped {len(meta['skipped'])} unreadable image file(s): {listed}")
-    images = ImageSet(torch.from_numpy(array), torch.tensor(meta["labels"], dtype=torch.int64), meta["files"])
-    info = {"root": str(root), "files": len(files), "skipped": meta["skipped"], "cache_hit": hit}
-    return images, classes, info
+        raise CnnlabError(f"class folders in {shown(root)} ({listed(classes)}) differ from the expected "
+                          f"classes ({listed(class_names)}); use a folder with the same class names")
+    images, labels, kept, info, entry = load_files(files, classes, size, root, cache_dir)
+    return ImageSet(images, labels, kept, entry), classes, info
 
 
-def _names(names: list[str], most: int = 10) -> str:
-    """Class names for one line: escaped, and the first ``most`` of a long list."""
-    return ", ".join(map(shown, names[:most])) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+def load_labelled(labels: str | Path, root: str | Path, size: int, cache_dir: Path | None = None,
+                  class_names: list[str] | None = None, per_class: int | None = None, multi_label: bool = False
+                  ) -> tuple[dict[str, ImageSet], list[str], dict]:
+    """The images a labels file lists (labels.py), image paths relative to ``root``, through the
+    cache: ({split: images} for the splits its split column gives, or {'train': every image}
+    without one), the class names (its labels sorted, or ``class_names``, a run's, which every
+    label must be one of) and info (as ``load_folder``'s, with the labels file). With
+    ``multi_label`` each row names several classes and the targets are multi-hot, (N, classes)."""
+    root = Path(root).resolve()
+    check_folder(root)
+    table = read_labels(labels, root, multi_label)
+    table.check_classes(class_names)
+    classes = class_names if class_names is not None else table.classes
+    index = {name: i for i, name in enumerate(classes)}
+    taken: dict[tuple, int] = {}  # (split, label): rows taken so far, for per_class
+    split_of = {}
+    for row in table.rows:
+        key = (row.split or "train", row.label)
+        taken[key] = taken.get(key, 0) + 1
+        if per_class is None or taken[key] <= per_class:
+            split_of[row.file] = key[0]
+    rows = [row for row in table.rows if row.file in split_of]
+    hot = _multi_hot([table.names(row) for row in rows], index) if multi_label else None
+    # the class a file is keyed and counted under in the cache: its label, or its rarest one
+    first = rarest_label(hot).tolist() if hot is not None else [index[row.label] for row in rows]
+    images, targets, kept, info, entry = load_files([(row.file, c) for row, c in zip(rows, first)], classes, size,
+                                                    root, cache_dir, table.path)
+    if hot is not None:  # the multi-hot rows of the files read
+        at = {row.file: i for i, row in enumerate(rows)}
+        targets = hot[torch.tensor([at[file] for file in kept], dtype=torch.int64)]
+    everything = ImageSet(images, targets, kept, entry)
+    sets = {}
+    for name in SPLIT_NAMES:
+        pick = [i for i, file in enumerate(kept) if split_of[file] == name]
+        if pick:
+            sets[name] = everything.subset(torch.tensor(pick, dtype=torch.int64))
+    info["labels_file"] = str(table.path.resolve())
+    return sets, classes, info
 
 
-def _every_class_read(root: Path, classes: list[str], meta: dict) -> None:
-    """A one-line error naming a class whose every file was unreadable: trained on, it would be a
-    class of no images (never predicted, its scores undefined)."""
-    counts = np.bincount(np.asarray(meta["labels"], dtype=np.int64), minlength=len(classes))
-    empty = [name for name, count in zip(classes, counts) if count == 0]
-    if empty:
-        raise CnnlabError(f"class folder {shown(root / empty[0])} has no readable image (every file in it failed to "
-                          f"decode{f'; so do {len(empty) - 1} other class(es)' if len(empty) > 1 else ''}); replace "
-                          "the files with images or remove the folder")
-
-
-def _cached_array(path: Path, meta: dict, size: int) -> np.ndarray | None:
-    """The images of a sealed cache entry, or None (with the one warning) when the array in it is
-    not the one its manifest describes."""
-    try:
-        array = np.load(path)
-        if array.dtype == np.uint8 and array.shape == (len(meta["labels"]), 3, size, size):
-            return array
-        problem = f"an array of {array.dtype} {array.shape}"
-    except (ValueError, OSError, KeyError, TypeError, EOFError) as exc:
-        problem = type(exc).__name__
-    cache.warn_damaged(path, problem)
-    return None
-
-
-def _write_cache(cache_dir: Path, array_path: Path, array: np.ndarray, meta: dict) -> None:
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cache.store(array_path, _npy_bytes(array), meta)
-    except (OSError, WriteError) as exc:
-        warnings.warn(f"could not write the image cache in {cache_dir} ({exc}); "
-                      "set CNNLAB_CACHE to a writable folder to start faster next time")
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
+def _multi_hot(names: list[tuple[str, ...]], index: dict[str, int]) -> torch.Tensor:
+    """Float32 (N, classes): 1 where an image has the class."""
+    hot = torch.zeros(len(names), len(index))
+    for i, listed_names in enumerate(names):
+        hot[i, [index[name] for name in listed_names]] = 1.0
+    return hot
 
 
 # ---------------------------------------------------------------- splits
@@ -254,15 +155,20 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, test_fraction: f
 
 
 def load_splits(data: str, size: int = 32, val_split: float = 0.1, test_split: float = 0.1,
-                seed: int = 0, cache_dir: Path | None = None, per_class: int | None = None) -> Splits:
+                seed: int = 0, cache_dir: Path | None = None, per_class: int | None = None,
+                labels: str | None = None) -> Splits:
     """Train/val/test from ``data``: ``cifar10`` (torchvision's format, downloaded when
-    missing), a folder with ``train/`` (and optionally ``val/``, ``test/``) subfolders, or a
-    folder of class subfolders. Splits that are not given are carved from train, stratified."""
+    missing), a folder with ``train/`` (and optionally ``val/``, ``valid/`` or ``validation/``, and
+    ``test/``) subfolders, or a folder of class subfolders; or the images the ``labels`` file lists
+    (paths relative to ``data``), split as its split column says. Splits that are not given are
+    carved from train, stratified."""
+    if labels is not None:
+        return _labelled_splits(data, labels, size, cache_dir, per_class, (val_split, test_split, seed))
     if data == "cifar10":
         return _cifar10_splits(size, val_split, test_split, seed, cache_dir, per_class)
     root = Path(data)
     check_folder(root)
-    given = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
+    given = _split_folders(root)
     if "train" not in given:
         images, classes, info = load_folder(root, size, cache_dir, per_class=per_class)
         return _fill_missing({"train": images}, classes, info, val_split, test_split, seed)
@@ -275,12 +181,60 @@ def load_splits(data: str, size: int = 32, val_split: float = 0.1, test_split: f
     return _fill_missing(sets, classes, info, val_split, test_split, seed)
 
 
+def load_multilabel_splits(data: str, labels: str | None, size: int = 32, val_split: float = 0.1,
+                           test_split: float = 0.1, seed: int = 0, cache_dir: Path | None = None) -> Splits:
+    """Train/val/test of the images the ``labels`` file lists, each with several labels (its label
+    column's class names separated by ';'): multi-hot targets (N, classes). Splits not given are
+    carved from train, stratified by each image's rarest label (multilabel.rarest_label)."""
+    if labels is None:
+        raise CnnlabError("--multi-label reads each image's labels from a file, not from class folders (a folder gives "
+                          "an image one class): pass --labels FILE, its label column holding class names separated "
+                          "by ';' (cat;dog)")
+    return _labelled_splits(data, labels, size, cache_dir, None, (val_split, test_split, seed), multi_label=True)
+
+
+def load_run_splits(cfg, size: int) -> Splits:
+    """The splits a run's settings ``cfg`` name (a TrainConfig or TransferConfig: its data, labels
+    file, split fractions, seed, cache and whether several labels per image), at ``size`` pixels."""
+    cache_dir = Path(cfg.cache_dir) if getattr(cfg, "cache_dir", None) else None
+    if cfg.multi_label:
+        return load_multilabel_splits(cfg.data, cfg.labels, size, cfg.val_split, cfg.test_split, cfg.seed, cache_dir)
+    return load_splits(cfg.data, size, cfg.val_split, cfg.test_split, cfg.seed, cache_dir, labels=cfg.labels)
+
+
+def _labelled_splits(data: str, labels: str, size: int, cache_dir: Path | None, per_class: int | None,
+                     carve: tuple[float, float, int], multi_label: bool = False) -> Splits:
+    """The splits of a labels file's images; those it does not give carved as ``carve`` (val_split,
+    test_split, seed) says."""
+    if data == "cifar10":
+        raise CnnlabError("--labels lists image files: pass --data FOLDER, the folder its relative paths start "
+                          "from, not cifar10")
+    sets, classes, info = load_labelled(labels, data, size, cache_dir, per_class=per_class, multi_label=multi_label)
+    if "train" not in sets:
+        raise CnnlabError(f"labels file {shown(labels)} has no readable image of split train; mark the training "
+                          "images train in its split column (or drop the column to carve the splits)")
+    return _fill_missing(sets, classes, info, *carve)
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """The split folders of ``root``: train/, test/ and the validation folder (val/, valid/ or
+    validation/; a one-line error for two of them beside train/)."""
+    given = {name: root / name for name in ("train", "test") if (root / name).is_dir()}
+    val = [root / name for name in VAL_FOLDERS if (root / name).is_dir()]
+    if len(val) > 1 and "train" in given:
+        raise CnnlabError(f"{shown(root)} has both {val[0].name}/ and {val[1].name}/ beside train/; keep one "
+                          "validation folder (val/, valid/ and validation/ are the same split)")
+    if val:
+        given["val"] = val[0]
+    return given
+
+
 def _fill_missing(sets: dict, classes, info, val_split, test_split, seed) -> Splits:
     given = sorted(sets)
     train = sets["train"]
     want_val = 0.0 if "val" in sets else val_split
     want_test = 0.0 if "test" in sets else test_split
-    tr, va, te = stratified_split(train.labels, want_val, want_test, seed)
+    tr, va, te = stratified_split(strata(train.labels), want_val, want_test, seed)
     sets.setdefault("val", train.subset(va))
     sets.setdefault("test", train.subset(te))
     sets["train"] = train.subset(tr)
@@ -297,7 +251,7 @@ def _checked(splits: Splits, no_val: bool = False) -> Splits:
             raise CnnlabError(f"the {name} split is empty; use more images or a larger "
                               f"--{'val' if name == 'val' else 'test'}-split" if name != "train" else
                               "the train split is empty; lower --val-split and --test-split")
-    counts = torch.bincount(splits.train.labels, minlength=len(splits.class_names))
+    counts = label_counts(splits.train.labels, len(splits.class_names))
     if (counts == 0).any():
         name = splits.class_names[int(torch.nonzero(counts == 0)[0])]
         raise CnnlabError(f"class {shown(name)} has no training images once the validation and test images are "

@@ -6,14 +6,17 @@ import math
 
 from torch import nn
 
+from .callbacks import Callback
+
 
 def infer_mode(monitor: str) -> str:
     """'min' for losses, 'max' for accuracy, precision, recall and F1."""
     return "min" if "loss" in monitor else "max"
 
 
-class EarlyStopping:
-    """Keras's ``EarlyStopping`` semantics, epoch numbers counted from 1.
+class EarlyStopping(Callback):
+    """Keras's ``EarlyStopping`` semantics, epoch numbers counted from 1; a callback
+    (callbacks.py) of the loop, which reads its best epoch for the run's record.
 
     * An epoch improves when ``value`` beats the best by more than ``min_delta``
       (below it for ``min``, above it for ``max``; ``auto`` infers the mode from the name).
@@ -34,6 +37,17 @@ class EarlyStopping:
         self.best_weights: dict | None = None
         self.wait = 0
         self.stopped_epoch: int | None = None
+        self.model: nn.Module | None = None  # the model whose best weights it keeps (on_train_begin's)
+        self.restored = False  # on_train_end put the best weights back
+
+    def on_train_begin(self, run) -> None:
+        self.model = run.model
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> bool:
+        return self.update(epoch, logs, self.model)
+
+    def on_train_end(self, logs: dict) -> None:
+        self.restored = self.model is not None and self.restore(self.model)
 
     def improves(self, value: float, reference: float | None) -> bool:
         """Whether ``value`` beats ``reference`` (None: anything does) by more than ``min_delta``."""

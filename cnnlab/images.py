@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .data import IMAGE_EXTENSIONS, decode_image
+from .folders import IMAGE_EXTENSIONS, decode_image
 from .errors import CnnlabError
 from .text import shown
 

@@ -12,7 +12,10 @@ from torch import nn
 from . import distributed
 from .data import ImageSet
 from .metrics import confusion_matrix, loss_fn, predicted_class, probabilities, summarize
+from .multilabel import DEFAULT_THRESHOLD, multilabel_loss, multilabel_scores
+from .multilabel import probabilities as sigmoid_probabilities
 from .preprocessing import Preprocessing, model_input
+from .progress import Progress
 from .runtime import autocast, compute_dtype
 
 
@@ -26,10 +29,12 @@ def inference_batch(images: torch.Tensor) -> int:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, preprocessing: Preprocessing, device: torch.device,
-                   batch_size: int | None = None, tta: int = 0, precision: str = "auto") -> torch.Tensor:
+                   batch_size: int | None = None, tta: int = 0, precision: str = "auto",
+                   progress: str | None = None) -> torch.Tensor:
     """Logits for uint8 images (or cached features), in eval mode, with test-time augmentation
     ``tta`` (see ``augmented_logits``); ``precision`` as in ``runtime.compute_dtype``. Under
-    torchrun each rank computes its part of ``images`` and every rank gets all the logits."""
+    torchrun each rank computes its part of ``images`` and every rank gets all the logits.
+    ``progress`` names the work for a bar or progress lines (progress.py; None: none)."""
     model.eval()
     if hasattr(model, "for_inference"):  # a transfer model: its base folded for the pass (transfer.py)
         model = model.for_inference()
@@ -38,11 +43,14 @@ def predict_logits(model: nn.Module, images: torch.Tensor, preprocessing: Prepro
     prepare = preprocessing.on(device)
     first, stop = distributed.shard_range(len(images))
     out = []
-    for start in range(first, stop, batch_size):
-        x = model_input(images[start:min(start + batch_size, stop)], prepare)
-        with autocast(device, dtype):
-            logits = augmented_logits(model, x, tta)
-        out.append(logits.cpu())
+    shown = progress is not None and distributed.is_main()
+    with Progress(stop - first, progress or "", "images", enabled=shown) as shown:
+        for start in range(first, stop, batch_size):
+            x = model_input(images[start:min(start + batch_size, stop)], prepare)
+            with autocast(device, dtype):
+                logits = augmented_logits(model, x, tta)
+            out.append(logits.cpu())
+            shown.update(len(x))
     if distributed.active():
         part = torch.cat(out) if out else torch.zeros(0, _output_width(model, images[:1], prepare, device, dtype))
         return distributed.gather_rows(part, len(images))
@@ -92,15 +100,23 @@ def _output_width(model: nn.Module, probe: torch.Tensor, prepare, device, dtype)
 
 
 def score(model: nn.Module, data: ImageSet, class_names: list[str], preprocessing: Preprocessing,
-          device: torch.device, tta: int = 0, precision: str = "auto") -> dict:
+          device: torch.device, tta: int = 0, precision: str = "auto", progress: str | None = None) -> dict:
     """Loss (plain cross-entropy), accuracy, macro and per-class precision/recall/F1 and
-    the confusion matrix of ``model`` on ``data``."""
-    logits = predict_logits(model, data.images, preprocessing, device, tta=tta, precision=precision)
+    the confusion matrix of ``model`` on ``data``; ``progress`` as ``predict_logits``'s."""
+    logits = predict_logits(model, data.images, preprocessing, device, tta=tta, precision=precision,
+                            progress=progress)
     return score_logits(logits, data.labels, class_names)
 
 
-def score_logits(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:
-    """``score`` from logits already computed."""
+def score_logits(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str],
+                 thresholds: float | list[float] = DEFAULT_THRESHOLD) -> dict:
+    """``score`` from logits already computed. Multi-hot ``labels`` (N, classes: several labels per
+    image) are scored as multilabel.multilabel_scores scores them, each label predicted at its
+    ``thresholds``, with their binary cross-entropy as the loss and the subset accuracy as ``accuracy``."""
+    if labels.dim() == 2:
+        loss = float(multilabel_loss(logits, labels)) if len(logits) else float("nan")
+        scores = multilabel_scores(sigmoid_probabilities(logits), labels, class_names, thresholds)
+        return {"loss": loss, "accuracy": scores["subset_accuracy"], **scores}
     loss = float(loss_fn(logits, labels)) if len(logits) else float("nan")
     cm = confusion_matrix(labels, predicted_class(logits), len(class_names))
     return {"loss": loss, **summarize(cm, class_names)}

@@ -43,6 +43,13 @@ class Scale(nn.Module):
         return x * self.factor
 
 
+class GlobalAvgPool(nn.Module):
+    """Global average pooling: (N, C, H, W) -> (N, C), a head whose width does not grow with the image."""
+
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
 class Dropout(nn.Module):
     """Inverted dropout, as ``nn.Dropout``, with a cheaper mask: one 64-bit draw from torch's
     generator gives four 16-bit uniforms, so ``p`` is applied in steps of 1/65536 (exact for

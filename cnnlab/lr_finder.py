@@ -13,20 +13,21 @@ import torch
 from .config import TrainConfig, TransferConfig, validate_transfer
 from .data import ImageSet
 from .errors import CnnlabError
-from .lr_sweep import STEPS, Sweep, plot, random_state, restore_random, sweep
+from .lr_sweep import Plan, Sweep, plot, random_state, restore_random, run_plan, sweep
 from .text import fit_name, shown
 
-# the settings that change what the sweep sees; the rest (epochs, output, early stopping) do not
+# the settings of the run the sweep is for (epochs size it); its name and output are not
 TRAIN_OPTIONS = {f.name for f in fields(TrainConfig)} - {"preset", "lr", "out", "name"}
 TRANSFER_OPTIONS = {f.name for f in fields(TransferConfig)} - {"backbone", "lr", "out", "name"}
 
 
 def lr_find(model: str, data: str, output: str | Path | None = None, log: Callable[[str], None] = print,
-            steps: int = STEPS, **options) -> Sweep:
+            steps: Plan | None = None, **options) -> Sweep:
     """The range test of preset or backbone ``model`` on ``data`` with the run's other ``options``
-    (``batch_size``, ``optimizer``, ``precision``, ``threads``, ``seed``, ``image_size``, ...);
-    the curve is drawn to ``output`` (a .png file; None: none). Returns the ``Sweep``, its
-    ``suggestion`` the learning rate to train with."""
+    (``epochs``, ``batch_size``, ``optimizer``, ``precision``, ``threads``, ``seed``, ``image_size``,
+    ...), for ``steps`` (default: sized to that run, lr_sweep.plan); the curve is drawn to ``output``
+    (a .png file; None: none). Returns the ``Sweep``, its ``suggestion`` the learning rate to train
+    with."""
     from .presets import PRESETS
     state = random_state()  # building the model seeds the global streams: they are given back as they were
     try:
@@ -39,7 +40,8 @@ def lr_find(model: str, data: str, output: str | Path | None = None, log: Callab
     if output is not None:
         plot(result, Path(output), f"learning-rate finder: {what}, suggested lr {result.suggestion:.3g}")
     log(f"{len(result.lrs)} steps in {result.seconds:.1f}s from lr {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}; "
-        f"stopped: {result.stopped}; suggested {result.suggestion:.3g} (fastai's valley; its minimum "
+        f"stopped: {result.stopped}; the loss is lowest at {result.lrs[result.lowest]:.3g}: suggested "
+        f"{result.suggestion:.3g}, a third of it (fastai's valley {result.others['valley']:.3g}, minimum "
         f"{result.others['minimum']:.3g}, steep {result.others['steep']:.3g})")
     return result
 
@@ -50,18 +52,24 @@ def _unknown(options: dict, known: set, what: str) -> None:
         raise CnnlabError(f"lr-find does not take {', '.join(unknown)} for {what}")
 
 
-def _preset(preset: str, data: str, steps: int, options: dict, log) -> Sweep:
-    from .presets import get_preset, resolve_config
+def _preset(preset: str, data: str, steps: Plan | None, options: dict, log) -> Sweep:
+    from .presets import model_spec, resolve_config
     from .train import _start
     _unknown(options, TRAIN_OPTIONS, "a preset")
     cfg = resolve_config(preset, data=data, **options)
-    device, splits, model = _start(cfg, list(get_preset(preset).layers), None, log)
-    log(f"{preset}: sweeping {steps} steps of batch {cfg.batch_size} on {len(splits.train)} training images, "
-        f"{cfg.optimizer}, {device}")
+    device, splits, model = _start(cfg, model_spec(cfg), None, log)  # the model train builds, its head at its size
+    steps = steps or run_plan(cfg, len(splits.train))
+    log(f"{preset}: sweeping {_describe(steps, cfg)} on {len(splits.train)} training images, {cfg.optimizer}, "
+        f"{device}")
     return sweep(model, splits.train, cfg, device, steps)
 
 
-def _backbone(backbone: str, data: str, steps: int, options: dict, log) -> Sweep:
+def _describe(steps: Plan, cfg: TrainConfig) -> str:
+    each = f"{steps.batches} batches of {cfg.batch_size}" if steps.batches > 1 else f"a batch of {cfg.batch_size}"
+    return f"{steps.steps} steps of {each} (the run: {cfg.epochs} epochs)"
+
+
+def _backbone(backbone: str, data: str, steps: Plan | None, options: dict, log) -> Sweep:
     from .backbones import pretrained
     from .data import load_splits
     from .features import Extraction, extract_features
@@ -84,7 +92,9 @@ def _backbone(backbone: str, data: str, steps: int, options: dict, log) -> Sweep
     log(f"{backbone}: features of {len(splits.train)} training images (kept in memory, not cached)")
     features = extract_features(base, splits.train.images,
                                 Extraction(prep, device, pool=cfg.head == "gap", precision=cfg.precision), log=log)
-    frozen = phase_config(cfg, 1, TransferConfig.lr, prep)
+    frozen = phase_config(cfg, cfg.epochs, TransferConfig.lr, prep)  # the frozen phase the sweep is sized to
+    steps = steps or run_plan(frozen, len(splits.train), cheap=True)
+    log(f"{backbone} head: sweeping {_describe(steps, frozen)}")
     return sweep(head, ImageSet(features, splits.train.labels), frozen, device, steps)
 
 

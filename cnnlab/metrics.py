@@ -11,8 +11,19 @@ import torch.nn.functional as F
 METRICS_VERSION = 2
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy over classes; with a single output unit, binary cross-entropy on its sigmoid."""
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
+            class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy over classes; with a single output unit, binary cross-entropy on its sigmoid.
+    With ``class_weights`` (one per class), each image's loss is weighted by its class's before the
+    mean over the batch, as Keras's ``class_weight`` and scikit-learn's sample weights weigh it."""
+    if class_weights is not None:
+        if logits.shape[1] == 1:
+            target = y.float() * (1 - label_smoothing) + label_smoothing / 2
+            each = F.binary_cross_entropy_with_logits(logits[:, 0].float(), target, reduction="none")
+        else:
+            each = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="none")
+        # soft targets (MixUp, CutMix: rows of class shares) weigh each image by its classes' shares
+        return (each * (class_weights[y] if y.dim() == 1 else y.float() @ class_weights)).mean()
     if logits.shape[1] == 1:
         target = y.float() * (1 - label_smoothing) + label_smoothing / 2
         return F.binary_cross_entropy_with_logits(logits[:, 0].float(), target)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import LiteFeatures, for_extraction
+from .backbones import LiteFeatures, for_extraction, split_base
 from .runtime import switched_off
 
 SWITCH = "CNNLAB_ONNXRUNTIME"  # =0: PyTorch extracts the features instead
@@ -45,11 +45,14 @@ class OnnxBase(nn.Module):
 
 
 def extraction_base(features: nn.Module, size: int, device: torch.device, dtype: torch.dtype | None,
-                    log=None) -> nn.Module:
+                    log=None, below: int = 0) -> nn.Module:
     """The fastest frozen copy of ``features`` for extracting features at ``size`` x ``size``:
     an EfficientNet-Lite base in float32 on a CPU run by onnxruntime (``OnnxBase``), anything else
-    ``backbones.for_extraction``'s PyTorch copy. When the export fails, PyTorch's, with a warning."""
+    ``backbones.for_extraction``'s PyTorch copy. When the export fails, PyTorch's, with a warning.
+    With ``below`` K, the copy stops below the base's last K blocks (``backbones.split_base``)."""
     base = for_extraction(features)
+    if below:
+        base = split_base(base, below)[0]
     if device.type != "cpu" or dtype is not None or not isinstance(features, LiteFeatures) or switched_off(SWITCH):
         return base
     try:

@@ -87,11 +87,15 @@ def confusion_heatmap(cm: list[list[int]], class_names: list[str], path: Path, t
 
 def plot_run(run_dir: Path, history: list[dict], best_epoch: int | None, cm, class_names,
              boundary: int | None = None) -> None:
-    """loss.png, accuracy.png and confusion_matrix.png of one run."""
+    """loss.png, accuracy.png and confusion_matrix.png of one run (no ``cm``, several labels per
+    image: no confusion matrix, and the accuracy is the subset accuracy)."""
     name = Path(run_dir).name
-    curve(history, "loss", best_epoch, f"{name}: cross-entropy loss", run_dir / "loss.png", boundary)
-    curve(history, "accuracy", best_epoch, f"{name}: accuracy", run_dir / "accuracy.png", boundary)
-    confusion_heatmap(cm, class_names, run_dir / "confusion_matrix.png", f"{name}: confusion matrix (test)")
+    curve(history, "loss", best_epoch, f"{name}: {'' if cm is not None else 'binary '}cross-entropy loss",
+          run_dir / "loss.png", boundary)
+    curve(history, "accuracy", best_epoch, f"{name}: {'accuracy' if cm is not None else 'subset accuracy'}",
+          run_dir / "accuracy.png", boundary)
+    if cm is not None:
+        confusion_heatmap(cm, class_names, run_dir / "confusion_matrix.png", f"{name}: confusion matrix (test)")
 
 
 def image_grid(images, labels, class_names: list[str], path: Path, columns: int | None = None, title: str = "",

@@ -11,6 +11,8 @@ A layer is a short string:
     pool2         2x2 max-pooling (``pool3`` etc.)
     drop0.25      dropout
     flatten       flatten to a vector
+    gap           global average pooling to one value per channel (``--head gap`` puts it in
+                  flatten's place: the dense layers then keep their size at any image size)
     dense128      fully connected layer with 128 units
     dense         the output layer: one unit per class (``dense:nobias`` without a bias,
                   ``:unitstd`` with its initial weights rescaled to standard deviation 1)
@@ -21,15 +23,16 @@ Adding a preset is one entry in ``PRESETS``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
 
+from . import architectures
 from .config import TrainConfig, validate
 from .errors import CnnlabError
-from .layers import Dropout, Net, Scale, Whiten
-from .preprocessing import CIFAR10
+from .layers import Dropout, GlobalAvgPool, Net, Scale, Whiten
+from .preprocessing import CIFAR10, UNIT
 
 SEED_BLOCKS = ["conv32", "bn", "relu", "pool2", "conv64", "bn", "relu", "pool2"]
 DROPOUT_LAYERS = ["conv32", "bn", "relu", "pool2", "drop0.25",
@@ -66,7 +69,7 @@ def muon_recipe(batch_size: int, lr: float) -> dict:
             "weight_decay": 2e-6 * batch_size / lr, "bias_lr_scale": 0.053 * batch_size / lr,
             "head_lr_scale": 0.67 * batch_size / lr, "schedule": "linear", "label_smoothing": 0.2, "augment": True,
             "translate": 2, "flip": "alternate", "tta": 2, "whiten_bias_epochs": 3, "whiten_bias_scaled": True,
-            "preprocessing": CIFAR10, "monitor": "val_accuracy"}
+            "preprocessing": CIFAR10, "monitor": "val_accuracy", "head": "gap"}
 
 
 # airbench94_muon as published is muon_recipe(2000, 0.24): batches of 2000 keep a GPU busy. On a CPU
@@ -121,7 +124,7 @@ PRESETS: dict[str, Preset] = {
         {"epochs": 10, "batch_size": 1024, "optimizer": "sgd", "lr": 1.5, "momentum": 0.85, "nesterov": True,
          "weight_decay": 0.0153 / 11.5, "bias_lr_scale": 64.0, "schedule": "triangle", "label_smoothing": 0.2,
          "augment": True, "translate": 2, "flip": "alternate", "tta": 2, "whiten_bias_epochs": 3,
-         "lookahead": True, "preprocessing": CIFAR10, "monitor": "val_accuracy"}),
+         "lookahead": True, "preprocessing": CIFAR10, "monitor": "val_accuracy", "head": "gap"}),
     "speedrun": Preset(
         _airbench_net(*AIRBENCH94_NET, head=UNIT_STD_HEAD),
         "the highest CIFAR-10 accuracy per CPU-minute: airbench94_muon on cnnlab's loop (airbench94's net; Muon on "
@@ -140,18 +143,67 @@ def get_preset(name: str) -> Preset:
 
 
 def resolve_config(preset: str, **overrides) -> TrainConfig:
-    """The preset's settings on top of the defaults, then every non-None override; validated."""
+    """The model's settings (a preset's, or for a torchvision or timm architecture
+    ``architectures.SETTINGS``) on top of the defaults, then every non-None override, the image
+    size (``image_size``, else the model's) folded into the preprocessing; validated."""
     names = {f.name for f in fields(TrainConfig)}
     unknown = set(overrides) - names
     if unknown:
         raise TypeError(f"unknown settings: {sorted(unknown)}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    cfg = TrainConfig(preset=preset, **{**get_preset(preset).settings, **given})
+    if preset in PRESETS:
+        settings = PRESETS[preset].settings
+    elif architectures.find(preset) is None:
+        raise architectures.unknown(preset)
+    elif "head" in given:
+        raise CnnlabError(f"--head shapes a preset's head; {preset} keeps its own (leave --head out)")
+    else:
+        settings = architectures.SETTINGS
+    merged = {**settings, **given}
+    size = merged.get("image_size") or merged.get("preprocessing", UNIT).size
+    merged.update(image_size=size, preprocessing=replace(merged.get("preprocessing", UNIT), size=size))
+    cfg = TrainConfig(preset=preset, **merged)
     validate(cfg)
     if cfg.val_split == 0 and str(given.get("monitor", "")).startswith("val_"):  # a preset's own monitor just rests
         raise CnnlabError(f"--val-split 0 leaves no validation images to --monitor {cfg.monitor}; monitor loss or "
                           "accuracy, or keep a --val-split above 0")
     return cfg
+
+
+def preset_layers(name: str, head: str | None = None) -> list[str]:
+    """The preset's layers with its head (``head``, else the preset's own setting): ``gap`` puts
+    global average pooling in flatten's place, so the dense layers keep their size at any image
+    size; with ``flatten`` the first dense layer is sized for the image (build_model tracks shapes)."""
+    head = head or get_preset(name).settings.get("head", TrainConfig.head)
+    return [("gap" if layer == "flatten" and head == "gap" else layer) for layer in get_preset(name).layers]
+
+
+def model_spec(cfg: TrainConfig) -> dict:
+    """How the run's model is rebuilt, as config.json records it: ``layers`` (a preset's, its head
+    applied) or ``architecture`` ("torchvision:resnet18")."""
+    if cfg.preset in PRESETS:
+        return {"layers": preset_layers(cfg.preset, cfg.head)}
+    found = architectures.find(cfg.preset)
+    if found is None:
+        raise architectures.unknown(cfg.preset)
+    return {"architecture": found}
+
+
+def network_spec(record: dict) -> dict:
+    """The part of a run's config.json (or of ``model_spec``) that says how to rebuild its model."""
+    if record.get("architecture"):
+        return {"architecture": record["architecture"]}
+    return {"layers": record.get("layers")}
+
+
+def build_network(spec: dict | list | tuple, num_classes: int, in_shape: tuple[int, int, int]) -> nn.Module:
+    """The model ``spec`` describes (``model_spec``'s or ``network_spec``'s value, or a layer list),
+    with fresh weights, for ``num_classes`` and inputs of ``in_shape``."""
+    if isinstance(spec, dict):
+        if spec.get("architecture"):
+            return architectures.build(spec["architecture"], num_classes, in_shape[1])
+        spec = spec["layers"]
+    return build_model(spec, num_classes, in_shape)
 
 
 def _parse(spec: str) -> tuple[str, str, list[str]]:
@@ -220,6 +272,9 @@ def build_model(layers: tuple[str, ...] | list[str], num_classes: int,
         elif head == "flatten":
             modules.append(nn.Flatten())
             flat = c * h * w
+        elif head == "gap":
+            modules.append(GlobalAvgPool())
+            flat = c
         elif head == "dense":
             if flat is None:
                 raise CnnlabError(f"layer '{spec}' needs a 'flatten' before it")
@@ -281,7 +336,7 @@ def summary_rows(model: nn.Sequential, in_shape=(3, 32, 32)) -> list[tuple[str, 
 def summary_table(preset: str, image_size: int = 32, classes: int = 10) -> str:
     """Keras's ``model.summary()`` for ``preset``: layer, output shape, parameters, totals."""
     shape = (3, image_size, image_size)
-    model = build_model(get_preset(preset).layers, classes, shape)
+    model = build_model(preset_layers(preset), classes, shape)
     rows = summary_rows(model, shape)
     width = max(len(r[0]) for r in rows) + 2
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -297,10 +352,14 @@ def presets_listing() -> str:
     """Every preset: parameters (10 classes), what it adds, its layers and its settings."""
     lines = []
     for name, preset in PRESETS.items():
-        params = count_parameters(build_model(preset.layers, 10))
+        params = count_parameters(build_model(preset_layers(name), 10))
         lines += [f"{name:<11} {params:>10,} params  {preset.description}",
-                  f"{'':<11} layers: {' -> '.join(preset.layers)}"]
+                  f"{'':<11} layers: {' -> '.join(preset_layers(name))}"]
         if preset.settings:
             lines.append(f"{'':<11} settings: " + ", ".join(f"{k}={getattr(v, 'describe', lambda: v)()}"
                                                             for k, v in preset.settings.items()))
+    lines.append(f"\nor any torchvision classification architecture, trained from scratch (timm's too, once installed): "
+                 f"--model resnet18, convnext_tiny, ... (torchvision.models.list_models()); at "
+                 f"{architectures.DEFAULT_SIZE}x{architectures.DEFAULT_SIZE} with the photo augmentation unless "
+                 "--image-size and --augment say otherwise")
     return "\n".join(lines)

@@ -21,11 +21,13 @@ from .text import shown
 from .version import __version__
 
 COLUMNS = ["run", "kind", "model", "params", "epochs", "best epoch", "time (s)", "images/s", "best val acc",
-           "test acc", "test loss", "overfit gap", "seed test acc"]
+           "test acc", "test bal acc", "test loss", "overfit gap", "seed test acc"]
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
 IMAGE_LIMIT = 32 * 2**20  # bytes: a bigger "PNG" in a run folder is not embedded
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MISTAKES = {False: "most confident mistakes: true → predicted, probability",
+            True: "most confident mistakes: true labels → predicted labels, the label most wrong and its probability"}
 
 def _esc(value) -> str:
     """A value as the page's text: one printable line (``text.shown``), HTML-escaped, quotes included."""
@@ -65,13 +67,23 @@ def _table(infos: list[dict]) -> str:
         m, seed = info["metrics"], info["seed"]["test"] if info["seed"] else "–"
         row = [(info["name"], info["name"], ""), (info["kind"], info["kind"], ""), (info["model"], info["model"], ""),
                (f"{m['parameters']:,}", m["parameters"], ""), (str(m["epochs_run"]), m["epochs_run"], ""),
-               (str(m["best_epoch"]), m["best_epoch"], ""), _time(m), _speed(info), pct(m.get("best_val_accuracy")),
-               pct(m["test_accuracy"]), (f"{m['test_loss']:.4f}", m["test_loss"], ""), pct(*info["gap"]),
+               (str(m["best_epoch"]), m["best_epoch"], ""), _time(m), _speed(info), *_accuracies(info, pct),
+               (f"{m['test_loss']:.4f}", m["test_loss"], ""), pct(*info["gap"]),
                (seed, seed, "")]
         rows.append("<tr>" + "".join(f'<td data-v="{_esc(v)}">{_esc(t)}'
                                      f'{f"<br><small>{_esc(note)}</small>" if note else ""}</td>'
                                      for t, v, note in row) + "</tr>")
     return f'<table id="runs" class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _accuracies(info: dict, pct: Callable) -> list[tuple]:
+    """The cells best val acc, test acc and test bal acc; for a run of several labels per image,
+    the validation mAP, test mAP and test macro F1 in their place, each cell saying so."""
+    m = info["metrics"]
+    if info["multi_label"]:
+        return [pct(m.get("best_val_map"), "val mAP"), pct(m["test_map"], "mAP (several labels per image)"),
+                pct(m["test_f1"], "macro F1")]
+    return [pct(m.get("best_val_accuracy")), pct(m["test_accuracy"]), pct(m.get("test_balanced_accuracy"))]
 
 
 def _curves(infos: list[dict], title: str, overlay: bool):
@@ -118,8 +130,26 @@ def _overlays(infos: list[dict], fig_html: Callable) -> str:
             + "".join(charts))
 
 
+def _label_scores(info: dict) -> str:
+    """A run of several labels per image: its mAP, macro and micro F1 and subset accuracy, and
+    each label's threshold, precision, recall, F1, average precision and support (test)."""
+    m = info["metrics"]
+    rows = "".join(f"<tr><td>{_esc(name)}</td><td>{v['threshold']:.3f}</td><td>{v['precision']:.3f}</td>"
+                   f"<td>{v['recall']:.3f}</td><td>{v['f1']:.3f}</td><td>{v['average_precision']:.3f}</td>"
+                   f"<td>{v['support']}</td></tr>" for name, v in m["per_label"].items())
+    subset = m.get("test_subset_accuracy", m["test_accuracy"])
+    how = "tuned on the validation split" if m.get("thresholds_tuned") else "the run's --threshold"
+    return (f'<h3>per label (test)</h3><p class="sub">mAP {m["test_map"]:.3f} · macro F1 {m["test_f1"]:.3f} · micro '
+            f'F1 {m["test_micro_f1"]:.3f} · subset accuracy {subset:.3f} (every label right); each label predicted '
+            f'at its threshold ({_esc(how)})</p><table class="grid small"><thead><tr><th>label</th><th>threshold</th><th>precision</th>'
+            f"<th>recall</th><th>F1</th><th>AP</th><th>support</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
 def _test_scores(info: dict, fig_html: Callable) -> str:
-    """The confusion matrix (class names escaped for Plotly) beside the per-class scores."""
+    """The confusion matrix (class names escaped for Plotly) beside the per-class scores; per-label
+    scores for a run of several labels per image."""
+    if info["multi_label"]:
+        return _label_scores(info)
     import plotly.graph_objects as go
     names, cm = [_esc(n) for n in info["config"]["class_names"]], info["metrics"]["confusion_matrix"]
     fig = go.Figure(go.Heatmap(z=cm, x=names, y=names, colorscale="Blues", text=cm, texttemplate="%{text}",
@@ -164,7 +194,14 @@ def _summary(info: dict) -> str:
     images = f" on {size:,} training images" if is_number(size, True) else ""
     ours = (f"{m['epochs_run']} epoch{'' if m['epochs_run'] == 1 else 's'}{images} (best {m['best_epoch']}), "
             f"{time_text} s ({time_parts}), best val "
-            f"{f'{val:.2%}' if val is not None else '- (no validation images)'}, test {m['test_accuracy']:.2%}")
+            f"{f'{val:.2%}' if val is not None else '- (no validation images)'}, test {m['test_accuracy']:.2%}"
+            + (f" (balanced {balanced:.2%})" if (balanced := m.get("test_balanced_accuracy")) is not None else ""))
+    if info["multi_label"]:  # several labels per image: mAP and F1; the subset accuracy (every label right)
+        best_map, subset = m.get("best_val_map"), m.get("test_subset_accuracy", m["test_accuracy"])
+        ours = (ours.split(", best val")[0] + ", best val mAP "
+                f"{f'{best_map:.2%}' if best_map is not None else '- (no validation images)'}, test mAP "
+                f"{m['test_map']:.2%}, macro F1 {m['test_f1']:.2%}, micro F1 {m['test_micro_f1']:.2%}, subset "
+                f"accuracy {subset:.2%} (each label at its saved threshold)")
     if not seed:
         return f'<p class="sub"><b>This run:</b> {_esc(ours)}.</p>'
     theirs = f"{seed['epochs']} epochs, {seed['time']}, val {seed['val']}, test {seed['test']}"
@@ -205,12 +242,15 @@ SORT_SCRIPT = """function sortTable(col){const t=document.getElementById('runs')
 const dir=t.dataset.col==String(col)&&t.dataset.dir=='asc'?'desc':'asc';t.dataset.col=col;t.dataset.dir=dir;
 rows.sort((x,y)=>{const a=x.cells[col].dataset.v,c=y.cells[col].dataset.v,na=parseFloat(a),nc=parseFloat(c);
 const r=(!isNaN(na)&&!isNaN(nc))?na-nc:a.localeCompare(c);return dir=='asc'?r:-r});rows.forEach(r=>b.appendChild(r));}"""
-EXPLAINED = """click a column to sort. Time: the whole run, loading to test, and under it its parts: feature extraction
+EXPLAINED = """click a column to sort. Test bal acc: the balanced accuracy, the mean of the classes' recalls (each class
+counts alike, however many images it has). Time: the whole run, loading to test, and under it its parts: feature extraction
 (transfer runs), the training epochs (validation included), the rest. Overfit gap: training minus validation accuracy of
 the weights kept, the training accuracy measured in evaluation mode (dropout off) where the run recorded it; a transfer
 run's is its epochs' (its base runs in evaluation mode, its head has no dropout: only augmentation sets it apart). The
 last column: the original study's test accuracy where a run reproduces that experiment (a seed preset on CIFAR-10, or
-transfer learning on cats vs dogs)"""
+transfer learning on cats vs dogs). A run of several labels per image (multi-label) shows its validation mAP, test mAP
+and macro F1 in the three accuracy columns, each cell saying so, and its accuracy curves are subset accuracies (every
+label right)"""
 
 
 def build_report(run_dirs: list[str | Path], output: str | Path, title: str = "cnnlab report",
@@ -246,7 +286,7 @@ def build_report(run_dirs: list[str | Path], output: str | Path, title: str = "c
 {fig_html(_curves([info], f"{_esc(info['name'])}: learning curves", overlay=False))}
 {_test_scores(info, fig_html)}
 <div class="row">{_image(info['dir'], 'samples.png', 'random training images')}</div>
-{_image(info['dir'], 'mistakes.png', 'most confident mistakes: true → predicted, probability', ' class="wide"')}
+{_image(info['dir'], 'mistakes.png', MISTAKES[info['multi_label']], ' class="wide"')}
 </section>""" for info in infos)
     page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>
 <style>{STYLE}</style><script>{get_plotlyjs()}</script><script>{SORT_SCRIPT}</script></head><body>

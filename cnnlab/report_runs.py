@@ -30,7 +30,12 @@ METRICS_READ = ("best_epoch", "parameters", "epochs_run", "train_time_s", "image
                 "test_loss", "confusion_matrix", "per_class")
 METRICS_NUMBERS = ("train_time_s", "images_per_s", "test_accuracy", "test_loss")  # below: a number, absent or None
 METRICS_OPTIONAL = ("best_val_accuracy", "run_time_s", "feature_extraction_s", "train_accuracy_eval",
-                    "train_accuracy_at_best", "test_balanced_accuracy", "metrics_version")
+                    "train_accuracy_at_best", "test_balanced_accuracy", "metrics_version", "best_val_map")
+# a run of several labels per image (--multi-label): per-label scores and mAP, no confusion matrix
+MULTI_LABEL_NUMBERS = ("test_map", "test_f1", "test_micro_f1")
+MULTI_LABEL_READ = tuple(k for k in METRICS_READ if k not in ("confusion_matrix", "per_class")) + \
+    MULTI_LABEL_NUMBERS + ("per_label",)
+LABEL_SCORES = ("precision", "recall", "f1", "average_precision", "threshold")
 HISTORY_READ = ("epoch", "loss", "accuracy")
 VALIDATION_READ = ("val_loss", "val_accuracy")  # absent from a run trained with --val-split 0
 
@@ -60,7 +65,8 @@ def read_run(run_dir: Path) -> dict | None:
     history = read_history(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else []
     data_info = config.get("data_info")
     validated = not (isinstance(data_info, dict) and data_info.get("val_size") == 0)  # not with --val-split 0
-    missing = [f"metrics.json: {k}" for k in METRICS_READ if k not in metrics] + [
+    multi = metrics.get("multi_label") is True
+    missing = [f"metrics.json: {k}" for k in (MULTI_LABEL_READ if multi else METRICS_READ) if k not in metrics] + [
         f"history.csv row {i + 1}: {k}" for i, row in enumerate(history)
         for k in HISTORY_READ + (VALIDATION_READ if validated else ()) if not is_number(row.get(k))]
     names = config.get("class_names")
@@ -69,25 +75,28 @@ def read_run(run_dir: Path) -> dict | None:
     problem = f"{missing[0]} missing or not a number" if missing else _problem(config, metrics, len(names), len(history))
     if problem:
         raise damaged(run_dir, problem)
-    rescored = _rescore(metrics, names)
-    per_class = metrics["per_class"]
+    rescored = not multi and _rescore(metrics, names)
+    per_class, scores = (metrics["per_label"], LABEL_SCORES) if multi else (metrics["per_class"], LABEL_SCORES[:3])
     if not isinstance(per_class, dict) or not all(
-            isinstance(s, dict) and all(is_number(s.get(k)) for k in ("precision", "recall", "f1"))
+            isinstance(s, dict) and all(is_number(s.get(k)) for k in scores)
             and is_number(s.get("support"), True) for s in per_class.values()):
-        raise damaged(run_dir, "metrics.json: per_class holds a score or support that is not a number")
+        raise damaged(run_dir, f"metrics.json: {'per_label' if multi else 'per_class'} holds a score or support that "
+                               "is not a number")
     kind = config.get("kind", "train")
     model = config.get("backbone") if kind == "transfer" else config.get("preset")
     return {"dir": run_dir, "name": run_dir.name, "config": config, "metrics": metrics, "history": history,
             "kind": kind, "model": "?" if model is None else str(model), "gap": _gap(metrics, history, validated, kind),
-            "seed": SEED_FIGURES.get(_seed_key(config, kind)), "rescored": rescored, "validated": validated}
+            "seed": SEED_FIGURES.get(_seed_key(config, kind)), "rescored": rescored, "validated": validated,
+            "multi_label": multi}
 
 
 def _problem(config: dict, metrics: dict, classes: int, epochs: int) -> str | None:
     """What makes the record unfit to show (a non-number where a number belongs), or None."""
-    numbers = [k for k in METRICS_NUMBERS if not is_number(metrics[k])]
+    multi = metrics.get("multi_label") is True
+    numbers = [k for k in METRICS_NUMBERS + (MULTI_LABEL_NUMBERS if multi else ()) if not is_number(metrics[k])]
     numbers += [k for k in METRICS_OPTIONAL if metrics.get(k) is not None and not is_number(metrics[k])]
     counts = [k for k in ("best_epoch", "parameters", "epochs_run") if not is_number(metrics[k], True)]
-    cm = metrics["confusion_matrix"]
+    cm = [[0] * classes] * classes if multi else metrics["confusion_matrix"]  # several labels: no confusion matrix
     if numbers or counts:
         return f"metrics.json: {(numbers or counts)[0]} is not a {'number' if numbers else 'count'}"
     if epochs and not 1 <= metrics["best_epoch"] <= epochs:

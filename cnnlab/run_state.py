@@ -85,7 +85,8 @@ class RunContext:
     checkpoint.pt and history.csv into ``run_dir`` after every epoch (rank 0 of a from-scratch run).
     ``mistake_pictures(model, images, preprocessing, classes)`` turns the test's most confident
     mistakes into the pictures the run shows, with a title (None: the photos as they are);
-    ``started``: when this attempt began, for the run's whole wall time."""
+    ``callbacks``: objects with callbacks.Callback's methods, told of each phase and epoch and of
+    the finished run; ``started``: when this attempt began, for the run's whole wall time."""
     device: torch.device
     run_dir: Path | None = None
     preprocessing: Preprocessing | None = None
@@ -97,14 +98,17 @@ class RunContext:
     guard: InterruptGuard | None = None
     checkpoints: bool = False
     mistake_pictures: Callable | None = None
+    callbacks: list = field(default_factory=list)  # the caller's (callbacks.py), after early stopping and TensorBoard
     started: float = field(default_factory=time.perf_counter)  # when this attempt at the run began
 
 
 @dataclass
 class Outcome:
     """What training produced, for ``finish_run``: the history, the early-stopping state, where
-    fine-tuning began on the curves, and metrics to add."""
+    fine-tuning began on the curves, metrics to add, and the validation split's logits when they
+    are at hand (from cached features: what a multi-label run tunes its thresholds on)."""
     history: list[dict]
     early_stopping: EarlyStopping
     boundary: int | None = None
     extra: dict = field(default_factory=dict)
+    val_logits: torch.Tensor | None = None

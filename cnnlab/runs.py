@@ -242,8 +242,11 @@ def write_samples(run_dir: Path, train, class_names: list[str], seed: int) -> No
 
     if not (run_dir / "samples.png").exists():
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:18]
-        image_grid(train.images[pick], train.labels[pick], class_names, run_dir / "samples.png",
-                   title="random training images")
+        labels = train.labels[pick]
+        captions = ([";".join(class_names[j] for j in torch.nonzero(row > 0.5).flatten().tolist()) for row in labels]
+                    if labels.dim() == 2 else None)  # several labels per image: each image's, joined by ';'
+        image_grid(train.images[pick], labels, class_names, run_dir / "samples.png", columns=6,
+                   title="random training images", captions=captions)
 
 
 def write_mistakes(run_dir: Path, mistakes: dict, images: torch.Tensor, class_names: list[str],
@@ -260,16 +263,18 @@ def write_mistakes(run_dir: Path, mistakes: dict, images: torch.Tensor, class_na
 def write_finished(run_dir: Path, weights: dict, history: list[dict], test: dict, class_names: list[str],
                    metrics: dict, boundary: int | None = None) -> None:
     """The rest of a finished run's files: model.pt (``weights``), confusion_matrix.csv, the curves
-    of ``history`` (``boundary``: where fine-tuning began) and the heatmap of ``test``, then
+    of ``history`` (``boundary``: where fine-tuning began) and the heatmap of ``test`` (when it has a
+    confusion matrix: one class per image), then
     metrics.json (``metrics``), whose presence marks the run finished; the checkpoint and interrupt
     marker go."""
     from .plots import plot_run
 
     save_torch(run_dir / "model.pt", weights)
-    write_csv(run_dir / "confusion_matrix.csv",
-              [[name] + row for name, row in zip(class_names, test["confusion_matrix"])],
-              ["true\\predicted"] + class_names)
-    plot_run(run_dir, history, metrics["best_epoch"], test["confusion_matrix"], class_names, boundary)
+    if "confusion_matrix" in test:  # none with several labels per image: metrics.json's per_label scores instead
+        write_csv(run_dir / "confusion_matrix.csv",
+                  [[name] + row for name, row in zip(class_names, test["confusion_matrix"])],
+                  ["true\\predicted"] + class_names)
+    plot_run(run_dir, history, metrics["best_epoch"], test.get("confusion_matrix"), class_names, boundary)
     write_json(run_dir / "metrics.json", metrics)  # last: its presence marks the run finished
     for leftover in ("checkpoint.pt", "interrupted.json"):
         (run_dir / leftover).unlink(missing_ok=True)

@@ -13,12 +13,14 @@ from torch import nn
 from .backbones import get_backbone, pretrained
 from .config import TrainConfig, from_record
 from .errors import CnnlabError
+from .multilabel import thresholds_of
 from .preprocessing import Preprocessing
-from .presets import build_model
+from .presets import build_network, network_spec
 from .runs import load_run, load_torch
 from .runtime import memory_format, pick_device
 from .text import shown
 from .transfer_model import build_from_config
+from . import user_model
 from .weights import load_weights_into
 
 
@@ -34,16 +36,20 @@ def check_run_files(run_dir: Path) -> None:
             raise CnnlabError(f"{shown(path)} is not a regular file; restore the run's {name} or train the run again")
 
 
-def load_model(run_dir: str | Path, device: torch.device | None = None):
+def load_model(run_dir: str | Path, device: torch.device | None = None, module: nn.Module | None = None):
     """(model in eval mode with the run's best weights, its config, its preprocessing), all
-    from what the run directory recorded."""
+    from what the run directory recorded (for a run of your own model, ``module``: a fresh
+    instance of its class, where the run's module.pt cannot be loaded)."""
     run_dir = Path(run_dir)
     check_run_files(run_dir)
     config, _ = load_run(run_dir)
     if config.get("kind") == "transfer":
         model, preprocessing = build_from_config(config)
+    elif config.get("module"):  # your own model: the run's module.pt, or the one given
+        model = module if module is not None else user_model.load(run_dir, config["module"])
+        preprocessing = from_record(TrainConfig, config).preprocessing
     else:
-        model = build_model(config["layers"], len(config["class_names"]), tuple(config["input_shape"]))
+        model = build_network(network_spec(config), len(config["class_names"]), tuple(config["input_shape"]))
         preprocessing = from_record(TrainConfig, config).preprocessing
     load_weights_into(model, load_torch(run_dir / "model.pt"), str(run_dir / "model.pt"), "the run's layers",
                       "retrain the run or restore its model.pt")
@@ -65,6 +71,15 @@ def torch_model(model: str, weights: str | None = None) -> tuple[nn.Module, Prep
     return net, weights_used.preprocessing, get_backbone(model).class_names()
 
 
+def multilabel_thresholds(model: str | Path) -> list[float] | None:
+    """Each label's threshold when ``model`` is a run directory of several labels per image
+    (``--multi-label``); None for a run of one class per image or anything else."""
+    if not (Path(model) / "config.json").is_file():
+        return None
+    config, metrics = load_run(model)
+    return thresholds_of(metrics, config) if config.get("multi_label") else None
+
+
 class OnnxModel:
     """An exported file run by onnxruntime: its class names and input size from the metadata."""
 
@@ -75,6 +90,8 @@ class OnnxModel:
             meta = self.session.get_modelmeta().custom_metadata_map
             self.class_names = json.loads(meta["class_names"])
             self.size = int(meta["input_size"])
+            # several labels per image (an export of a --multi-label run): sigmoid outputs, each label's threshold
+            self.thresholds = json.loads(meta["thresholds"]) if meta.get("multi_label") == "true" else None
         except ImportError:
             raise CnnlabError("running .onnx files needs onnxruntime: pip install onnxruntime") from None
         except Exception as exc:

@@ -7,9 +7,12 @@ import torch
 from torch import nn
 
 from . import distributed
-from .config import TrainConfig
+from .augment import PhotoDraws, photo_augment
+from .config import TrainConfig, augment_kinds
 from .data import ImageSet, alternate_flips, apply_augment, augment_draws
+from .imbalance import class_weights
 from .metrics import loss_fn, predicted_class
+from .multilabel import multilabel_loss, subset_correct
 from .preprocessing import model_input
 from .runtime import autocast, compute_dtype, to_device
 
@@ -52,8 +55,13 @@ class TrainStep:
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.batches = torch.zeros((), device=device, dtype=torch.long)
         self.first_nonfinite = torch.full((), -1, device=device, dtype=torch.long)  # batch of the epoch, from 1
+        # --class-weights balanced: the training split's, fixed for the run (on the device: a graph reads them there)
+        self.class_weights = class_weights(train.labels).to(device) if cfg.class_weights == "balanced" else None
+        # --augment crop/trivial, --mixup, --cutmix (augment.py): drawn per batch, run op by op (no CUDA graph)
+        self.photo = photo_augment(cfg, train.labels) if train.images.dtype == torch.uint8 else None
+        self.pad = cfg.translate if "shift" in augment_kinds(cfg.augment) else 0  # the shift's reflect padding
         self.graphed = (device.type == "cuda" and cfg.cuda_graph and train.images.dtype == torch.uint8
-                        and not distributed.active())
+                        and not distributed.active() and self.photo is None)
         if self.graphed:
             graph_ready(opt, device)
         self.graph: "torch.cuda.CUDAGraph | None" = None
@@ -86,12 +94,15 @@ class TrainStep:
     def __call__(self, index: torch.Tensor, generator: torch.Generator) -> None:
         draws = None
         if self.cfg.augment:
-            draws = augment_draws(len(index), generator, self.cfg.translate, self.flip_base is None)
+            draws = augment_draws(len(index), generator, self.pad, self.flip_base is None)
             if self.flip_base is not None:
                 draws = (alternate_flips(self.flip_base, index.to(self.flip_base.device), self.epoch), *draws[1:])
+        if self.photo is not None:  # its crops take the flip just drawn; the rest is drawn after it
+            draws = self.photo.draw(len(index), self.images.shape[-1], generator, draws)
         if distributed.active():
             local = distributed.shard(index)
-            draws = None if draws is None else tuple(None if t is None else distributed.shard(t) for t in draws)
+            draws = None if draws is None else draws.shard(distributed.shard) if isinstance(draws, PhotoDraws) else \
+                tuple(None if t is None else distributed.shard(t) for t in draws)
             self.run(local, draws, distributed.loss_weight(len(local), len(index)))
         elif not self.graphed or len(index) != self.cfg.batch_size:
             self.run(index, draws)
@@ -105,13 +116,19 @@ class TrainStep:
     def run(self, index: torch.Tensor, draws: tuple | None, weight: float = 1.0) -> None:
         """The step itself, as ordinary (eager) PyTorch; ``weight`` scales the loss that is
         differentiated (a rank's part of a batch), not the loss that is summed."""
-        x = model_input(self.images[index], self.prepare)
-        if draws is not None:
-            x = apply_augment(x, draws, self.cfg.translate)
-        y = self.labels[index]
+        y = target = self.labels[index]
+        photo = draws if isinstance(draws, PhotoDraws) else None  # uint8 crops and TrivialAugment, then the rest
+        x = model_input(self.images[index] if photo is None else self.photo.images(self.images[index], photo),
+                        self.prepare)
+        shift = draws if photo is None else photo.shift
+        if shift is not None:
+            x = apply_augment(x, shift, self.cfg.translate)
+        if photo is not None:  # MixUp or CutMix: soft targets
+            x, target = self.photo.mix(x, y, photo)
         with autocast(self.device, self.dtype, cache=False):
             logits = self.model(x)
-            loss = loss_fn(logits, y, self.cfg.label_smoothing)
+            loss = (multilabel_loss(logits, target, self.cfg.label_smoothing) if self.cfg.multi_label else
+                    loss_fn(logits, target, self.cfg.label_smoothing, self.class_weights))
         self.opt.zero_grad(set_to_none=True)
         (loss if weight == 1.0 else loss * weight).backward()
         for p in self.frozen:
@@ -120,7 +137,9 @@ class TrainStep:
             warnings.filterwarnings("ignore", message=".*capturable=True.*")
             self.opt.step()
         self.total_loss += loss.detach() * len(y)
-        self.correct += (predicted_class(logits) == y).sum()
+        # several labels per image: the images whose every label is right (subset accuracy)
+        self.correct += (subset_correct(logits, y, self.cfg.threshold) if self.cfg.multi_label else
+                         (predicted_class(logits) == y).sum())
         # in place, on the device: no sync, and a replayed graph keeps updating the same tensors
         self.batches += 1
         diverged = (self.first_nonfinite < 0) & ~torch.isfinite(loss.detach())

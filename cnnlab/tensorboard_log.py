@@ -4,9 +4,9 @@ name with its train and validation curves overlaid on one chart per metric.
 
 Every scalar is logged against the optimizer step (as Lightning does): per epoch each history.csv
 column (``epoch_loss``, ``epoch_accuracy`` in both folders; ``epoch_precision``, ``epoch_recall``,
-``epoch_f1`` for validation; the epoch, its seconds and images/s), per step the learning rate; at
-the end the curves and the confusion matrix as images and the run's settings with its test scores
-as hparams. A resumed run purges what came after its checkpoint, so its curves go on without
+``epoch_f1`` for validation, with several labels per image ``epoch_map`` and ``epoch_micro_f1`` too;
+the epoch, its seconds and images/s), per step the learning rate; at the end the curves and the
+confusion matrix as images and the run's settings with its test scores as hparams. A resumed run purges what came after its checkpoint, so its curves go on without
 duplicated points. Without the ``tensorboard`` package a run says so once and trains on.
 """
 from __future__ import annotations
@@ -17,10 +17,14 @@ from typing import Callable
 
 import numpy as np
 
+from .callbacks import Callback
+
 TRAIN_COLUMNS = {"loss": "epoch_loss", "accuracy": "epoch_accuracy", "lr": "epoch_lr", "seconds": "epoch_seconds",
                  "images_per_s": "epoch_images_per_s", "epoch": "epoch"}
 VALIDATION_COLUMNS = {"val_loss": "epoch_loss", "val_accuracy": "epoch_accuracy", "val_precision": "epoch_precision",
-                      "val_recall": "epoch_recall", "val_f1": "epoch_f1"}
+                      "val_recall": "epoch_recall", "val_f1": "epoch_f1",
+                      "val_balanced_accuracy": "epoch_balanced_accuracy",
+                      "val_map": "epoch_map", "val_micro_f1": "epoch_micro_f1"}  # the last two: --multi-label
 IMAGES = ("loss.png", "accuracy.png", "confusion_matrix.png")
 
 
@@ -36,8 +40,8 @@ def wait_past_event_files(folders: list[Path]) -> None:
         time.sleep(wait)
 
 
-class Board:
-    """The event writers of one run (``enabled`` False: none, every call does nothing).
+class Board(Callback):
+    """The event writers of one run, a callback of the loop (callbacks.py) (``enabled`` False: none, every call does nothing).
     ``purge_step``: the first step to write again when a run continues (events from it on, left by
     the interrupted attempt, are hidden); ``validated`` False (``--val-split 0``): no validation folder."""
 
@@ -58,6 +62,12 @@ class Board:
         parts = ("train", "validation") if validated else ("train",)
         wait_past_event_files([run_dir / part for part in parts])
         self.writers = {part: SummaryWriter(str(run_dir / part), purge_step=purge_step) for part in parts}
+
+    def on_train_begin(self, run) -> None:
+        self._schedule = run.schedule  # its step count places each epoch's points
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> None:
+        self.epoch(self._schedule.steps, logs)
 
     def step(self, step: int, lr: float) -> None:
         """After optimizer step ``step`` (from 1), taken at learning rate ``lr``."""
@@ -95,7 +105,8 @@ class Board:
                 with Image.open(run_dir / name) as im:
                     writer.add_image(name.removesuffix(".png"), np.asarray(im.convert("RGB")), step,
                                      dataformats="HWC")
-        scores = {f"test/{k.removeprefix('test_')}": metrics[k] for k in ("test_accuracy", "test_loss", "test_f1")}
+        scores = {f"test/{k.removeprefix('test_')}": metrics[k]
+                  for k in ("test_accuracy", "test_loss", "test_f1", "test_map") if k in metrics}  # map: --multi-label
         for tag, value in scores.items():
             writer.add_scalar(tag, value, step)
         plain = {k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))}

@@ -14,14 +14,18 @@ import torch
 from torch import nn
 
 from . import distributed, kernels
-from .backbones import Built, pretrained
+from .backbones import Built, pretrained, split_base
 from .config import AUTO, TrainConfig, TransferConfig, from_record, validate_transfer
-from .data import ImageSet, Splits, load_splits
+from .data import ImageSet, Splits, load_run_splits
 from .errors import CnnlabError
-from .features import cached_features, cached_test_logits
+from .features import cached_features, cached_test_logits, through_tail
+from .inference import predict_logits
 from .gradcam import explainable, overlays
+from .imbalance import say_notices
 from .interrupts import guarded_run
 from .lr_sweep import plot, sweep
+from .mlflow_log import require as require_mlflow
+from .mlflow_log import tracker
 from .preprocessing import Preprocessing
 from .presets import count_parameters
 from .run_state import Outcome, RunContext
@@ -38,7 +42,9 @@ def phase_config(cfg: TransferConfig, epochs: int, lr: float, prep: Preprocessin
     return TrainConfig(data=cfg.data, epochs=epochs, batch_size=cfg.batch_size, lr=lr, optimizer="adam",
                        val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, monitor=cfg.monitor,
                        patience=cfg.patience, augment=cfg.augment, preprocessing=prep, device=cfg.device,
-                       cuda_graph=False, precision=cfg.precision, out=cfg.out)
+                       cuda_graph=False, precision=cfg.precision, out=cfg.out, labels=cfg.labels,
+                       class_weights=cfg.class_weights, sampler=cfg.sampler, multi_label=cfg.multi_label,
+                       threshold=cfg.threshold)
 
 
 @dataclass
@@ -53,12 +59,14 @@ class _Job:
 
 
 def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Splits | None = None,
-             run_dir: Path | None = None, record: dict | None = None) -> Path:
+             run_dir: Path | None = None, record: dict | None = None, callbacks: list | None = None) -> Path:
     """Frozen phase (cached features unless augmenting), optional fine-tuning, one test, a run
     directory (a new one, or ``run_dir``: a stopped run restarted, whose config.json is ``record``,
     or the run ``--resume-if-exists`` names, started there). A restart goes on with exactly the
-    data, split and input the run recorded, or stops with a one-line error before writing a thing."""
+    data, split and input the run recorded, or stops with a one-line error before writing a thing.
+    ``callbacks`` hear of each phase and epoch (callbacks.py)."""
     validate_transfer(cfg)
+    require_mlflow(cfg.mlflow)
     device = setup(cfg.device, cfg.threads)
     distributed.check_batch(cfg.batch_size)
     started = time.perf_counter()
@@ -66,11 +74,10 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
         lambda: pretrained(cfg.backbone, cfg.weights_variant, cfg.weights_file, cfg.image_size))  # one download
     prep = weights.preprocessing
     if splits is None:
-        splits = distributed.main_first(lambda: load_splits(cfg.data, prep.size, cfg.val_split, cfg.test_split,
-                                                            cfg.seed))
-    splits.require_batch(cfg.batch_size)
+        splits = distributed.main_first(lambda: load_run_splits(cfg, prep.size))
+    say_notices(splits.train.labels, splits.class_names, cfg, log)  # a smaller batch, skewed classes
     torch.manual_seed(cfg.seed)
-    head = Head(cfg.head, built.channels, built.grid, len(splits.class_names))
+    head = Head(cfg.head, built.channels, built.grid, len(splits.class_names), cfg.multi_label)
     model = TransferModel(built.features, head).to(device, memory_format=torch.channels_last)
     freeze_base(model, built.blocks, 0)
     restart = record is not None
@@ -87,8 +94,10 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
             feature_shape=[built.channels, built.grid, built.grid], blocks=len(built.blocks),
             ranks=distributed.describe(cfg.batch_size)))
     board = Board(run_dir, cfg.tensorboard and writes, 1 if restart else None, log)  # a restart hides the stopped attempt's
+    trackers = [*(callbacks or []), tracker(cfg.mlflow, run_dir, asdict(cfg), log)]
     ctx = RunContext(device, run_dir, prep, cfg.tta, cfg.precision, asdict(cfg), log, board,
-                     mistake_pictures=gradcam_pictures, started=started)
+                     mistake_pictures=gradcam_pictures, callbacks=[c for c in trackers if c is not None],
+                     started=started)
     with guarded_run(run_dir, log, checkpoints=False) as guard, closing(board):
         ctx.guard = guard
         if writes:
@@ -128,14 +137,18 @@ def _phases(job: _Job) -> tuple[Outcome, torch.Tensor | None]:
     cfg, model, splits, ctx = job.cfg, job.model, job.splits, job.ctx
     frozen_cfg = phase_config(cfg, cfg.epochs, cfg.lr, ctx.preprocessing)
     extra = {"feature_cache": None}
-    features = None
+    features = maps = labels = None
+    below = cfg.unfreeze if _tunes_on_cache(job) else 0
     if cfg.feature_cache and not cfg.augment:
         start = time.perf_counter()
-        features, hit = cached_features(cfg, model.features, splits, job.weights_path, ctx)
+        features, hit = cached_features(cfg, model.features, splits, job.weights_path, ctx, below)
+        if below:  # the maps the blocks to fine-tune take; the frozen phase trains on what the base makes of them
+            maps = features
+            features = through_tail(split_base(model.features, below)[1], maps, cfg.head == "gap", ctx, cfg.precision)
         extra.update({"feature_cache": "hit" if hit else "written",
                       "feature_extraction_s": time.perf_counter() - start})
         labels = {n: getattr(splits, n).labels for n in ("train", "val", "test")}
-        labels["train"] = labels["train"].repeat(cfg.feature_copies + 1)  # the photos, then each altered copy
+        labels["train"] = torch.cat([labels["train"]] * (cfg.feature_copies + 1))  # the photos, then each altered copy
         feature_splits = Splits(*(ImageSet(features[n], labels[n]) for n in ("train", "val", "test")),
                                 splits.class_names)
         frozen_cfg = _auto_lr(job, model.head, feature_splits.train, frozen_cfg)
@@ -153,12 +166,30 @@ def _phases(job: _Job) -> tuple[Outcome, torch.Tensor | None]:
     if not cfg.fine_tune_epochs:
         # fine-tuning would change the base: the test then runs through the whole model
         logits = cached_test_logits(model.head, features, ctx) if features is not None else None
+        if features is not None and cfg.multi_label:  # the thresholds are tuned on these, without running the base
+            outcome.val_logits = predict_logits(model.head, features["val"], ctx.preprocessing, ctx.device,
+                                                precision=ctx.precision)
         return outcome, logits
     ctx.board.offset_steps, ctx.board.offset_epochs = ctx.board.last_step, len(frozen.history)
-    outcome = _fine_tune(job, outcome)
+    tail = None if maps is None else TransferModel(split_base(model.features, below)[1], model.head)
+    outcome = _fine_tune(job, outcome, tail, maps, labels)
     if distributed.is_main():
         write_history(ctx.run_dir / "history.csv", outcome.history)
-    return outcome, None
+    if tail is None:
+        return outcome, None
+    if cfg.multi_label:
+        outcome.val_logits = predict_logits(tail, maps["val"], ctx.preprocessing, ctx.device, precision=ctx.precision)
+    return outcome, cached_test_logits(tail, maps, ctx)  # the tuned blocks and head on the cached maps
+
+
+def _tunes_on_cache(job: _Job) -> bool:
+    """Whether fine-tuning trains the unfrozen blocks on cached maps of the frozen ones below them
+    (``fine_tune_cached``, the feature cache on, no --augment, some block left frozen): the same
+    function as running the whole base every step (batch norm frozen, blocks below in inference
+    mode), with the base below run once."""
+    cfg = job.cfg
+    return bool(cfg.fine_tune_epochs and cfg.fine_tune_cached and cfg.feature_cache and not cfg.augment
+                and cfg.unfreeze < len(job.built.blocks))
 
 
 def _auto_lr(job: _Job, model: nn.Module, train: ImageSet, frozen_cfg: TrainConfig) -> TrainConfig:
@@ -180,18 +211,25 @@ def _auto_lr(job: _Job, model: nn.Module, train: ImageSet, frozen_cfg: TrainConf
     return replace(frozen_cfg, lr=found.suggestion)
 
 
-def _fine_tune(job: _Job, frozen: Outcome) -> Outcome:
+def _fine_tune(job: _Job, frozen: Outcome, tail: TransferModel | None = None, maps: dict | None = None,
+               labels: dict | None = None) -> Outcome:
     """The fine-tuning phase after ``frozen``: the whole history, and the early-stopping state of
-    the better phase."""
+    the better phase. With ``tail`` (the unfrozen blocks and the head, sharing the model's layers),
+    it trains on ``maps``, cached maps of the blocks below, with their ``labels``."""
     cfg, model, ctx = job.cfg, job.model, job.ctx
     blocks = job.built.blocks
     trainable = freeze_base(model, blocks, cfg.unfreeze)
     lr = cfg.fine_tune_lr or cfg.lr / 10
     ctx.log(f"fine-tuning: last {trainable} of {len(blocks)} blocks unfrozen, lr {lr:g}, batch-norm statistics "
-            f"frozen ({cfg.fine_tune_epochs} epochs)")
+            f"frozen ({cfg.fine_tune_epochs} epochs{', on cached maps of the blocks below' if tail else ''})")
     before = copy.deepcopy(model.state_dict())
     tune_cfg = replace(phase_config(cfg, cfg.fine_tune_epochs, lr, ctx.preprocessing), seed=cfg.seed + 1)
-    tuned = fit_model(model, job.splits, tune_cfg, ctx)
+    if tail is None:
+        tuned = fit_model(model, job.splits, tune_cfg, ctx)
+    else:
+        tail.base_frozen = False
+        tuned = fit_model(tail, Splits(*(ImageSet(maps[n], labels[n]) for n in ("train", "val", "test")),
+                                       job.splits.class_names), tune_cfg, ctx)
     stopping, best_frozen = tuned.early_stopping, frozen.early_stopping
     offset = len(frozen.history)
     for row in tuned.history:
@@ -211,7 +249,8 @@ def _fine_tune(job: _Job, frozen: Outcome) -> Outcome:
     return Outcome(frozen.history + tuned.history, stopping, offset + 1, extra)
 
 
-def resume_transfer(run_dir: str | Path, log: Callable[[str], None] = print, honoured: dict | None = None) -> Path:
+def resume_transfer(run_dir: str | Path, log: Callable[[str], None] = print, honoured: dict | None = None,
+                    callbacks: list | None = None) -> Path:
     """Restarts a stopped transfer run in its own directory, on exactly the data and split it
     started with (``honoured``: as train.resume's). Seeded on the CPU it ends as an uninterrupted run
     would; the feature cache makes the frozen phase quick."""
@@ -221,4 +260,4 @@ def resume_transfer(run_dir: str | Path, log: Callable[[str], None] = print, hon
         return run_dir
     log(f"restarting transfer run {run_dir} from its first epoch")
     return transfer(replace(from_record(TransferConfig, config), **(honoured or {})), log, run_dir=run_dir,
-                    record=config)
+                    record=config, callbacks=callbacks)

@@ -10,13 +10,14 @@ from .preprocessing import Preprocessing
 
 class Head(nn.Module):
     """The new classifier: Flatten -> Dense (the seed's) or global average pooling -> Dense.
-    One output unit (sigmoid) for two classes, else one per class (softmax)."""
+    One output unit (sigmoid) for two classes, else one per class (softmax); with ``multi_label``
+    (several labels per image) one per class always, each its own sigmoid."""
 
-    def __init__(self, kind: str, channels: int, grid: int, classes: int):
+    def __init__(self, kind: str, channels: int, grid: int, classes: int, multi_label: bool = False):
         super().__init__()
         self.kind = kind
         inputs = channels * grid * grid if kind == "flatten" else channels
-        self.linear = nn.Linear(inputs, 1 if classes == 2 else classes)
+        self.linear = nn.Linear(inputs, 1 if classes == 2 and not multi_label else classes)
 
     def forward(self, x):
         if self.kind == "gap" and x.dim() == 4:
@@ -69,5 +70,5 @@ def build_from_config(config: dict) -> tuple[TransferModel, Preprocessing]:
     """A transfer run's model (architecture only: weights come from its model.pt) and preprocessing."""
     preprocessing = Preprocessing.from_dict(config["preprocessing"])
     built = build(config["backbone"], preprocessing.size)
-    head = Head(config["head"], built.channels, built.grid, len(config["class_names"]))
+    head = Head(config["head"], built.channels, built.grid, len(config["class_names"]), bool(config.get("multi_label")))
     return TransferModel(built.features, head), preprocessing

@@ -14,7 +14,7 @@ from conftest import TRAINED_RUN_ARGS, assert_one_line_error, cnnlab, cnnlab_her
     (["train", "--preset", "pool-bn", "--data", "{missing}"], "does not exist"),
     (["train", "--preset", "pool-bn", "--data", "{file}"], "is a file"),
     (["train", "--preset", "pool-bn", "--data", "{one}"], "only one class"),
-    (["train", "--preset", "nope", "--data", "{tiny}"], "unknown preset 'nope'"),
+    (["train", "--preset", "nope", "--data", "{tiny}"], "unknown model 'nope': not a preset"),
     (["train", "--preset", "pool-bn", "--data", "{tiny}", "--epochs", "0"], "--epochs must be at least 1"),
     (["train", "--preset", "pool-bn", "--data", "{tiny}", "--epochs", "two"], "--epochs must be an integer"),
     (["train", "--preset", "pool-bn", "--data", "{tiny}", "--lr", "-0.1"], "--lr must be above 0"),
@@ -24,8 +24,7 @@ from conftest import TRAINED_RUN_ARGS, assert_one_line_error, cnnlab, cnnlab_her
      "must be below 1"),
     (["train", "--preset", "pool-bn", "--data", "{tiny}", "--monitor", "val_auc"], "unknown monitor metric"),
     (["train", "--preset", "pool-bn", "--data", "{tiny}", "--precision", "fp16"], "--precision"),
-    (["train", "--preset", "pool-bn", "--data", "{tiny}", "--batch-size", "500"], "larger than the training set"),
-    (["train", "--data", "{tiny}"], "--preset"),
+    (["train", "--data", "{tiny}"], "--model is required"),
     (["evaluate", "{tiny}", "--data", "{tiny}"], "not a run directory"),
     (["summary", "--preset", "nope"], "unknown preset"),
     (["study", "cifar10", "--data", "{tiny}", "--presets", "fast"], "not in the seed study"),
@@ -54,7 +53,7 @@ def test_python_dash_m_cnnlab_is_the_cnnlab_command():
     assert result.returncode == 0 and result.stdout == cnnlab("presets").stdout
     bad = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--preset", "x", "--data", "missing"],
                          capture_output=True, text=True, timeout=300)
-    assert_one_line_error(bad, "unknown preset 'x'")
+    assert_one_line_error(bad, "unknown model 'x': not a preset")
 
 
 def test_presets_and_summary_print_layers_and_parameters():

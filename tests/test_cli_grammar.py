@@ -8,11 +8,11 @@ import sys
 import pytest
 
 from cnnlab import launch
-from cnnlab.cli import TRAIN_KEYS, TRANSFER_KEYS, _settings
+from cnnlab.cli_options import TRAIN_KEYS, TRANSFER_KEYS, given_settings
 from cnnlab.cli_parser import build_parser
 
 COMMANDS = ("train", "resume", "evaluate", "transfer", "predict", "explain", "export", "report", "reproduce",
-            "presets", "summary", "study", "lr-find")
+            "presets", "summary", "study", "lr-find", "serve")
 
 
 def subparsers(parser=None) -> dict:
@@ -153,9 +153,9 @@ def test_one_name_per_idea(capsys):
 def test_the_command_line_sets_only_what_was_given():
     """Every setting left out is None, so the config's (or the preset's) default applies: the
     same runs as before, whatever the spelling."""
-    assert _settings(argparse.Namespace(**parse("train", "--model", "p", "--data", "d")), TRAIN_KEYS) == {"data": "d"}
+    assert given_settings(argparse.Namespace(**parse("train", "--model", "p", "--data", "d")), TRAIN_KEYS) == {"data": "d"}
     transfer = parse("transfer", "--data", "d", "--model", "vgg16")
-    assert _settings(argparse.Namespace(**transfer), TRANSFER_KEYS) == {"data": "d", "backbone": "vgg16"}
+    assert given_settings(argparse.Namespace(**transfer), TRANSFER_KEYS) == {"data": "d", "backbone": "vgg16"}
 
 
 def test_nproc_is_left_out_of_what_each_rank_runs():

@@ -114,3 +114,21 @@ def test_an_onnx_model_runs_a_batch_at_a_time():
     model.session, model.class_names = Session(), ["a", "b"]
     assert model.probabilities(torch.zeros(70, 3, 8, 8, dtype=torch.uint8)).shape == (70, 2)
     assert seen == [32, 32, 6]
+
+
+def test_a_transfer_run_exports_to_int8_and_predicts(lite_run, tmp_path):
+    """EfficientNet-Lite0 (depthwise convolutions, ReLU6, residual adds, a single-sigmoid head for 2
+    classes): quantized, scored against the float file on the run's test split, and run by predict."""
+    from cnnlab.predict import predict
+    result = cnnlab("export", lite_run.dir, "--int8", "-o", tmp_path / "lite-int8.onnx")
+    assert result.returncode == 0, result.stderr
+    assert "int8: static QDQ" in result.stdout and "top-1 agreement" in result.stdout
+    graph = onnx.load(tmp_path / "lite-int8.onnx")
+    kinds = [n.op_type for n in graph.graph.node]
+    assert kinds.count("DequantizeLinear") > 50  # every convolution's weights and activations
+    assert [n.op_type for n in graph.graph.node if "pixels" in n.input] == ["Mul"]  # the preprocessing stays float
+    via_int8, via_run = (predict([str(lite_run.data / "class_0")], str(m), top=2)
+                         for m in (tmp_path / "lite-int8.onnx", lite_run.dir))
+    for a, b in zip(via_int8, via_run):
+        pa, pb = ({t["class"]: t["probability"] for t in r["top"]} for r in (a, b))
+        assert pa == pytest.approx(pb, abs=0.1)

@@ -1,20 +1,25 @@
-"""The learning-rate finder (lr_sweep.py, lr_finder.py): fastai's exponential sweep, its stop on
-divergence and its valley suggestion; a copy trains, so the model, the random streams, runs and
-caches stay as they were; `cnnlab lr-find`; `train --lr auto`."""
+"""The learning-rate finder (lr_sweep.py, lr_finder.py): fastai's exponential sweep, its smoothing and
+its stop on divergence; the sweep sized to the run; the suggestion (a third of the rate at which the
+loss's running median over a decade of rates is lowest) on curves whose answer is known; a copy trains, so the model,
+the random streams, runs and caches stay as they were; `cnnlab lr-find`; `train --lr auto`."""
 from __future__ import annotations
 
 import json
 import math
+import random
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_one_line_error, cnnlab, cnnlab_here, make_folder, snapshot
+from torch import nn
 
 import cnnlab as package
-from cnnlab.data import load_splits
-from cnnlab.lr_sweep import END, START, rates, sweep, valley
+from cnnlab.config import TrainConfig
+from cnnlab.data import ImageSet, load_splits
+from cnnlab.lr_sweep import (BATCHES, END, MIN_STEPS, SHARE, START, STEPS, Plan, plan, rates, run_plan, smooth,
+                             suggest, sweep, valley)
 from cnnlab.presets import get_preset, resolve_config
 from cnnlab.train import _start, train
 
@@ -31,11 +36,93 @@ def test_rates_grow_exponentially_from_start_to_end():
     assert max(ratios) == pytest.approx(min(ratios), rel=1e-9) and ratios[0] > 1
 
 
+def test_smooth_is_fastais_debiased_moving_average():
+    assert smooth([2.0] * 10, 0.98) == pytest.approx([2.0] * 10)  # debiased: no pull towards 0 at the start
+    assert smooth([1.0, 3.0], 0.5) == pytest.approx([1.0, (0.25 * 1 + 0.5 * 3) / 0.75])
+
+
+def bowl(minimum: float, steps: int = STEPS, noise: float = 0.0, seed: int = 0) -> tuple[list, list]:
+    """A sweep's losses with a known lowest point: 2.3 up to a decade and a half below ``minimum``,
+    then a parabola in log(lr), lowest (1.9) at ``minimum``; with Gaussian noise of ``noise``."""
+    rng = random.Random(seed)
+    lrs = rates(steps=steps)
+    return lrs, [min(2.3, 1.9 + 0.18 * math.log10(lr / minimum) ** 2) + rng.gauss(0, noise) for lr in lrs]
+
+
+@pytest.mark.parametrize("minimum", [3e-3, 1e-2, 0.3])
+def test_suggestion_is_a_third_of_the_rate_at_the_lowest_loss(minimum):
+    lrs, losses = bowl(minimum)
+    suggestion, lowest, median = suggest(lrs, losses, STEPS)
+    step = lrs[1] / lrs[0]
+    assert minimum / step <= lrs[lowest] <= minimum * step and median[lowest] == min(median[10:95])
+    assert suggestion == pytest.approx(lrs[lowest] / 3)
+
+
+def test_suggestion_is_not_dragged_by_lag_noise_or_one_bad_batch():
+    lrs, clean = bowl(1e-2)
+    lagged = smooth(clean, 0.98)  # fastai's curve bottoms out well after the loss does (a fifth of the sweep)
+    assert lrs[lagged.index(min(lagged))] > 10 * 1e-2
+    spiked = list(clean)
+    for i in range(40, 70, 4):  # batches whose loss shoots up, every fourth step around the minimum
+        spiked[i] += 5.0
+    assert suggest(lrs, spiked, STEPS)[0] == suggest(lrs, clean, STEPS)[0]
+    for seed in range(5):  # noise of an eighth of the fall, each step
+        assert 1e-2 / 3 / 2 <= suggest(*bowl(1e-2, noise=0.05, seed=seed), STEPS)[0] <= 1e-2 / 3 * 2
+
+
+def test_suggestion_on_a_short_sweep():
+    lrs, losses = bowl(0.1, steps=25, noise=0.02)
+    suggestion, _, median = suggest(lrs, losses, 25)
+    assert 0.1 / 3 / 2 <= suggestion <= 0.1 / 3 * 2 and len(median) == 25
+
+
 def test_valley_picks_a_rate_down_the_longest_fall():
     lrs = rates(1e-4, 1, 20)
     losses = [2.0] * 5 + [2.0 - 0.1 * i for i in range(1, 11)] + [3, 5, 8, 13, 21]
-    suggestion = valley(lrs, losses)
-    assert lrs[5] <= suggestion <= lrs[14]  # inside the fall, before its bottom
+    assert lrs[5] <= valley(lrs, losses) <= lrs[14]  # inside the fall, before its bottom
+
+
+@pytest.mark.parametrize("run_batches, expected", [
+    (20 * 313, Plan(STEPS, BATCHES)),  # conv, pool-bn: 20 epochs of 128 on 40,000 images
+    (60 * 313, Plan(STEPS, BATCHES)),  # dropout, early-stop
+    (8 * 80, Plan(25, 1)),  # fast: 8 epochs of 500
+    (3000, Plan(STEPS, 1)),
+    (30, Plan(MIN_STEPS, 1)),  # a tiny run: the fewest steps, more than its share
+])
+def test_the_sweep_is_sized_to_the_run(run_batches, expected):
+    assert plan(run_batches) == expected
+    if expected.steps > MIN_STEPS:
+        assert expected.steps * expected.batches <= SHARE * run_batches
+
+
+def test_run_plan_counts_the_runs_batches():
+    cfg = TrainConfig(epochs=8, batch_size=500)
+    assert run_plan(cfg, 40_000) == plan(640) and run_plan(cfg, 40_001) == plan(648)
+
+
+class Counting(nn.Module):
+    """A linear classifier that counts its forward passes (on the class: the sweep trains a copy)."""
+    calls = 0
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x):
+        Counting.calls += 1
+        return self.linear(x.flatten(1))
+
+
+def test_each_step_averages_its_batches_at_its_rate():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8)
+    data = ImageSet(images, (images[:, 0].float().mean((1, 2)) > 128).long())
+    cfg = TrainConfig(batch_size=8, channels_last=False, precision="fp32")
+    Counting.calls = 0
+    result = sweep(Counting(), data, cfg, torch.device("cpu"), Plan(10, 3), span=(1e-4, 1e-2))
+    assert Counting.calls == 30 and len(result.lrs) == 10 and result.plan == Plan(10, 3)
+    assert result.lrs == pytest.approx(rates(1e-4, 1e-2, 10))
+    assert len(result.raw) == len(result.losses) == len(result.median) == 10
 
 
 def test_sweep_stops_on_divergence_and_leaves_model_and_random_streams_alone(folder):
@@ -43,11 +130,11 @@ def test_sweep_stops_on_divergence_and_leaves_model_and_random_streams_alone(fol
     _, splits, model = _start(cfg, list(get_preset("pool-bn").layers), None, print)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     state = torch.get_rng_state()
-    result = sweep(model, splits.train, cfg, torch.device("cpu"))
+    result = sweep(model, splits.train, cfg, torch.device("cpu"), Plan(STEPS, 1))
     assert len(result.lrs) < 100 and ("4x its minimum" in result.stopped or "non-finite" in result.stopped)
     assert result.lrs == rates()[:len(result.lrs)]
     assert math.isfinite(result.suggestion) and START <= result.suggestion <= result.lrs[-1]
-    assert result.lrs.index(result.suggestion) >= 10  # the first tenth is not suggested from, as fastai
+    assert result.lowest >= 10 and result.suggestion == pytest.approx(result.lrs[result.lowest] / 3)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), state)
 
@@ -60,7 +147,7 @@ def test_lr_find_writes_its_plot_alone_and_no_run_or_cache(folder, tmp_path, pri
     after = snapshot(tmp_path)
     assert set(after) - set(before) == {"out/curve.png"} and after[str(Path("out/curve.png"))][:4] == b"\x89PNG"
     assert {k: v for k, v in after.items() if k in before} == before
-    assert result.plot == tmp_path / "out" / "curve.png"
+    assert result.plot == tmp_path / "out" / "curve.png" and result.plan == Plan(MIN_STEPS, 1)
     assert torch.equal(torch.get_rng_state(), state)  # building the model seeded them: given back
 
 
@@ -69,7 +156,7 @@ def test_cli_lr_find_prints_the_value_last_and_writes_the_png(folder, tmp_path):
                     "--device", "cpu", "--out", tmp_path / "plots")
     assert result.returncode == 0, result.stderr
     value = float(result.stdout.strip().splitlines()[-1])
-    assert START <= value <= END
+    assert START <= value <= END and "20 steps of a batch of 8 (the run: 20 epochs)" in result.stdout
     assert (tmp_path / "plots" / "lr_find-pool-bn.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "runs").exists()
 

@@ -117,7 +117,7 @@ def test_a_transfer_runs_two_phases_make_one_curve(tmp_path):
     assert [v for _, v in scalars(trained, "epoch_loss")] == pytest.approx([r["loss"] for r in history], rel=1e-6)
     lr = scalars(trained, "learning_rate")
     assert [s for s, _ in lr] == list(range(1, steps[-1] + 1))
-    assert lr[-1][1] == pytest.approx(1e-4)  # fine-tuning at lr / 10
+    assert lr[-1][1] == pytest.approx(cfg.fine_tune_lr)  # fine-tuning at its own rate
 
 
 def test_a_run_without_validation_images_writes_no_validation_folder(tiny_folder, tmp_path):

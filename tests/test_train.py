@@ -196,9 +196,11 @@ def test_early_stopping_run_records_its_stop(tiny_folder, tmp_path):
     assert metrics["best_epoch"] == best["epoch"]
 
 
-def test_batch_larger_than_training_set_is_an_error(tiny_folder, tmp_path):
-    with pytest.raises(CnnlabError, match="larger than the training set"):
-        train(tiny_config(tiny_folder, tmp_path / "runs", batch_size=1000), log=lambda m: None)
+def test_batch_larger_than_training_set_trains_one_smaller_batch_with_a_notice(tiny_folder, tmp_path):
+    said = []
+    run = train(tiny_config(tiny_folder, tmp_path / "runs", batch_size=1000, epochs=2), log=said.append)
+    assert "notice: --batch-size 1000 is more than the 36 training images: each epoch is one batch of them all" in said
+    assert len(read_history(run / "history.csv")) == 2 and (run / "metrics.json").is_file()
 
 
 FAULTS_SCRIPT = """

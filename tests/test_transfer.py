@@ -123,7 +123,7 @@ def pets(tmp_path):
 
 def test_vgg19_random_weights_from_a_file_frozen_run(vgg19_file, pets, tmp_path):
     cfg = TransferConfig(data=str(pets), backbone="vgg19", weights_file=str(vgg19_file), head="gap", epochs=2,
-                         batch_size=4, val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), threads=2)
+                         fine_tune_epochs=0, batch_size=4, val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), threads=2)
     run = transfer(cfg, log=lambda m: None)
     saved = torch.load(run / "model.pt", weights_only=True)
     original = torch.load(vgg19_file, weights_only=True)
@@ -171,22 +171,27 @@ def test_feature_cache_is_reused_and_invalidated(pets, tmp_path):
 
 def test_a_frozen_run_scores_its_test_split_from_cached_features_with_the_mirror_images_cached_too(
         pets, tmp_path, private_cache, monkeypatch):
+    import importlib
     from cnnlab import features as features_module
-    from cnnlab import train
+    results = importlib.import_module("cnnlab.results")  # where a run's end tests it
     from cnnlab.data import load_splits
     from cnnlab.saved_model import load_model
     from cnnlab.inference import predict_logits, score_logits
     extracted, scored = [], []
-    extract, through_model = features_module.extract_features, train.predict_logits
+    extract, through_model = features_module.extract_features, results.predict_logits
+
+    def counted(net, images, *a, **k):  # the test's pass through the whole model (not the epochs' validation)
+        if k.get("progress") == "testing":
+            scored.append(len(images))
+        return through_model(net, images, *a, **k)
     monkeypatch.setattr(features_module, "extract_features",
                         lambda base, images, *a, **k: extracted.append(len(images)) or extract(base, images, *a, **k))
-    monkeypatch.setattr(train, "predict_logits",  # the test's pass through the whole model
-                        lambda net, images, *a, **k: scored.append(len(images)) or through_model(net, images, *a, **k))
+    monkeypatch.setattr(results, "predict_logits", counted)
 
     def run(name, **settings):
         cfg = TransferConfig(data=str(pets), backbone="efficientnet_lite0", head="gap", epochs=1, batch_size=4,
                              val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), name=name,
-                             precision="fp32", **settings)
+                             precision="fp32", **{"fine_tune_epochs": 0, **settings})
         return transfer(cfg, log=lambda m: None)
 
     def metrics(run_dir):
@@ -203,8 +208,50 @@ def test_a_frozen_run_scores_its_test_split_from_cached_features_with_the_mirror
     assert extracted == [] and scored == []
     assert metrics(again)["feature_cache"] == metrics(plain)["feature_cache"] == "hit"
     assert metrics(again)["test_loss"] == metrics(first)["test_loss"] != metrics(plain)["test_loss"]
-    tuned = run("d", fine_tune_epochs=1)  # fine-tuning changes the base: its mirror images are not extracted
+    # fine-tuning through the whole base changes it: its mirror images are not extracted
+    tuned = run("d", fine_tune_epochs=1, fine_tune_cached=False)
     assert extracted == [] and scored == [4] and metrics(tuned)["feature_cache"] == "hit"
+
+
+def test_fine_tuning_trains_the_top_block_on_cached_maps_and_scores_the_test_split_from_them(
+        pets, tmp_path, private_cache, monkeypatch):
+    """The default: the base below the unfrozen block runs once (train, val, test and the test's mirror
+    images) into the cache; the block and the head train on those maps; the layers below stay as
+    loaded; the test is scored from the maps, as the saved model scores the photos."""
+    import importlib
+    from cnnlab import features as features_module
+    from cnnlab.backbones import pretrained
+    from cnnlab.data import load_splits
+    from cnnlab.inference import predict_logits, score_logits
+    from cnnlab.runs import read_history
+    from cnnlab.saved_model import load_model
+    results = importlib.import_module("cnnlab.results")
+    extracted, scored = [], []
+    extract, through_model = features_module.extract_features, results.predict_logits
+    monkeypatch.setattr(features_module, "extract_features",
+                        lambda base, images, *a, **k: extracted.append(len(images)) or extract(base, images, *a, **k))
+    monkeypatch.setattr(results, "predict_logits",
+                        lambda net, images, *a, **k: (scored.append(len(images)) if k.get("progress") == "testing"
+                                                      else None) or through_model(net, images, *a, **k))
+    cfg = TransferConfig(data=str(pets), backbone="efficientnet_lite0", epochs=1, fine_tune_epochs=2, batch_size=4,
+                         val_split=0.25, test_split=0.25, out=str(tmp_path / "runs"), precision="fp32")
+    assert cfg.fine_tune_cached and cfg.unfreeze == 1
+    lines = []
+    run = transfer(cfg, log=lines.append)
+    assert extracted == [8, 4, 4, 4] and scored == []  # one pass of the base below; the test from the cache
+    assert any("on cached maps of the blocks below" in line for line in lines), lines
+    (entry,) = [p for p in private_cache.glob("features-*.pt") if "-test-" not in p.name]
+    assert torch.load(entry, weights_only=True)["train"].shape == (8, 320, 7, 7)  # what the head conv takes
+    assert [r["phase"] for r in read_history(run / "history.csv")] == ["frozen", "fine-tune", "fine-tune"]
+    model, config, prep = load_model(run)
+    loaded = TransferModel(pretrained("efficientnet_lite0")[0].features, Head("gap", 1280, 7, 2)).state_dict()
+    changed = {k for k, v in model.state_dict().items() if k.startswith("features.") and not torch.equal(v, loaded[k])}
+    assert changed and all(k.startswith("features.head.") for k in changed), changed  # only the top block trained
+    test = load_splits(str(pets), prep.size, 0.25, 0.25, 0).test
+    whole = score_logits(predict_logits(model, test.images, prep, torch.device("cpu"), tta=1, precision="fp32"),
+                         test.labels, config["class_names"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_loss"] == pytest.approx(whole["loss"], rel=2e-3)  # the cache keeps float16
 
 
 def test_photo_variants_are_seeded_altered_copies():
@@ -395,6 +442,9 @@ def test_a_transfer_run_recorded_before_tta_existed_is_one_line_asking_to_train_
     from cnnlab.errors import CnnlabError
     record = asdict(TransferConfig(data="pets"))
     assert from_record(TransferConfig, record).tta == 1
+    assert from_record(TransferConfig, record).fine_tune_cached
+    del record["fine_tune_cached"]  # recorded before it existed: fine-tuned through the whole base, as then
+    assert not from_record(TransferConfig, record).fine_tune_cached
     del record["tta"]
     with pytest.raises(CnnlabError, match="config.json has no tta: an older cnnlab wrote it; train the run again"):
         from_record(TransferConfig, record)
