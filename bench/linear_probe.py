@@ -190,12 +190,17 @@ def compare(folder: Path, args, env: dict) -> dict:
     defaults), each cold; ``args.repeats`` times in turn, the fastest time of each kept."""
     rows: dict = {}
     for _ in range(args.repeats):
-        done, wall, cpu = timed([sys.executable, __file__, "--probe-only", str(folder), "--model", args.model,
-                                 "--seed", str(args.seed), "--precision", args.precision], env)
-        probed = json.loads(done.stdout.strip().splitlines()[-1])
-        _keep(rows, "probe", {**probed, "wall_s": wall, "cpu_s": cpu})
+        if str(folder) in args.probes:  # measured before, on the same split (the digests are checked below)
+            probed = args.probes[str(folder)]["probe"]
+            rows["probe"] = probed
+        else:
+            done, wall, cpu = timed([sys.executable, __file__, "--probe-only", str(folder), "--model", args.model,
+                                     "--seed", str(args.seed), "--precision", args.precision], env)
+            probed = json.loads(done.stdout.strip().splitlines()[-1])
+            _keep(rows, "probe", {**probed, "wall_s": wall, "cpu_s": cpu})
         for name, extra in args.recipes:
-            with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
+            with tempfile.TemporaryDirectory() as cold, tempfile.TemporaryDirectory() as out:
+                cache = str(args.cache / folder.name) if args.cache else cold
                 command = [sys.executable, "-m", "cnnlab", "transfer", "--data", str(folder), "--model", args.model,
                            "--seed", str(args.seed), "--out", out, "--name", "run", *shlex.split(extra)]
                 _, wall, cpu = timed(command, {**env, "CNNLAB_CACHE": cache})
@@ -204,6 +209,7 @@ def compare(folder: Path, args, env: dict) -> dict:
             if any(config["split_digests"][n]["files"] != probed["digests"][n] for n in ("train", "val", "test")):
                 raise SystemExit(f"{folder}: the probe's split differs from the transfer run's (split digests)")
             _keep(rows, name, {"test_accuracy": metrics["test_accuracy"], "wall_s": wall, "cpu_s": cpu,
+                               "val_accuracy": metrics["best_val_accuracy"], "val_loss": metrics["best_value"],
                                "test_balanced_accuracy": metrics["test_balanced_accuracy"]})
     return rows
 
@@ -226,17 +232,22 @@ def main() -> None:
                         help="NAME=ARGS;... each ARGS added to cnnlab transfer (default: defaults=, no arguments)")
     parser.add_argument("--repeats", type=int, default=1, help="run each side this many times, keep the fastest")
     parser.add_argument("--json", type=Path, help="write every figure here too")
+    parser.add_argument("--cache", type=Path, help="keep each folder's CNNLAB_CACHE here, shared by the recipes "
+                        "(decoded once: to compare recipes' accuracy; the times are then not cold)")
+    parser.add_argument("--probes", type=Path, help="an earlier run's --json: take its probes instead of rerunning "
+                        "them (same model, seed and folders)")
     parser.add_argument("--probe-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_only:
         print(json.dumps(probe(args.folders[0], args.model, args.seed, args.precision)))
         return
     args.recipes = [r.split("=", 1) for r in args.recipes.split(";") if r]
+    args.probes = json.loads(args.probes.read_text()) if args.probes else {}
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     print(f"{args.model}, seed {args.seed}; recipes: " + "; ".join(f"{n}: `{a or '(defaults)'}`" for n, a in args.recipes))
-    print("| collection | classes | train / val / test | recipe | probe acc (bal.) | transfer acc (bal.) | delta | "
-          "probe wall / CPU | transfer wall / CPU | ratio wall / CPU |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| collection | classes | train / val / test | recipe | val acc: probe (its C picked on it), transfer | "
+          "probe acc (bal.) | transfer acc (bal.) | delta | probe wall / CPU | transfer wall / CPU | ratio wall / CPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     results = {}
     for folder in args.folders:
         rows = results[str(folder)] = compare(folder, args, env)
@@ -244,7 +255,8 @@ def main() -> None:
         for name, _ in args.recipes:
             t = rows[name]
             print(f"| {folder.name} | {p['classes']} | {p['sizes']['train']} / {p['sizes']['val']} / {p['sizes']['test']} | "
-                  f"{name} | {p['test_accuracy']:.2%} ({p['test_balanced_accuracy']:.2%}) | "
+                  f"{name} | {p['val_accuracy']:.2%}, {t['val_accuracy']:.2%} | "
+                  f"{p['test_accuracy']:.2%} ({p['test_balanced_accuracy']:.2%}) | "
                   f"{t['test_accuracy']:.2%} ({t['test_balanced_accuracy']:.2%}) | "
                   f"{(t['test_accuracy'] - p['test_accuracy']) * 100:+.2f} | {p['wall_s']:.0f} s / {p['cpu_s']:.0f} s | "
                   f"{t['wall_s']:.0f} s / {t['cpu_s']:.0f} s | "
@@ -253,7 +265,8 @@ def main() -> None:
         deltas = [(r[name]["test_accuracy"] - r["probe"]["test_accuracy"]) * 100 for r in results.values()]
         ratio = {k: sum(r[name][k] for r in results.values()) / sum(r["probe"][k] for r in results.values())
                  for k in ("wall_s", "cpu_s")}
-        print(f"{name}: mean delta {sum(deltas) / len(deltas):+.2f} points (lowest {min(deltas):+.2f}); time over all "
+        val = sum(r[name]["val_accuracy"] for r in results.values()) / len(results) * 100
+        print(f"{name}: mean val accuracy {val:.2f}%; mean delta {sum(deltas) / len(deltas):+.2f} points (lowest {min(deltas):+.2f}); time over all "
               f"folders, transfer / probe: wall {ratio['wall_s']:.2f}, CPU {ratio['cpu_s']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

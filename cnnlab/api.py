@@ -157,8 +157,8 @@ def train(data: str | Path, model: str | nn.Module = "pool-bn", callbacks: list 
 
 def transfer(data: str | Path, model: str = "efficientnet_lite0", callbacks: list | None = None,
              log: Callable[[str], None] = print, **settings) -> Run:
-    """A new head on the pretrained backbone ``model``'s frozen base, then fine-tuning when
-    ``fine_tune_epochs`` asks for it; ``settings`` are ``cnnlab transfer``'s options."""
+    """A new head on the pretrained backbone ``model``'s frozen base, then its top block fine-tuned
+    (``fine_tune_epochs``, 5 by default; 0: none); ``settings`` are ``cnnlab transfer``'s options."""
     args = _parse("transfer", {"data": str(data), "model": model, **settings})
     return Run(transfer_run(TransferConfig(**given_settings(args, TRANSFER_KEYS)), log=log, callbacks=callbacks))
 

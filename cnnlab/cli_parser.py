@@ -12,7 +12,7 @@ from .cli_options import balance as _add_balance, labels as _add_labels, number 
 from .cli_options import multi_label as _add_multi_label, positional_or_model
 from .cli_options import model_size as _add_model_size, photo_augment as _add_photo_augment
 from .config import (AUTO, FLIPS, HEADS, MAX_IMAGE_SIZE, MODES, MONITORS, OPTIMIZERS, PRECISIONS, SCHEDULES,
-                     TTA_LEVELS, WEIGHTS_VARIANTS, TrainConfig, TransferConfig)
+                     TTA_LEVELS, WEIGHTS_VARIANTS, ReproduceConfig, TrainConfig, TransferConfig)
 from .version import __version__
 
 PRESET = "; a preset may set its own"
@@ -195,9 +195,9 @@ def _transfer_model(g) -> None:
     g.add_argument("--weights-variant", choices=WEIGHTS_VARIANTS,
                    help="which weights (and so which preprocessing); default: the backbone's first")
     _num(g, "--image-size", int, 32, "PX",
-         help="input size the base sees, photos resized to PX x PX (default: the size its weights were trained at: "
-              "224, efficientnet_lite1 240, _lite2 260); larger costs time for a few tenths of a point on new "
-              "photos at most (BENCHMARKS.md)")
+         help="input size the base sees, photos resized to PX x PX (default: efficientnet_lite0 260, _lite1 280, "
+              "_lite2 300, about 1.16x the size their weights were trained at; any other backbone its weights' "
+              "size, 224 for most)")
     g.add_argument("--head", choices=HEADS, help=f"flatten -> dense (the seed's) or global average pooling -> dense "
                    f"(default {TransferConfig.head})")
 
@@ -305,7 +305,7 @@ def _reproduce(sub) -> None:
     g.add_argument("--data-root", metavar="DIR", help="folder holding cifar10/ and cats-vs-dogs/ (default: "
                    "$CNNLAB_DATA, else download CIFAR-10 and Oxford-IIIT Pet)")
     g.add_argument("--quick", action="store_true", help="subsets and few epochs: the whole pipeline in minutes")
-    g.add_argument("--model", "--backbone", dest="backbone", metavar="BACKBONE", default=TransferConfig.backbone,
+    g.add_argument("--model", "--backbone", dest="backbone", metavar="BACKBONE", default=ReproduceConfig.backbone,
                    help="the transfer experiment's backbone (default vgg19, as the original; efficientnet_lite0 "
                    "where VGG19 weights cannot be had)")
     g.add_argument("--weights", dest="weights_file", metavar="FILE", help="weights file for the backbone")
@@ -361,7 +361,7 @@ def _lr_find(sub) -> None:
     _num(g, "--epochs", int, 1, "N", help="the run's epochs: the sweep takes at most 4%% of its batches")
     _num(g, "--batch-size", int, 1, "B", help="batch size")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (presets only)")
-    _num(g, "--image-size", int, 32, "PX", help="input size the base sees (backbones only)")
+    _num(g, "--image-size", int, 32, "PX", help="input size the base sees (backbones only; default: as transfer's)")
     _add_runtime(g, NATIVE_BF16, True, None)
     g.add_argument("--out", metavar="DIR", help="folder for the plot lr_find-MODEL.png (default runs/)")
     g.add_argument("-o", "--output", metavar="FILE", help="the plot (a .png) instead")

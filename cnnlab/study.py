@@ -231,7 +231,8 @@ def reproduce_study(cfg: ReproduceConfig, log: Callable[[str], None] = print) ->
         train_each(configs, splits, log, attempt)
     # the settings as the study was written up (batch 32, lr 1e-3, fine-tuning at lr / 10 through the whole base,
     # none in the default recipe): later defaults leave the study's runs as they were
-    common = dict(data=pets, backbone=cfg.backbone, weights_file=cfg.weights_file,
+    size = choose_weights(cfg.backbone, None, cfg.weights_file).preprocessing.size  # the weights' own, as then
+    common = dict(data=pets, backbone=cfg.backbone, weights_file=cfg.weights_file, image_size=size,
                   epochs=settings["transfer_epochs"], seed=cfg.seed, out=cfg.out, precision=cfg.precision,
                   threads=cfg.threads, batch_size=32, lr=1e-3, fine_tune_lr=None, fine_tune_cached=False)
     # the seed's recipe (flatten head, fine-tuning, no test-time augmentation), then cnnlab's default beside it
@@ -244,7 +245,6 @@ def reproduce_study(cfg: ReproduceConfig, log: Callable[[str], None] = print) ->
     def transfer_run(tcfg: TransferConfig) -> Path:
         nonlocal tsplits
         if settings["pets_per_class"] and tsplits is None:
-            size = choose_weights(cfg.backbone, None, cfg.weights_file).preprocessing.size
             tsplits = distributed.main_first(lambda: load_splits(pets, size, 0.1, 0.1, cfg.seed,
                                                                  per_class=settings["pets_per_class"]))
         return transfer(tcfg, log=log, splits=tsplits)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import distributed, kernels
-from .backbones import Built, pretrained, split_base
+from .backbones import Built, pretrained, split_base, transfer_size
 from .config import AUTO, TrainConfig, TransferConfig, from_record, validate_transfer
 from .data import ImageSet, Splits, load_run_splits
 from .errors import CnnlabError
@@ -67,6 +67,10 @@ def transfer(cfg: TransferConfig, log: Callable[[str], None] = print, splits: Sp
     ``callbacks`` hear of each phase and epoch (callbacks.py)."""
     validate_transfer(cfg)
     require_mlflow(cfg.mlflow)
+    if cfg.image_size is None:  # recorded: the default may change, a run's input may not
+        size = record["preprocessing"]["size"] if record else transfer_size(cfg.backbone, cfg.weights_variant,
+                                                                             cfg.weights_file)
+        cfg = replace(cfg, image_size=size)
     device = setup(cfg.device, cfg.threads)
     distributed.check_batch(cfg.batch_size)
     started = time.perf_counter()

@@ -72,6 +72,19 @@ def test_the_public_names_are_the_calls_even_after_their_modules_are_imported():
         cnnlab.no_such_call  # noqa: B018
 
 
+def test_python_and_the_command_line_default_to_the_same_backbone():
+    import inspect
+
+    from cnnlab.cli_parser import build_parser
+    from cnnlab.config import TransferConfig
+    parser = build_parser()
+    transfer_default = parser.parse_args(["transfer", "--data", "d"]).backbone
+    # an option left unset (None) takes the config dataclass's default
+    assert inspect.signature(cnnlab.transfer).parameters["model"].default == (transfer_default
+                                                                              or TransferConfig.backbone)
+    assert TransferConfig.backbone == "efficientnet_lite0"  # offline: its weights install with cnnlab
+
+
 def test_python_and_the_command_line_train_the_same_run_bit_for_bit(photos, tmp_path):
     run = cnnlab.train(photos, model="pool-bn", out=tmp_path / "py", name="same", label_smoothing=0.1,
                        schedule="onecycle", augment=True, **FAST)

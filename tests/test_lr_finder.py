@@ -101,8 +101,9 @@ def test_run_plan_counts_the_runs_batches():
 
 
 class Counting(nn.Module):
-    """A linear classifier that counts its forward passes (on the class: the sweep trains a copy)."""
-    calls = 0
+    """A linear classifier that counts its forward passes and their batch sizes (on the class: the
+    sweep trains a copy)."""
+    calls, sizes = 0, []
 
     def __init__(self):
         super().__init__()
@@ -110,6 +111,7 @@ class Counting(nn.Module):
 
     def forward(self, x):
         Counting.calls += 1
+        Counting.sizes.append(len(x))
         return self.linear(x.flatten(1))
 
 
@@ -123,6 +125,17 @@ def test_each_step_averages_its_batches_at_its_rate():
     assert Counting.calls == 30 and len(result.lrs) == 10 and result.plan == Plan(10, 3)
     assert result.lrs == pytest.approx(rates(1e-4, 1e-2, 10))
     assert len(result.raw) == len(result.losses) == len(result.median) == 10
+
+
+def test_a_set_smaller_than_the_batch_sweeps_with_one_batch_of_every_image():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 4, 4), dtype=torch.uint8)
+    data = ImageSet(images, (images[:, 0].float().mean((1, 2)) > 128).long())
+    cfg = TrainConfig(batch_size=128, channels_last=False, precision="fp32")
+    Counting.calls, Counting.sizes = 0, []
+    result = sweep(Counting(), data, cfg, torch.device("cpu"), Plan(10, 2), span=(1e-4, 1e-2))
+    assert len(result.lrs) == 10 and Counting.sizes == [12] * 20  # every step's two batches hold all 12 images
+    assert math.isfinite(result.suggestion)
 
 
 def test_sweep_stops_on_divergence_and_leaves_model_and_random_streams_alone(folder):
@@ -176,7 +189,6 @@ def test_train_lr_auto_records_and_trains_with_the_value_found(folder, tmp_path)
 
 @pytest.mark.parametrize("args, message", [
     (("train", "--model", "pool-bn", "--data", "{data}", "--lr", "often"), "--lr must be a number or auto"),
-    (("lr-find", "--model", "pool-bn", "--data", "{data}", "--batch-size", "1000"), "larger than the training set"),
     (("lr-find", "--model", "pool-bn", "--data", "{data}", "-o", "{tmp}/curve.txt"), "must name a .png file"),
 ])
 def test_bad_input_is_one_line(args, message, folder, tmp_path, capsys):

@@ -280,6 +280,7 @@ WRITER = """
 import os, signal, sys, time
 from pathlib import Path
 from cnnlab.atomic import atomic_path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal starts it (a background job ignores SIGINT)
 with atomic_path(Path(sys.argv[1])) as tmp:
     tmp.write_bytes(b"half")
     print("writing", flush=True)

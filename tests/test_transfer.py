@@ -241,7 +241,8 @@ def test_fine_tuning_trains_the_top_block_on_cached_maps_and_scores_the_test_spl
     assert extracted == [8, 4, 4, 4] and scored == []  # one pass of the base below; the test from the cache
     assert any("on cached maps of the blocks below" in line for line in lines), lines
     (entry,) = [p for p in private_cache.glob("features-*.pt") if "-test-" not in p.name]
-    assert torch.load(entry, weights_only=True)["train"].shape == (8, 320, 7, 7)  # what the head conv takes
+    # what the head conv takes: Lite0 at its default 260 px, a 9x9 map
+    assert torch.load(entry, weights_only=True)["train"].shape == (8, 320, 9, 9)
     assert [r["phase"] for r in read_history(run / "history.csv")] == ["frozen", "fine-tune", "fine-tune"]
     model, config, prep = load_model(run)
     loaded = TransferModel(pretrained("efficientnet_lite0")[0].features, Head("gap", 1280, 7, 2)).state_dict()
@@ -477,9 +478,30 @@ def test_image_size_sets_the_input_the_base_sees_and_the_run_reads_back_at_it(pe
     assert prep.size == 97 and model.head.linear.in_features == 1280 * 16
     # a base rebuilt at the run's own size, or the flatten head could not take its features
     assert evaluate_run(run_dir, pets)["images"] == sum(1 for f in pets.rglob("*") if f.is_file())
-    assert json.loads((run(None) / "config.json").read_text())["preprocessing"]["size"] == 224
+    default = json.loads((run(None) / "config.json").read_text())  # Lite0's default: 1.16x its weights' 224
+    assert default["preprocessing"]["size"] == default["image_size"] == 260
     assert_one_line_error(cnnlab("transfer", "--data", pets, "--backbone", "efficientnet_lite0",
                                  "--image-size", "16"), "--image-size")
+
+
+def test_transfer_sizes_are_the_lite_nets_fixres_sizes_and_every_other_backbones_own():
+    from cnnlab.backbones import transfer_size
+    assert [transfer_size(f"efficientnet_lite{i}") for i in range(3)] == [260, 280, 300]
+    assert transfer_size("vgg19") == transfer_size("vgg19", "keras") == 224 and transfer_size("resnet18") == 224
+
+
+def test_a_run_recorded_without_a_size_restarts_at_the_size_it_took(pets, tmp_path):
+    from cnnlab.transfer import resume_transfer
+    cfg = TransferConfig(data=str(pets), epochs=1, fine_tune_epochs=0, batch_size=4, val_split=0.25, test_split=0.25,
+                         out=str(tmp_path / "runs"), name="old", tensorboard=False, threads=1, image_size=224)
+    run_dir = transfer(cfg, log=lambda m: None)
+    config_path = run_dir / "config.json"
+    # as an older cnnlab wrote it: no size recorded, the weights' own 224 taken, then the default
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "image_size": None}))
+    (run_dir / "metrics.json").unlink()  # stopped before the end
+    resume_transfer(run_dir, log=lambda m: None)
+    config = json.loads(config_path.read_text())
+    assert config["image_size"] == config["preprocessing"]["size"] == 224 and (run_dir / "metrics.json").exists()
 
 
 def _trained_lite(size: int):
