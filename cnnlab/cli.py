@@ -179,8 +179,8 @@ def cmd_study(args) -> int:
 
 def cmd_lr_find(args) -> int:
     from .lr_finder import describe, lr_find, output_path
-    options = given_settings(args, ("val_split", "test_split", "seed", "epochs", "batch_size", "optimizer",
-                               "image_size", "threads", "device", "precision"))
+    options = given_settings(args, ("labels", "multi_label", "val_split", "test_split", "seed", "epochs", "batch_size",
+                                    "optimizer", "image_size", "threads", "device", "precision"))
     path = output_path(args.output, args.out, args.model)
     result = lr_find(args.model, args.data, path, log=launch.say, **options)
     launch.say(f"plot: {path}")

@@ -47,12 +47,14 @@ def balance(g, default: type) -> None:
                    f"many drawn with replacement, every class alike (default {default.sampler})")
 
 
-def multi_label(g, default: type) -> None:
-    """``--multi-label``, ``--threshold`` and ``--tune-thresholds``: several labels per image (multilabel.py);
-    ``default``: the config class whose defaults apply."""
+def multi_label(g, default: type, thresholds: bool = True) -> None:
+    """``--multi-label``, and with ``thresholds`` ``--threshold`` and ``--tune-thresholds``: several labels
+    per image (multilabel.py); ``default``: the config class whose defaults apply."""
     g.add_argument("--multi-label", action="store_true", default=None, help="several labels per image: the "
                    "labels file's label column holds class names separated by ';' (cat;dog); sigmoid outputs and "
                    "binary cross-entropy, scored by per-label F1 and average precision (needs --labels)")
+    if not thresholds:
+        return
     number(g, "--threshold", float, 0, "P", above=True, below=1, help="--multi-label: the probability at which a "
            f"label counts as predicted, while training and for labels left untuned (default {default.threshold})")
     switch(g, "--tune-thresholds", "--multi-label: at the end, each label's threshold set to the one that maximises "

@@ -356,7 +356,10 @@ def _lr_find(sub) -> None:
                        "rates from 1e-7 to 10 until the loss diverges, at most 4% of the run's batches; plot it; "
                        "print the suggested rate last.")
     p.add_argument("--model", required=True, metavar="PRESET_OR_BACKBONE", help="a preset, or a backbone (its head)")
-    _add_data(p.add_argument_group("data"))
+    data = p.add_argument_group("data")
+    _add_data(data)
+    _add_labels(data)
+    _add_multi_label(data, TrainConfig, thresholds=False)
     g = p.add_argument_group("training", "as the run would train (default: the preset's or the backbone's)")
     _num(g, "--epochs", int, 1, "N", help="the run's epochs: the sweep takes at most 4%% of its batches")
     _num(g, "--batch-size", int, 1, "B", help="batch size")

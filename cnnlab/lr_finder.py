@@ -71,7 +71,7 @@ def _describe(steps: Plan, cfg: TrainConfig) -> str:
 
 def _backbone(backbone: str, data: str, steps: Plan | None, options: dict, log) -> Sweep:
     from .backbones import pretrained, transfer_size
-    from .data import load_splits
+    from .data import load_run_splits
     from .features import Extraction, extract_features
     from .onnx_extraction import extraction_base
     from .runtime import compute_dtype, setup
@@ -84,9 +84,9 @@ def _backbone(backbone: str, data: str, steps: Plan | None, options: dict, log) 
     size = cfg.image_size or transfer_size(cfg.backbone, cfg.weights_variant, cfg.weights_file)  # as transfer's
     built, weights, _ = pretrained(cfg.backbone, cfg.weights_variant, cfg.weights_file, size)
     prep = weights.preprocessing
-    splits = load_splits(cfg.data, prep.size, cfg.val_split, cfg.test_split, cfg.seed)
+    splits = load_run_splits(cfg, prep.size)  # its labels file and several labels per image, as the run's
     torch.manual_seed(cfg.seed)
-    head = Head(cfg.head, built.channels, built.grid, len(splits.class_names)).to(device)
+    head = Head(cfg.head, built.channels, built.grid, len(splits.class_names), cfg.multi_label).to(device)
     dtype = compute_dtype(cfg.precision, device)
     base = extraction_base(built.features.to(device), prep.size, device, dtype, log)
     log(f"{backbone}: features of {len(splits.train)} training images (kept in memory, not cached)")

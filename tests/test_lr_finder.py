@@ -214,3 +214,24 @@ def test_lr_find_on_a_backbone_writes_no_feature_cache(tmp_path, private_cache):
                              threads=1, log=lambda m: None)
     assert START <= result.suggestion <= END and result.plot is None
     assert not [p for p in private_cache.rglob("*") if "feature" in p.name.lower()]
+
+
+@pytest.mark.parametrize("model", ["pool-bn", "efficientnet_lite0"])
+def test_lr_find_sweeps_with_the_runs_labels_file_and_several_labels_per_image(model, folder, tmp_path, monkeypatch):
+    from cnnlab import lr_finder
+    labels = tmp_path / "labels.csv"  # every image of class_2 also carries class_0
+    rows = [f"{p.relative_to(folder).as_posix()},{p.parent.name}{';class_0' if p.parent.name == 'class_2' else ''}"
+            for p in sorted(folder.rglob("*.png"))]
+    labels.write_text("image,label\n" + "\n".join(rows) + "\n")
+    seen, real = [], lr_finder.sweep
+    monkeypatch.setattr(lr_finder, "sweep", lambda net, train, cfg, *a, **k: seen.append((train, cfg)) or
+                        real(net, train, cfg, *a, **k))
+    result = package.lr_find(model, str(folder), None, labels=str(labels), multi_label=True, batch_size=8,
+                             threads=1, device="cpu", log=lambda m: None)
+    (train, cfg), = seen
+    assert cfg.multi_label and train.labels.shape == (len(train), 3)  # multi-hot: the sweep's loss is BCE
+    assert train.labels[:, 0].sum() > train.labels[:, 2].sum() > 0 and math.isfinite(result.suggestion)
+    done = cnnlab("lr-find", "--model", model, "--data", folder, "--labels", labels, "--multi-label", "--batch-size",
+                  "8", "--threads", "1", "--device", "cpu", "--out", tmp_path / "plots")
+    assert done.returncode == 0, done.stderr
+    assert START <= float(done.stdout.strip().splitlines()[-1]) <= END
