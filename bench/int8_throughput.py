@@ -84,8 +84,8 @@ def bench_run(run: Path, args, tmp: Path) -> None:
         held, _, _ = load_folder(args.heldout, prep.size, class_names=config["class_names"])
         scores = compare(onnx_probabilities(session(float_path, args.threads), held.images),
                          onnx_probabilities(session(int8_path, args.threads), held.images), held.labels)
-        print(f"  held out ({scores['images']} photos of {args.heldout}): float32 {scores['float_accuracy']:.2%}, "
-              f"int8 {scores['int8_accuracy']:.2%}, drop {scores['drop_points']:.2f} points, "
+        print(f"  held out ({scores['images']} photos of {args.heldout}): float32 {scores['float_score']:.2%}, "
+              f"int8 {scores['int8_score']:.2%}, drop {scores['drop_points']:.2f} points, "
               f"top-1 agreement {scores['agreement']:.2%}", flush=True)
 
 

@@ -14,8 +14,8 @@ def add_int8(p) -> None:
                    help="write an int8 file (default RUN_DIR/model-int8.onnx), calibrated on a few hundred of the "
                         "run's training images; both files then score the run's test split, printed side by side")
     number(g, "--max-drop", float, 0, "POINTS",
-           help="with --int8: write nothing if the int8 file's test accuracy is more than POINTS points below the "
-                "float file's (default 1)")
+           help="with --int8: write nothing if the int8 file's test accuracy (mAP for several labels per image) is "
+                "more than POINTS points below the float file's (default 1)")
 
 
 def _one_model(parser, args) -> None:

@@ -74,9 +74,6 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str =
     if metrics is None:
         raise CnnlabError(f"{run_dir} is not a finished run (no metrics.json); finish it with `cnnlab resume "
                           f"{run_dir}` first")
-    if int8 and config.get("multi_label"):
-        raise CnnlabError(f"--int8 is checked by top-1 accuracy, and {shown(run_dir)} has several labels per image; "
-                          "export it without --int8")
     output = _checked_output(run_dir, output, INT8_NAME if int8 else "model.onnx")
     model, config, preprocessing = load_model(run_dir, torch.device("cpu"))
     wrapper = Exported(model.float().eval(), preprocessing, bool(config.get("multi_label"))).eval()
@@ -100,7 +97,8 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, fmt: str =
         if agree < 1.0 and np.abs(got - expected).max() > 1e-3:
             log("warning: onnxruntime and PyTorch disagree on some images; the file was written, compare before use")
         if int8:
-            _write_int8(float_path, output, splits, metadata, max_drop, log)
+            thresholds = thresholds_of(metrics, config) if config.get("multi_label") else None
+            _write_int8(float_path, output, splits, metadata, max_drop, log, thresholds)
     if log_export(run_dir, output):
         log(f"MLflow: {output.name} joined the run's MLflow run")
     return output
@@ -148,22 +146,25 @@ def _int8_splits(run_dir: Path, config: dict, preprocessing: Preprocessing, log)
     return splits
 
 
-def _write_int8(float_path: Path, output: Path, splits, metadata: dict, max_drop: float, log) -> None:
-    """``float_path`` quantized into ``output``, written only once its test accuracy is within
-    ``max_drop`` points of the float file's (atomically: a refusal or an error leaves nothing)."""
+def _write_int8(float_path: Path, output: Path, splits, metadata: dict, max_drop: float, log,
+                thresholds: list[float] | None = None) -> None:
+    """``float_path`` quantized into ``output``, written only once its test accuracy (mAP for several
+    labels per image, decided at ``thresholds``) is within ``max_drop`` points of the float file's
+    (atomically: a refusal or an error leaves nothing)."""
     calibration = calibration_sample(splits.train.images)
     try:
         with atomic_path(output) as tmp:
             quantize_file(float_path, tmp, calibration, metadata)
             test = splits.test
             scores = compare(OnnxModel(float_path).probabilities(test.images), OnnxModel(tmp).probabilities(test.images),
-                             test.labels)
+                             test.labels, thresholds)
+            measure = scores["measure"]
             log(f"int8: {SCHEME}, calibrated on {len(calibration)} of the run's training images")
-            log(f"on the run's {scores['images']} test images: float32 accuracy {scores['float_accuracy']:.2%}, int8 "
-                f"{scores['int8_accuracy']:.2%} (drop {scores['drop_points']:.2f} points, --max-drop {max_drop:g}), "
-                f"top-1 agreement {scores['agreement']:.2%}")
+            log(f"on the run's {scores['images']} test images: float32 {measure} {scores['float_score']:.2%}, int8 "
+                f"{scores['int8_score']:.2%} (drop {scores['drop_points']:.2f} points, --max-drop {max_drop:g}), "
+                f"{scores['agreement_of']} agreement {scores['agreement']:.2%}")
             if scores["drop_points"] > max_drop + 1e-9:
-                raise CnnlabError(f"int8 loses {scores['drop_points']:.2f} points of test accuracy, more than --max-drop "
+                raise CnnlabError(f"int8 loses {scores['drop_points']:.2f} points of test {measure}, more than --max-drop "
                                   f"{max_drop:g}: nothing written; use the float export (no --int8), or pass a larger "
                                   "--max-drop")
             log(f"int8 file {tmp.stat().st_size / 1e6:.1f} MB, float32 {float_path.stat().st_size / 1e6:.1f} MB")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import CnnlabError
+from .multilabel import average_precision
 
 CALIBRATION_IMAGES = 256  # a few hundred of the run's training images
 CALIBRATION_BATCH = 16
@@ -133,11 +134,19 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
-def compare(float_probs: np.ndarray, int8_probs: np.ndarray, labels: torch.Tensor) -> dict:
-    """Accuracy of each file on images labelled ``labels``, the drop in points, and how often their
-    top-1 classes agree."""
+def compare(float_probs: np.ndarray, int8_probs: np.ndarray, labels: torch.Tensor, thresholds=None) -> dict:
+    """Each file's score on images labelled ``labels``, the drop in points and how often the two
+    decide alike: accuracy and top-1 classes for one label per image; for several (``labels`` 0/1,
+    N x labels) mAP (multilabel.py's, scikit-learn's) and each label's yes or no at ``thresholds``."""
+    if labels.dim() == 2:
+        truth, cut = labels.numpy() > 0.5, np.asarray(0.5 if thresholds is None else thresholds, float)
+        ap = [np.mean([average_precision(p[:, j], truth[:, j]) for j in range(truth.shape[1])])
+              for p in (float_probs, int8_probs)]
+        same = (float_probs >= cut) == (int8_probs >= cut)
+        return {"images": len(truth), "measure": "mAP", "float_score": float(ap[0]), "int8_score": float(ap[1]),
+                "drop_points": 100 * float(ap[0] - ap[1]), "agreement": float(same.mean()), "agreement_of": "label"}
     truth = labels.numpy()
     a, b = float_probs.argmax(1), int8_probs.argmax(1)
     float_acc, int8_acc = float((a == truth).mean()), float((b == truth).mean())
-    return {"images": len(truth), "float_accuracy": float_acc, "int8_accuracy": int8_acc,
-            "drop_points": 100 * (float_acc - int8_acc), "agreement": float((a == b).mean())}
+    return {"images": len(truth), "measure": "accuracy", "float_score": float_acc, "int8_score": int8_acc,
+            "drop_points": 100 * (float_acc - int8_acc), "agreement": float((a == b).mean()), "agreement_of": "top-1"}

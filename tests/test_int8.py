@@ -103,9 +103,9 @@ def test_a_larger_drop_than_max_drop_writes_nothing(trained_run, tmp_path, capsy
     out = tmp_path / "out"
     out.mkdir()
 
-    def worse(float_probs, int8_probs, labels):  # the real comparison, then 1.5 points lost on top of it
-        scores = compare(float_probs, int8_probs, labels)
-        return {**scores, "int8_accuracy": scores["int8_accuracy"] - 0.015, "drop_points": scores["drop_points"] + 1.5}
+    def worse(float_probs, int8_probs, labels, thresholds):  # the real comparison, then 1.5 points lost on top
+        scores = compare(float_probs, int8_probs, labels, thresholds)
+        return {**scores, "int8_score": scores["int8_score"] - 0.015, "drop_points": scores["drop_points"] + 1.5}
     monkeypatch.setattr(cnnlab.export, "compare", worse)
     result = cnnlab_here(capsys, "export", trained_run.dir, "--int8", "-o", out / "m.onnx")
     assert_one_line_error(result, "more than --max-drop 1: nothing written")

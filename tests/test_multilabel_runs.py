@@ -200,6 +200,42 @@ def test_predict_and_its_onnx_export_print_every_label_above_its_threshold(run, 
     assert len(lines) == 2 and all("%" in line or "no label above" in line for line in lines)
 
 
+def test_an_int8_export_is_checked_by_map_and_predicts_labels_above_their_thresholds(run, here, tmp_path):
+    pytest.importorskip("onnxruntime.quantization")
+    int8 = tmp_path / "ml-int8.onnx"
+    exported = here("export", run["dir"], "--int8", "--max-drop", "100", "-o", int8)
+    assert exported.returncode == 0, exported.stderr
+    line = next(x for x in exported.stdout.splitlines() if x.startswith("on the run's"))
+    assert "float32 mAP" in line and "label agreement" in line, line
+    import onnx as onnx_package
+    meta = {p.key: p.value for p in onnx_package.load(str(int8)).metadata_props}
+    metrics = json.loads((run["dir"] / "metrics.json").read_text())
+    assert meta["multi_label"] == "true" and json.loads(meta["thresholds"]) == pytest.approx(
+        [metrics["thresholds"][n] for n in json.loads(meta["class_names"])])
+    images = [run["data"] / f"img_{i:03d}.png" for i in range(4)]
+    by_file = here("predict", *images, "--model", int8, "--json")
+    assert by_file.returncode == 0, by_file.stderr
+    assert len(json.loads(by_file.stdout)["predictions"]) == 4
+
+
+def test_int8_comparison_of_several_labels_is_scikit_learns_map_and_agreement():
+    from cnnlab.quantize import compare
+    rng = np.random.default_rng(3)
+    truth = rng.random((40, 4)) < 0.4
+    truth[:, 3] = False  # a rare label: one positive image
+    truth[0, 3] = True
+    a = np.clip(truth * 0.6 + rng.random((40, 4)) * 0.5, 0, 1)
+    b = np.clip(a + rng.normal(0, 0.08, a.shape), 0, 1)
+    b[:5] = a[:5]  # ties between the files
+    cut = [0.5, 0.3, 0.7, 0.5]
+    scores = compare(a, b, torch.tensor(truth, dtype=torch.float32), cut)
+    sk = [sklearn_metrics.average_precision_score(truth, p, average="macro") for p in (a, b)]
+    assert scores["measure"] == "mAP" and scores["float_score"] == pytest.approx(sk[0], abs=1e-12)
+    assert scores["int8_score"] == pytest.approx(sk[1], abs=1e-12)
+    assert scores["drop_points"] == pytest.approx(100 * (sk[0] - sk[1]), abs=1e-9)
+    assert scores["agreement"] == pytest.approx(((a >= cut) == (b >= cut)).mean())
+
+
 def test_the_report_shows_map_and_the_per_label_table(run, here, tmp_path):
     done = here("report", run["dir"], "-o", tmp_path / "report.html")
     assert done.returncode == 0, done.stderr
@@ -262,5 +298,4 @@ def test_bad_input_is_one_line(run, tmp_path, capsys):
     assert_one_line_error(cnnlab_here(capsys, "train", "--model", "pool-bn", "--data", run["data"], "--labels",
                                       run["labels"], "--multi-label", "--class-weights", "balanced"),
                           "--class-weights balanced")
-    assert_one_line_error(cnnlab_here(capsys, "export", run["dir"], "--int8"), "without --int8")
     assert cnnlab_here(capsys, "train", "--model", "pool-bn", "--data", folder, "--threshold", "1").returncode == 2
