@@ -90,3 +90,25 @@ def cpu_model() -> str:
     clock = f", {float(fields['cpu MHz']):.0f} MHz" if "cpu MHz" in fields else ""
     return (f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
             f"{clock}; {', '.join(units)})")
+
+
+def rate(run, images: torch.Tensor, seconds: float = 3.0) -> float:
+    """Images a second ``run(images)`` keeps up over ``seconds``, after one warm-up call."""
+    run(images)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        run(images)
+        done += len(images)
+    return done / (time.perf_counter() - start)
+
+
+def linked_subset(source: Path, per_class: int, folder: Path) -> Path:
+    """``folder/<class>/``: symbolic links to the first ``per_class`` images (by name) of each class
+    folder of ``source`` (hidden folders left out), never a copy; links already there are kept."""
+    for cls in sorted(d for d in source.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        (folder / cls.name).mkdir(parents=True, exist_ok=True)
+        for image in sorted(cls.iterdir())[:per_class]:
+            link = folder / cls.name / image.name
+            if not link.is_symlink():
+                link.symlink_to(image.resolve())
+    return folder

@@ -16,27 +16,19 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab.data import load_folder  # noqa: E402
 from cnnlab.export import _run_splits, export_run  # noqa: E402
 from cnnlab.preprocessing import model_input  # noqa: E402
 from cnnlab.quantize import compare  # noqa: E402
 from cnnlab.runtime import autocast, compute_dtype  # noqa: E402
 from cnnlab.saved_model import load_model  # noqa: E402
-
-
-def rate(run, images: torch.Tensor, seconds: float) -> float:
-    run(images)  # warm-up
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        run(images)
-        done += len(images)
-    return done / (time.perf_counter() - start)
+from common import rate  # noqa: E402
 
 
 def session(path: Path, threads: int):

@@ -39,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import cpu_model  # noqa: E402
+from common import cpu_model, linked_subset  # noqa: E402
 
 SAMPLE_S = 0.02
 
@@ -133,13 +133,7 @@ def subset(data: Path, n: int, work: Path) -> Path:
     per = n // len(classes)
     if folder.is_dir() and sum(1 for _ in folder.rglob("*")) == n + len(classes):
         return folder
-    for c in classes:
-        (folder / c.name).mkdir(parents=True, exist_ok=True)
-        for f in sorted(c.iterdir())[:per]:
-            link = folder / c.name / f.name
-            if not link.is_symlink():
-                link.symlink_to(f.resolve())
-    return folder
+    return linked_subset(data, per, folder)
 
 
 def train(args, folder: Path, name: str, cache: Path, nproc: int) -> dict:

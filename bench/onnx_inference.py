@@ -9,18 +9,19 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnnlab.backbones import LITE_PREPROCESSING, build  # noqa: E402
 from cnnlab.export import Exported, OnnxModel, _write_onnx  # noqa: E402
 from cnnlab.preprocessing import CIFAR10, UNIT  # noqa: E402
 from cnnlab.presets import build_model, get_preset  # noqa: E402
 from cnnlab.runtime import autocast, compute_dtype  # noqa: E402
 from cnnlab.transfer import Head, TransferModel  # noqa: E402
+from common import rate  # noqa: E402
 
 MODELS = {  # name -> (builder, preprocessing, batch)
     "pool-bn": (lambda: build_model(get_preset("pool-bn").layers, 10), UNIT, 256),
@@ -28,15 +29,6 @@ MODELS = {  # name -> (builder, preprocessing, batch)
     "efficientnet_lite0": (lambda: (lambda b: TransferModel(b.features, Head("gap", b.channels, b.grid, 2)))(
         build("efficientnet_lite0")), LITE_PREPROCESSING, 16),
 }
-
-
-def rate(run, images: torch.Tensor, seconds: float = 3.0) -> float:
-    run(images)  # warm-up
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        run(images)
-        done += len(images)
-    return done / (time.perf_counter() - start)
 
 
 def main() -> None:

@@ -38,16 +38,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import linked_subset  # noqa: E402
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def subset(data: Path, per_class: int, out: Path) -> Path:
-    """``out``: a folder of links to the first ``per_class`` images (sorted) of each class folder of ``data``."""
-    for folder in sorted(p for p in data.iterdir() if p.is_dir()):
-        (out / folder.name).mkdir(parents=True)
-        for image in sorted(folder.iterdir())[:per_class]:
-            (out / folder.name / image.name).symlink_to(image.resolve())
-    return out
 
 
 def reference(args) -> dict:
@@ -152,7 +146,7 @@ def main() -> None:
           f"{args.size} px, {args.per_class} images a class of {args.data}, {args.epochs} epochs, {args.rounds} rounds")
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        args.images = subset(args.data, args.per_class, Path(tmp) / "images")
+        args.images = linked_subset(args.data, args.per_class, Path(tmp) / "images")
         args.kernels = build_kernels(Path(tmp) / "kernels-home")
         for r in range(args.rounds):
             for precision in args.precisions.split(","):

@@ -24,6 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import linked_subset  # noqa: E402
 from cnnlab.runs import read_history  # noqa: E402
 
 TIMING = {"seconds", "train_seconds", "images_per_s", "train_time_s", "feature_extraction_s"}
@@ -42,17 +44,6 @@ RUNS = {
     "transfer-augment": ["transfer", "--backbone", "efficientnet_lite0", "--epochs", "1", "--augment"],
 }
 TRANSFER_SIZE = 12  # images per class for the transfer runs (224x224: slow on a CPU)
-
-
-def subset(source: Path, per_class: int, folder: Path) -> Path:
-    """``folder/<class>/`` with links to the first ``per_class`` images of each class of ``source``."""
-    for cls in sorted(d for d in source.iterdir() if d.is_dir()):
-        (folder / cls.name).mkdir(parents=True, exist_ok=True)
-        for image in sorted(cls.iterdir())[:per_class]:
-            link = folder / cls.name / image.name
-            if not link.exists():
-                link.symlink_to(image.resolve())
-    return folder
 
 
 def run(tree: Path, args: list[str], data: Path, out: Path, name: str, cache: Path) -> Path:
@@ -90,8 +81,8 @@ def main() -> None:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(ref_tree), args.ref],
                        check=True)
         try:
-            cifar = subset(Path(args.data), args.per_class, tmp / "cifar")
-            pets = subset(Path(args.data), TRANSFER_SIZE, tmp / "pets")
+            cifar = linked_subset(Path(args.data), args.per_class, tmp / "cifar")
+            pets = linked_subset(Path(args.data), TRANSFER_SIZE, tmp / "pets")
             failed = 0
             print(f"{'run':<18} {'history':>8} {'weights':>8} {'metrics':>8}")
             for name in names:

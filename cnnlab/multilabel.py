@@ -38,6 +38,12 @@ def average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def label_average_precisions(probabilities: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each label's ``average_precision`` (a column of ``probabilities`` against one of 0/1 ``truth``);
+    their mean is the mAP."""
+    return np.array([average_precision(probabilities[:, j], truth[:, j]) for j in range(probabilities.shape[1])])
+
+
 def _prf(tp: np.ndarray, predicted: np.ndarray, actual: np.ndarray) -> tuple[np.ndarray, ...]:
     """Precision, recall and F1 from counts; 0 where undefined (scikit-learn's zero_division=0)."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -60,7 +66,7 @@ def multilabel_scores(probabilities, targets, label_names: list[str], thresholds
     tp, pred_n, actual_n = (predicted & truth).sum(0), predicted.sum(0), truth.sum(0)
     precision, recall, f1 = _prf(tp, pred_n, actual_n)
     micro = _prf(tp.sum(), pred_n.sum(), actual_n.sum())
-    ap = np.array([average_precision(probs[:, j], truth[:, j]) for j in range(probs.shape[1])])
+    ap = label_average_precisions(probs, truth)
     per_label = {name: {"precision": float(precision[j]), "recall": float(recall[j]), "f1": float(f1[j]),
                         "average_precision": float(ap[j]), "support": int(actual_n[j]),
                         "threshold": float(cut[j])}

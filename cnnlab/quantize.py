@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import CnnlabError
-from .multilabel import average_precision
+from .multilabel import label_average_precisions
 
 CALIBRATION_IMAGES = 256  # a few hundred of the run's training images
 CALIBRATION_BATCH = 16
@@ -140,8 +140,7 @@ def compare(float_probs: np.ndarray, int8_probs: np.ndarray, labels: torch.Tenso
     N x labels) mAP (multilabel.py's, scikit-learn's) and each label's yes or no at ``thresholds``."""
     if labels.dim() == 2:
         truth, cut = labels.numpy() > 0.5, np.asarray(0.5 if thresholds is None else thresholds, float)
-        ap = [np.mean([average_precision(p[:, j], truth[:, j]) for j in range(truth.shape[1])])
-              for p in (float_probs, int8_probs)]
+        ap = [label_average_precisions(p, truth).mean() for p in (float_probs, int8_probs)]
         same = (float_probs >= cut) == (int8_probs >= cut)
         return {"images": len(truth), "measure": "mAP", "float_score": float(ap[0]), "int8_score": float(ap[1]),
                 "drop_points": 100 * float(ap[0] - ap[1]), "agreement": float(same.mean()), "agreement_of": "label"}

@@ -4,6 +4,7 @@ test."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +21,21 @@ from cnnlab.runs import read_history
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COLORS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 50)]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def require_chromium() -> None:
+    """Skips the calling test, visibly, where no Chromium is installed for Playwright to drive."""
+    if not CHROMIUM:
+        pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")
+
+
+def launch_chromium(playwright):
+    """The installed Chromium, headless, as the browser tests drive it: no sandbox, GPU, background
+    networking, component updates, sync or first-run page."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"])
 
 
 def make_folder(root: Path, classes: int = 3, per_class: int = 20, size: int = 32, ext: str = "png",

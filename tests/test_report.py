@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, assert_one_line_error, cnnlab, make_folder
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+from conftest import SHARED_DATA, assert_one_line_error, cnnlab, launch_chromium, make_folder, require_chromium
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +111,11 @@ def test_the_full_time_estimate_scales_the_quick_runs_epochs_and_images(reproduc
 
 
 def test_report_renders_in_a_real_browser(reproduced, tmp_path):
-    if not CHROMIUM:
-        pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")
+    require_chromium()
     from playwright.sync_api import sync_playwright
     out, _ = reproduced
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors, requests = [], []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

@@ -23,10 +23,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, cnnlab_here
+from conftest import assert_one_line_error, cnnlab_here, launch_chromium, require_chromium
 
 pytest.importorskip("fastapi", reason="cnnlab serve needs fastapi, uvicorn and python-multipart")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 class Server:
@@ -264,16 +263,13 @@ def test_a_bounded_load_fails_no_request_and_is_batched(server, trained_run):
 
 
 def test_the_page_classifies_a_photo_in_chromium(server, trained_run, tmp_path):
-    if not CHROMIUM:
-        pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")
+    require_chromium()
     from playwright.sync_api import sync_playwright
     photo = trained_run.data / "class_2" / "img_004.png"
     expected = server.post([(photo.name, photo.read_bytes())])[1]["predictions"][0]["top"]
     origin = f"http://127.0.0.1:{server.port}"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         errors, requests = [], []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
